@@ -1,0 +1,62 @@
+# Set-up and checks. `make test` installs first when needed; `make install` twice is a no-op.
+#   make install   system packages for FFCV (Debian), then .venv/ with requirements.txt
+#   make test      ruff + pytest (PYTEST_ARGS="-k config" to narrow)
+#   make lint      ruff only
+#   make clean     remove .venv/ and caches (not data, not runs)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+# What FFCV's source build needs: libturbojpeg, OpenCV headers, pkg-config to find both.
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+
+.PHONY: install system-deps test lint clean
+
+install: $(VENV)/.installed
+
+# The stamp depends on requirements.txt: editing it reinstalls, otherwise nothing happens.
+# system-deps is order-only: it re-checks (quietly) but never forces a reinstall.
+$(VENV)/.installed: requirements.txt | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -c "import torch, torchvision, accelerate, ffcv, datasets; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+system-deps:
+	@if ! command -v dpkg >/dev/null 2>&1; then \
+	  if pkg-config --exists libturbojpeg && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; then \
+	    exit 0; \
+	  fi; \
+	  echo "error: not a Debian system: install libturbojpeg, the OpenCV headers and pkg-config" \
+	       "with your package manager, then rerun make install" >&2; \
+	  exit 1; \
+	fi; \
+	missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	else \
+	  echo "error: FFCV needs the Debian packages$$missing; run as root:" \
+	       "apt-get update && apt-get install -y$$missing" >&2; \
+	  exit 1; \
+	fi; \
+	echo "installing Debian packages:$$missing"; \
+	$$sudo apt-get update && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,325 @@
+"""Data for slimmable self-supervised pretraining (DSPNet, US3L): sources, BYOL two-view
+augmentation, loaders. Knows no network and no trainer. The torch reference path (PIL + torchvision
+per sample in DataLoader workers) comes first; the fast paths (FFCV, batched on-device) follow it.
+
+    python data.py extract-cifar10        # ../shared/data/cifar10-jpg.tar.gz -> data/cifar10, once
+    python data.py extract-cifar10 --tar T --out DIR      # or CIFAR10_TAR=T DATA_DIR=D (-> D/cifar10)
+
+    ds = build_dataset("data/cifar10", "train", pretrain_transform("cifar10"), subset=5000)
+    for (v1, v2), y in build_loader(ds, batch_size=256, num_workers=2): ...  # (B, 3, 32, 32) each
+
+data_path: DIR with train/ and test/ (or val/) class folders; DIR/cifar-10-batches-py or
+DIR/cifar-100-python (or that folder itself) for torchvision's CIFAR; `hf:PATH_OR_NAME` for
+HuggingFace `datasets` (build_hf). Nothing downloads implicitly: a missing dataset raises
+FileNotFoundError naming what was tried.
+"""
+
+import argparse
+import functools
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parent
+SPLITS = {"train": ["train"], "test": ["test", "val", "validation"], "val": ["val", "validation", "test"]}
+HOW_TO = ("For CIFAR-10 run `python data.py extract-cifar10` (shared tarball -> data/cifar10), or pass "
+          "--data_path=DIR holding train/ and test/ (or val/) class folders or a cifar-10-batches-py / "
+          "cifar-100-python folder, or --data_path=hf:PATH for a HuggingFace dataset.")
+
+# -----------------------------------------------------------------------------
+# Sources
+
+
+class ImageDataset(Dataset):
+    """Every source as (PIL image or transform(image), label), plus the index (0..len-1 in this,
+    possibly subset, dataset) with return_index: eval scripts dedupe by it under multiple processes.
+    .labels (numpy), .classes, .num_classes need no image decoding."""
+
+    def __init__(self, base, labels, classes, transform=None, indices=None, return_index=False, keys=None):
+        self.base, self.classes, self.num_classes = base, list(classes), len(classes)
+        # keys: the (image, label) column names of a HuggingFace dataset; None for torchvision ones
+        self.transform, self.return_index, self.keys = transform, return_index, keys
+        labels = np.asarray(labels, dtype=np.int64)
+        # numpy, not lists: forked workers touching Python lists copy them page by page (refcounts)
+        self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.labels = labels[self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = int(self.indices[i])
+        row = self.base[j]  # torchvision: (PIL, int); HF: a dict of columns
+        img, y = row if self.keys is None else (row[self.keys[0]], row[self.keys[1]])
+        if not isinstance(img, Image.Image):  # HF column of raw arrays (H, W, C) uint8
+            img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return (img, int(y), i) if self.return_index else (img, int(y))
+
+
+def subset_indices(labels, n, seed=0):
+    """Class-balanced subset of n indices (sorted): n // C per class, the remainder one each to
+    some classes. seed=None takes the first ones of each class in dataset order; an int seed draws
+    them at random, reproducibly. A class smaller than its share contributes all it has."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    per = np.full(len(classes), n // len(classes))
+    rng = np.random.default_rng(seed)
+    extra = np.arange(n % len(classes)) if seed is None else rng.permutation(len(classes))[: n % len(classes)]
+    per[extra] += 1
+    out = []
+    for c, k in zip(classes, per):
+        idx = np.flatnonzero(labels == c)
+        out.append(idx[:k] if seed is None else rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(out))
+
+
+def build_imagefolder(root, split):
+    tried = [root / s for s in SPLITS[split]]
+    folder = next((p for p in tried if p.is_dir()), None)
+    if folder is None:
+        raise FileNotFoundError(f"no {split} split: tried {', '.join(map(str, tried))}. {HOW_TO}")
+    ds = torchvision.datasets.ImageFolder(folder)
+    # ImageFolder numbers classes by sorted folder name: a class missing from test/ would silently
+    # shift every label after it, so insist that test/ and train/ agree.
+    if split != "train" and (root / "train").is_dir():
+        train_classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+        if train_classes != ds.classes:
+            raise ValueError(f"class folders differ between {root / 'train'} and {folder}")
+    return ImageDataset(ds, ds.targets, ds.classes)
+
+
+def build_hf(spec, split, image_key=None, label_key=None):
+    """`hf:PATH_OR_NAME` with HuggingFace `datasets`. A save_to_disk folder: a DatasetDict gives its
+    splits, a single Dataset only its own split ('train' if unnamed). Another local folder:
+    load_dataset(PATH), e.g. imagefolder's PATH/{train,test}/<class>/ or a clone of a hub repo.
+    Otherwise a hub name (hf:uoft-cs/cifar10): the HF cache, and the hub only where the user's
+    environment allows it (HF_HUB_OFFLINE=1 forbids it). Columns default to the first present of
+    img/image and label/fine_label/labels."""
+    import datasets  # imported here: slow import that only this source needs
+
+    name = spec[len("hf:"):]
+    path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not path.exists():
+        raise FileNotFoundError(f"{spec}: no such folder {path}. {HOW_TO}")
+    try:
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            dd = datasets.load_from_disk(str(path))
+        else:
+            dd = datasets.load_dataset(str(path) if path.is_dir() else name)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise FileNotFoundError(f"HuggingFace dataset {name!r}: not a local folder, not cached ({e}). {HOW_TO}")
+    if isinstance(dd, datasets.Dataset):  # never serve a split-less Dataset as test data
+        dd = {str(dd.split or "train"): dd}
+    split_name = next((s for s in SPLITS[split] if s in dd), None)
+    if split_name is None:
+        raise FileNotFoundError(f"{spec}: no split among {SPLITS[split]}; it has {list(dd)}")
+    ds = dd[split_name]
+    cols = ds.column_names
+    image_key = image_key or next((c for c in ("img", "image") if c in cols), None)
+    label_key = label_key or next((c for c in ("label", "fine_label", "labels") if c in cols), None)
+    if image_key not in cols or label_key not in cols:
+        raise KeyError(f"{spec}: image/label columns {image_key!r}/{label_key!r} not in {cols}; "
+                       "pass image_key=, label_key=")
+    ds = ds.select_columns([image_key, label_key])  # do not decode columns we drop anyway
+    labels = np.asarray(ds[label_key])
+    feature = ds.features[label_key]
+    # NOTE: without a ClassLabel feature the classes are 0..max(label) of this split only
+    classes = feature.names if hasattr(feature, "names") else [str(c) for c in range(int(labels.max()) + 1)]
+    return ImageDataset(ds, labels, classes, keys=(image_key, label_key))
+
+
+def build_dataset(data_path, split="train", transform=None, subset=0, subset_seed=0, return_index=False,
+                  image_key=None, label_key=None):
+    """The one entry point. split: train | test | val (test and val fall back to each other).
+    subset > 0 keeps that many images, class-balanced (subset_indices; subset_seed=None: the first
+    ones of each class)."""
+    split = {"validation": "val"}.get(split, split)
+    if split not in ("train", "test", "val"):
+        raise ValueError(f"split must be train, test or val, got {split!r}")
+    data_path = str(data_path)
+    if data_path.startswith("hf:"):
+        ds = build_hf(data_path, split, image_key, label_key)
+    else:
+        root = Path(data_path).expanduser()
+        tv = {"cifar-10-batches-py": torchvision.datasets.CIFAR10, "cifar-100-python": torchvision.datasets.CIFAR100}
+        cifar = [p for p in [root] * (root.name in tv) + [root / n for n in tv] if p.is_dir()]
+        if cifar:  # download=False: torchvision checks the md5 sums, RuntimeError if anything is off
+            base = tv[cifar[0].name](cifar[0].parent, train=split == "train", download=False)
+            ds = ImageDataset(base, base.targets, base.classes)
+        elif root.is_dir():
+            ds = build_imagefolder(root, split)
+        else:
+            raise FileNotFoundError(f"data_path {root} does not exist. {HOW_TO}")
+    if subset:
+        keep = subset_indices(ds.labels, subset, subset_seed)
+        ds = ImageDataset(ds.base, ds.labels, ds.classes, keys=ds.keys, indices=keep)
+    ds.transform, ds.return_index = transform, return_index
+    return ds
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 from the shared tarball (cifar10/{train,test}/<class>/NNNN.jpg, 32x32 JPEG)
+
+
+def prepare_cifar10(dest=None, tar=None, download=False):
+    """Extract the shared CIFAR-10 tarball into dest (default $DATA_DIR/cifar10 or data/cifar10),
+    giving dest/train and dest/test. Idempotent (a marker file) and atomic (extract into a temp
+    folder beside dest, then rename), so concurrent processes are safe. Without the tarball,
+    download=True falls back to torchvision's CIFAR10 download (dest/cifar-10-batches-py)."""
+    dest = Path(dest or Path(os.environ.get("DATA_DIR", REPO / "data")) / "cifar10").expanduser()
+    # the shared data is reached relative to the repo (or via CIFAR10_TAR), never by an absolute path
+    tar = Path(tar or os.environ.get("CIFAR10_TAR", REPO / ".." / "shared/data/cifar10-jpg.tar.gz")).expanduser()
+    marker = dest / ".extracted"
+    if marker.is_file() or (dest / "cifar-10-batches-py").is_dir():
+        return dest
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists but prepare_cifar10 did not make it (no {marker.name}): remove it")
+    if not tar.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"CIFAR-10 tarball not found at {tar}. Set CIFAR10_TAR=PATH (or --tar PATH), pass "
+                f"--download to fetch it with torchvision (needs internet), or put CIFAR-10 in {dest}. {HOW_TO}")
+        torchvision.datasets.CIFAR10(dest, download=True)  # one archive holds both splits
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    try:
+        with tarfile.open(tar, "r:gz") as tf:
+            tf.extractall(tmp, members=[m for m in tf if m.name.startswith("cifar10/")], filter="data")
+        (tmp / "cifar10" / marker.name).write_text(f"extracted from {tar.name}\n")
+        try:
+            (tmp / "cifar10").rename(dest)
+        except OSError:  # another process won the race; its copy is complete (rename is atomic)
+            if not marker.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# -----------------------------------------------------------------------------
+# Augmentation: BYOL (Grill et al. 2020, Table 6) two asymmetric views; DESIGN section 7
+
+# Each training set's own per-channel mean/std (over all pixels; the often copied CIFAR std (0.2023,
+# 0.1994, 0.2010) is a mean of per-image stds). The shared JPEG CIFAR-10 measures (0.4913, 0.4821,
+# 0.4465) / (0.2452, 0.2428, 0.2606), close to these. Other image folders use ImageNet's.
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class GaussianBlur:
+    """Blur with sigma ~ U(0.1, 2.0) with probability p. BYOL's 23x23 kernel at 224 px spans +-5.5
+    sigma, i.e. is an untruncated Gaussian, which PIL computes (radius = sigma, within 1/255 of
+    torchvision's exact kernel). NOTE: whole view-1 pipeline at 224 px, 1 core of this machine:
+    178 img/s with PIL's blur vs 67 with T.GaussianBlur(23)."""
+
+    def __init__(self, p, sigma=(0.1, 2.0)):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img):
+        if self.p < 1 and torch.rand(()).item() >= self.p:  # torch's RNG, as torchvision's transforms
+            return img
+        return img.filter(ImageFilter.GaussianBlur(torch.empty(()).uniform_(*self.sigma).item()))
+
+
+def byol_view(view, size, dataset, min_scale=0.08):
+    """One BYOL view: view 1 blur p=1.0, solarize p=0; view 2 blur p=0.1, solarize p=0.2. CIFAR
+    (32 px) drops the blur (DESIGN 7) and keeps the solarize. min_scale: BYOL's 0.08, for CIFAR too
+    (DESIGN 7); SimSiam-style CIFAR code often uses 0.2. torchvision v1 on PIL, as it is the fastest
+    at 32 px on 1 core here: 3.9k img/s vs 2.0k (v2 on tensors) and 3.1k (v2 on PIL)."""
+    mean, std = MEAN_STD[dataset]
+    cifar = dataset.startswith("cifar")
+    blur = [] if cifar else [GaussianBlur(p=1.0 if view == 1 else 0.1)]
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),  # BYOL
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        *blur,
+        T.RandomSolarize(threshold=128, p=0.0 if view == 1 else 0.2),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class TwoViews:  # BYOL's asymmetric pair: (t1(img), t2(img))
+    def __init__(self, t1, t2):
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
+def pretrain_transform(dataset, size=None, min_scale=0.08):
+    """dataset: cifar10 | cifar100 (32 px, no blur) | imagenet (224 px). Returns TwoViews."""
+    size = size or (32 if dataset.startswith("cifar") else 224)
+    return TwoViews(byol_view(1, size, dataset, min_scale), byol_view(2, size, dataset, min_scale))
+
+
+def eval_transform(dataset, size=None):
+    """CIFAR: the 32 px image as is. ImageNet: Resize(256) + CenterCrop(224), scaled for other sizes."""
+    mean, std = MEAN_STD[dataset]
+    if dataset.startswith("cifar"):
+        return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    size = size or 224
+    return T.Compose([T.Resize(round(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+# -----------------------------------------------------------------------------
+# Loader
+
+
+def seed_worker(rank, worker_id):
+    # The base seed comes from the loader's generator, which Accelerate keeps identical on all
+    # ranks (same shuffle), so without the rank every rank would draw the same crops and colors.
+    seed = (torch.initial_seed() + rank * 1_000_003) % 2**63
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=0, rank=None,
+                 pin_memory=None, collate_fn=None):
+    """Plain torch DataLoader, batch_size per process. The trainers call accelerator.prepare on it,
+    which shards the batches across processes with one shuffle order for all. rank (default $RANK,
+    else 0) only decorrelates the augmentation of different processes."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0,  # no worker restart (and dataset re-pickle) per epoch
+        worker_init_fn=functools.partial(seed_worker, rank) if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="data.py utilities")
+    p = parser.add_subparsers(dest="cmd", required=True).add_parser("extract-cifar10", help="once")
+    p.add_argument("--tar", default=None, help="default: $CIFAR10_TAR or ../shared/data/cifar10-jpg.tar.gz")
+    p.add_argument("--out", default=None, help="default: $DATA_DIR/cifar10 or data/cifar10")
+    p.add_argument("--download", action="store_true", help="no tarball: download with torchvision (internet)")
+    args = parser.parse_args()
+    try:
+        out = prepare_cifar10(args.out, args.tar, args.download)
+    except OSError as e:  # missing tarball, or a foreign folder in the way
+        raise SystemExit(f"error: {e}")
+    print(f"CIFAR-10 ready in {out}: use --data_path={out}")

@@ -1,0 +1,582 @@
+"""Slimmable networks: one set of weights, many sub-networks (leading-channel slices).
+
+Used by both papers of this repo: US3L ("Three Guidelines You Should Know for Universally Slimmable
+Self-Supervised Learning", Cao et al., CVPR 2023) slims ResNets, MobileNetV2 and ViTs to any width;
+DSPNet ("DSPNet: Towards Slimmable Pretrained Networks based on Discriminative Self-supervised
+Learning") slims MobileNetV3 by width and ResNets by width and depth.
+
+A layer with C channels at full width runs at width w with make_divisible(C*w) leading channels; its
+input width is whatever arrives (x.shape[1]), so the only state is the width each layer is set to.
+
+    model = ARCHS["resnet50"]()                        # backbone: (B, 3, H, W) -> (B, D_w)
+    set_active(model, width=0.5)                       # every forward now runs the 0.5x sub-network
+    calibrate_bn(model, batches, width=0.5)            # exact BN statistics for that sub-network
+    net = export(model, width=0.5)                     # plain nn.Module, same eval output
+    params, macs = profile(model, width=0.5, input_size=224)
+
+This file imports nothing from the rest of the repo: copy it alone into another project if you like.
+CLI: python models.py --arch resnet50 --widths 0.25,0.5,0.75,1.0 --input_size 224
+"""
+
+import argparse
+import copy
+import math
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_divisible(v, divisor=8):
+    """Round v to a multiple of divisor: never below divisor, never more than 10% below v."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+# ----------------------------------------------------------------------------------------------
+# Slimmable primitives. Weights are allocated at full width and sliced in forward (views, never
+# stored copies). `out_base * factor` is the full output size; at width w a layer outputs
+# make_divisible(out_base * w, divisor) * factor channels (factor > 1 keeps MobileNetV2's expanded
+# layers exactly `t` times their input, as in the standard width-w MobileNetV2). slim_out=False
+# pins the output (classifier, MobileNetV2's last 1x1 conv).
+
+class _Slim:
+    def _init_slim(self, out_base, factor, divisor, slim_out):
+        self.out_base, self.factor, self.divisor, self.slim_out = out_base, factor, divisor, slim_out
+        self.set_width(1.0)
+
+    def set_width(self, w):
+        self.width = w
+        c = make_divisible(self.out_base * w, self.divisor) if self.slim_out and w != 1.0 else self.out_base
+        self.out_active = min(c, self.out_base) * self.factor
+
+
+class SlimConv2d(nn.Conv2d, _Slim):
+    def __init__(self, cin, cout, k, stride=1, padding=None, depthwise=False, bias=False,
+                 factor=1, divisor=8, slim_out=True):
+        super().__init__(cin, cout, k, stride, (k - 1) // 2 if padding is None else padding,
+                         groups=cout if depthwise else 1, bias=bias)
+        self.depthwise = depthwise
+        self._init_slim(cout // factor, factor, divisor, slim_out)
+
+    def forward(self, x):
+        cin, cout = x.shape[1], self.out_active
+        if self.depthwise:  # NOTE: a depthwise layer's output follows its input, not its own width
+            cout = cin
+        weight, bias = self.weight, self.bias
+        if cout != weight.shape[0] or (cin != weight.shape[1] and not self.depthwise):
+            # at full width the slice is skipped: its backward would allocate a weight-sized zero tensor
+            weight = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]
+            bias = self.bias[:cout] if self.bias is not None else None
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
+                        cout if self.depthwise else 1)
+
+    def to_plain(self, cin):
+        cout = cin if self.depthwise else self.out_active
+        m = nn.Conv2d(cin, cout, self.kernel_size, self.stride, self.padding,
+                      groups=cout if self.depthwise else 1, bias=self.bias is not None)
+        m.weight.data.copy_(self.weight[:cout] if self.depthwise else self.weight[:cout, :cin])
+        if self.bias is not None:
+            m.bias.data.copy_(self.bias[:cout])
+        return m
+
+
+class SlimLinear(nn.Linear, _Slim):
+    """Linear whose rows/columns may be structured in groups (ViT: q|k|v x heads, heads x head_dim);
+    slimming then keeps the leading entries of every group, so each head shrinks, none is dropped."""
+
+    def __init__(self, cin, cout, bias=True, factor=1, divisor=8, slim_out=True, in_groups=1, out_groups=1):
+        super().__init__(cin, cout, bias)
+        self.in_groups, self.out_groups = in_groups, out_groups
+        self._init_slim(cout // factor, factor, divisor, slim_out)
+
+    def _sliced(self, cin):
+        cout, og, ig = self.out_active, self.out_groups, self.in_groups
+        if cout == self.out_features and cin == self.in_features:
+            return self.weight, self.bias
+        if og == 1 and ig == 1:
+            w = self.weight[:cout, :cin]
+        else:  # (O, I) -> (og, O/og, ig, I/ig), keep the leading part of every group
+            w = self.weight.view(og, -1, ig, self.in_features // ig)[:, :cout // og, :, :cin // ig]
+            w = w.reshape(cout, cin)
+        b = None if self.bias is None else self.bias.view(og, -1)[:, :cout // og].reshape(cout)
+        return w, b
+
+    def forward(self, x):
+        return F.linear(x, *self._sliced(x.shape[-1]))
+
+    def to_plain(self, cin):
+        w, b = self._sliced(cin)
+        m = nn.Linear(cin, w.shape[0], bias=b is not None)
+        m.weight.data.copy_(w)
+        if b is not None:
+            m.bias.data.copy_(b)
+        return m
+
+
+class SlimBatchNorm2d(nn.BatchNorm2d):
+    """BN shared by all widths: affine parameters sliced; batch statistics during training (running
+    statistics mean nothing across widths), exact per-width statistics from calibrate_bn for eval."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.stats_channels = None  # how many channels calibrate_bn last wrote; eval refuses others
+
+    def forward(self, x):
+        c = x.shape[1]
+        w, b = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        if self.training:
+            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        if self.stats_channels != c:
+            raise RuntimeError(f"BN statistics are not calibrated for this width ({c} channels, calibrated for "
+                               f"{self.stats_channels}): call calibrate_bn(model, batches, width=...) first")
+        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], w, b, False, 0.0, self.eps)
+
+    def to_plain(self, c, check_stats=True):
+        if check_stats and self.stats_channels != c:
+            raise RuntimeError("export needs calibrated BN statistics: call calibrate_bn with the same "
+                               "width and depth first")
+        m = nn.BatchNorm2d(c, eps=self.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(m, name).data.copy_(getattr(self, name)[:c])
+        return m
+
+
+class SlimLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        c = x.shape[-1]
+        if c == self.normalized_shape[0]:
+            return F.layer_norm(x, (c,), self.weight, self.bias, self.eps)
+        return F.layer_norm(x, (c,), self.weight[:c], self.bias[:c], self.eps)
+
+    def to_plain(self, c):
+        m = nn.LayerNorm(c, eps=self.eps)
+        m.weight.data.copy_(self.weight[:c])
+        m.bias.data.copy_(self.bias[:c])
+        return m
+
+
+SLIM = (SlimConv2d, SlimLinear, SlimBatchNorm2d, SlimLayerNorm)
+
+
+def conv_bn(cin, cout, k=3, stride=1, act=nn.ReLU, **kw):
+    layers = [SlimConv2d(cin, cout, k, stride, **kw), SlimBatchNorm2d(cout)]
+    return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet (BasicBlock / Bottleneck, ImageNet or CIFAR stem, any stage widths and depths)
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = SlimConv2d(cin, planes, 3, stride), SlimBatchNorm2d(planes)
+        self.conv2, self.bn2 = SlimConv2d(planes, planes, 3), SlimBatchNorm2d(planes)
+        self.shortcut = (conv_bn(cin, planes, 1, stride, act=None) if stride != 1 or cin != planes
+                         else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        cout = planes * 4
+        self.conv1, self.bn1 = SlimConv2d(cin, planes, 1), SlimBatchNorm2d(planes)
+        self.conv2, self.bn2 = SlimConv2d(planes, planes, 3, stride), SlimBatchNorm2d(planes)
+        self.conv3, self.bn3 = SlimConv2d(planes, cout, 1), SlimBatchNorm2d(cout)
+        self.shortcut = (conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout
+                         else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x), inplace=True)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, depths, widths=(64, 128, 256, 512), stem="imagenet", num_classes=0):
+        super().__init__()
+        # The stem follows the first stage's width (64 for the standard ResNets; DSPNet's wider DNs
+        # scale it with the stages, which the paper does not spell out).
+        c = widths[0]
+        if stem == "cifar":  # 3x3 conv, stride 1, no max-pool: 32 px inputs keep a 32x32 first stage
+            self.stem = conv_bn(3, c, 3, 1)
+        else:
+            self.stem = nn.Sequential(conv_bn(3, c, 7, 2), nn.MaxPool2d(3, 2, 1))
+        stages = []
+        for i, (d, planes) in enumerate(zip(depths, widths)):
+            blocks = []
+            for j in range(d):
+                blocks.append(block(c, planes, 2 if (i > 0 and j == 0) else 1))
+                c = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.depth = list(depths)  # active blocks per stage; set_active changes it
+        self.max_depth = list(depths)
+        self.feature_dim = c
+        self.head = SlimLinear(c, num_classes, slim_out=False) if num_classes else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage, d in zip(self.stages, self.depth):
+            for block in stage[:d]:  # DSPNet depth slimming: the first d blocks of each stage
+                x = block(x)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# MobileNetV2 (US3L's CIFAR runs) and MobileNetV3-Large (DSPNet)
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block (t = expand ratio) or, with se/act/k given, MobileNetV3's bneck."""
+
+    def __init__(self, cin, cout, stride, t=None, exp=None, k=3, se=False, act=nn.ReLU6):
+        super().__init__()
+        # V2: hidden = t * (active input), exactly as a width-w MobileNetV2; V3: its own width.
+        hidden = cin * t if t else exp
+        layers = []
+        if hidden != cin:
+            layers.append(conv_bn(cin, hidden, 1, act=act, factor=t or 1))
+        layers.append(conv_bn(hidden, hidden, k, stride, act=act, depthwise=True))
+        if se:
+            layers.append(SqueezeExcite(hidden))
+        layers.append(conv_bn(hidden, cout, 1, act=None))
+        self.layers = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.layers(x) if self.residual else self.layers(x)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1 = SlimConv2d(c, make_divisible(c // 4), 1, bias=True)
+        self.fc2 = SlimConv2d(make_divisible(c // 4), c, 1, bias=True)
+
+    def forward(self, x):
+        s = F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)), inplace=True)
+        return x * F.hardsigmoid(self.fc2(s))
+
+
+class MobileNetV2(nn.Module):
+    # (t, c, n, s) from the MobileNetV2 paper
+    CFG = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+           (6, 320, 1, 1)]
+
+    def __init__(self, cifar=False, num_classes=0):
+        super().__init__()
+        # CIFAR variant (the papers give none): stride 1 in the stem and in the 24-channel stage, so
+        # 32 px inputs end at 4x4 as 224 px ones end at 7x7.
+        layers, c = [conv_bn(3, 32, 3, 1 if cifar else 2, act=nn.ReLU6)], 32
+        for i, (t, cout, n, s) in enumerate(self.CFG):
+            for j in range(n):
+                stride = (1 if cifar and i == 1 else s) if j == 0 else 1
+                layers.append(InvertedResidual(c, cout, stride, t=t))
+                c = cout
+        # The last 1x1 conv keeps 1280 channels at every width <= 1, as in the standard width-w
+        # MobileNetV2 (and US-Nets), so features are 1280-d at every width.
+        layers.append(conv_bn(c, 1280, 1, act=nn.ReLU6, slim_out=False))
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = 1280
+        self.head = SlimLinear(1280, num_classes, slim_out=False) if num_classes else nn.Identity()
+
+    def forward(self, x):
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class MobileNetV3(nn.Module):
+    # (k, exp, c, se, hardswish, s) for MobileNetV3-Large, from the MobileNetV3 paper, Table 1
+    CFG = [(3, 16, 16, 0, 0, 1), (3, 64, 24, 0, 0, 2), (3, 72, 24, 0, 0, 1), (5, 72, 40, 1, 0, 2),
+           (5, 120, 40, 1, 0, 1), (5, 120, 40, 1, 0, 1), (3, 240, 80, 0, 1, 2), (3, 200, 80, 0, 1, 1),
+           (3, 184, 80, 0, 1, 1), (3, 184, 80, 0, 1, 1), (3, 480, 112, 1, 1, 1), (3, 672, 112, 1, 1, 1),
+           (5, 672, 160, 1, 1, 2), (5, 960, 160, 1, 1, 1), (5, 960, 160, 1, 1, 1)]
+
+    def __init__(self, num_classes=0):
+        super().__init__()
+        layers, c = [conv_bn(3, 16, 3, 2, act=nn.Hardswish)], 16
+        for k, exp, cout, se, hs, s in self.CFG:
+            act = nn.Hardswish if hs else nn.ReLU
+            layers.append(InvertedResidual(c, cout, s, exp=exp, k=k, se=se, act=act))
+            c = cout
+        layers.append(conv_bn(c, 960, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        # Features come after the 960 -> 1280 layer of the classifier (slimmed too), as timm's
+        # MobileNetV3 with num_classes=0: that is the representation a DSPNet DN hands downstream.
+        self.fc = SlimLinear(960, 1280)
+        self.feature_dim = 1280
+        self.head = SlimLinear(1280, num_classes, slim_out=False) if num_classes else nn.Identity()
+
+    def forward(self, x):
+        x = torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+        return self.head(F.hardswish(self.fc(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision Transformer with real embedding-dimension slimming (US3L Sec. 4.3: "we directly reduce the
+# embedding dimension in all layers"). The paper is silent on heads: we keep the number of heads and
+# shrink every head, so the width unit is 8 * heads (each head a multiple of 8 dims).
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, divisor):
+        super().__init__()
+        self.heads = heads
+        # qkv rows ordered (q|k|v, head, head_dim); proj columns ordered (head, head_dim)
+        self.qkv = SlimLinear(dim, 3 * dim, factor=3, divisor=divisor, out_groups=3 * heads)
+        self.proj = SlimLinear(dim, dim, divisor=divisor, in_groups=heads)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, C/H)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(active head dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, divisor, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.attn = SlimLayerNorm(dim, eps=1e-6), Attention(dim, heads, divisor)
+        self.norm2 = SlimLayerNorm(dim, eps=1e-6)
+        self.fc1 = SlimLinear(dim, mlp_ratio * dim, factor=mlp_ratio, divisor=divisor)
+        self.fc2 = SlimLinear(mlp_ratio * dim, dim, divisor=divisor)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, dim=192, depth=12, heads=3, img_size=224, patch_size=16, num_classes=0):
+        super().__init__()
+        divisor = 8 * heads
+        self.img_size = img_size
+        self.patch_embed = SlimConv2d(3, dim, patch_size, patch_size, padding=0, bias=True, divisor=divisor)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch_size) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, divisor) for _ in range(depth)])
+        self.norm = SlimLayerNorm(dim, eps=1e-6)
+        self.feature_dim = dim
+        self.head = SlimLinear(dim, num_classes, slim_out=False) if num_classes else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
+        C = x.shape[-1]
+        x = torch.cat([self.cls_token[..., :C].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed[..., :C]
+        return self.head(self.norm(self.blocks(x))[:, 0])  # class token
+
+
+ARCHS = {
+    "resnet18": partial(ResNet, BasicBlock, [2, 2, 2, 2]),
+    "resnet34": partial(ResNet, BasicBlock, [3, 4, 6, 3]),
+    "resnet50": partial(ResNet, Bottleneck, [3, 4, 6, 3]),
+    "resnet18_cifar": partial(ResNet, BasicBlock, [2, 2, 2, 2], stem="cifar"),
+    "resnet50_cifar": partial(ResNet, Bottleneck, [3, 4, 6, 3], stem="cifar"),
+    # DSPNet's 9 ResNet DNs live in this one network: stage widths {64,80,96} x [1,2,4,8] are
+    # widths 2/3, 5/6, 1 of it, depths [2,2,2,2] / [2,3,4,3] / [3,4,6,3] are depth slices.
+    "resnet34_w96": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(96, 192, 384, 768)),
+    "mobilenetv2": MobileNetV2,
+    "mobilenetv2_cifar": partial(MobileNetV2, cifar=True),
+    "mobilenetv3_large": MobileNetV3,
+    "vit_tiny": partial(ViT, 192, 12, 3),
+    "vit_small": partial(ViT, 384, 12, 6),
+    "vit_tiny_cifar": partial(ViT, 192, 12, 3, img_size=32, patch_size=4),  # 64 tokens at 32 px
+    "vit_small_cifar": partial(ViT, 384, 12, 6, img_size=32, patch_size=4),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Width/depth control, BN calibration, export, profile
+
+def set_active(model, width=1.0, depth=None):
+    """Select the sub-network run by every following forward, in place. depth: per-stage block
+    counts (ResNets only), None = all blocks."""
+    if not 0.0 < width <= 1.0:
+        raise ValueError(f"width must be in (0, 1], got {width}")
+    for m in model.modules():
+        if isinstance(m, (SlimConv2d, SlimLinear)):
+            m.set_width(width)
+        elif isinstance(m, ResNet):
+            if depth is None:
+                m.depth = list(m.max_depth)
+            elif len(depth) != len(m.max_depth) or not all(1 <= d <= dm for d, dm in zip(depth, m.max_depth)):
+                raise ValueError(f"depth must list {len(m.max_depth)} stage depths, each in 1..max "
+                                 f"{m.max_depth}; got {depth}")
+            else:
+                m.depth = list(depth)
+    if depth is not None and not any(isinstance(m, ResNet) for m in model.modules()):
+        raise ValueError(f"depth={depth} given, but only ResNets can be depth-slimmed")
+    return model
+
+
+def _batches_to_inputs(batches, device):
+    for b in batches:
+        x = b[0] if isinstance(b, (list, tuple)) else b
+        yield x.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def calibrate_bn(model, batches, width=1.0, depth=None, all_reduce=False):
+    """Exact BN statistics of the sub-network (width, depth): forward every calibration batch in
+    training mode (batch statistics normalize, as in pretraining) and pool each BN input's mean and
+    variance over ALL calibration images, not an EMA. batches: iterable of tensors or (x, y, ...).
+    all_reduce: sum the statistics over processes (every rank must then call it). Networks without
+    BN (ViT) need no calibration: then it only selects the sub-network."""
+
+    def hook(bn, args):
+        x = args[0].detach().to(torch.float64)
+        s = sums.setdefault(bn, [0.0, 0.0, 0])
+        s[0] = s[0] + x.sum((0, 2, 3))
+        s[1] = s[1] + (x * x).sum((0, 2, 3))
+        s[2] += x.numel() // x.shape[1]
+
+    set_active(model, width, depth)
+    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+    if not bns:
+        return model
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    sums, hooks = {}, [bn.register_forward_pre_hook(hook) for bn in bns]
+    try:
+        for x in _batches_to_inputs(batches, device):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not sums:
+        raise ValueError("calibrate_bn got no calibration batch")
+    for bn, (s1, s2, n) in sums.items():
+        if all_reduce and dist.is_available() and dist.is_initialized():
+            t = torch.cat([s1, s2, torch.tensor([float(n)], dtype=torch.float64, device=s1.device)])
+            dist.all_reduce(t)
+            c = s1.numel()
+            s1, s2, n = t[:c], t[c:2 * c], t[-1].item()
+        mean = s1 / n
+        # NOTE: the population variance (PyTorch's running_var is unbiased): with it the eval network
+        # reproduces the batch-statistics network on a single calibration batch exactly.
+        var = (s2 / n - mean * mean).clamp_min(0)
+        c = mean.numel()
+        bn.running_mean[:c] = mean.to(bn.running_mean.dtype)
+        bn.running_var[:c] = var.to(bn.running_var.dtype)
+        bn.stats_channels = c
+    return model
+
+
+def _trace(model, width, depth):
+    """Run one dummy forward of the sub-network; return {slim module: its active input size}."""
+    set_active(model, width, depth)
+    seen, hooks = {}, []
+
+    def hook(m, args):  # channels are last for Linear/LayerNorm inputs, dim 1 for images
+        seen.setdefault(m, args[0].shape[-1 if isinstance(m, (SlimLinear, SlimLayerNorm)) else 1])
+
+    for m in model.modules():
+        if isinstance(m, SLIM):
+            hooks.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.train()  # batch statistics: tracing must not depend on calibration
+    p = next(model.parameters())
+    size = getattr(model, "img_size", 32)  # any size works for the CNNs: 32 px is the cheapest
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, size, size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
+def export(model, width=1.0, depth=None, check_stats=True):
+    """A standalone plain network (nn.Conv2d / nn.BatchNorm2d / nn.Linear / nn.LayerNorm with the
+    sub-network's shapes) whose eval-mode output equals the slimmed network's. Calibrate BN for the
+    same (width, depth) first. Rebuild for loading: net = export(ARCHS[arch](), width, depth,
+    check_stats=False); net.load_state_dict(torch.load(path, weights_only=True))."""
+    seen = _trace(model, width, depth)
+    names = {m: n for n, m in model.named_modules()}
+    net = copy.deepcopy(model)
+    for m, cin in seen.items():
+        parent_name, _, attr = names[m].rpartition(".")
+        parent = net.get_submodule(parent_name)
+        if isinstance(m, SlimBatchNorm2d):
+            plain = m.to_plain(cin, check_stats)
+        else:
+            plain = m.to_plain(cin)
+        setattr(parent, attr, plain)
+    for m in net.modules():
+        if isinstance(m, ResNet):  # drop the blocks this depth skips
+            m.stages = nn.ModuleList(nn.Sequential(*list(s)[:d]) for s, d in zip(m.stages, m.depth))
+            m.max_depth = list(m.depth)
+        if isinstance(m, ViT):
+            c = m.norm.normalized_shape[0]
+            m.cls_token = nn.Parameter(m.cls_token.data[..., :c].clone())
+            m.pos_embed = nn.Parameter(m.pos_embed.data[..., :c].clone())
+    left = [n for n, m in net.named_modules() if isinstance(m, SLIM)]
+    assert not left, f"export left slimmable layers behind: {left}"
+    set_active(model, 1.0)
+    return net.eval()
+
+
+def profile(model, width=1.0, depth=None, input_size=224):
+    """(params, macs) of the sub-network actually run at input_size x input_size (batch 1): weights
+    of the executed slices only; MACs of convolutions, linear layers and attention matmuls."""
+    net = export(model, width, depth, check_stats=False)
+    params = sum(p.numel() for p in net.parameters())
+    macs, hooks = [0], []
+
+    def count(m, args, out):
+        x = args[0]
+        if isinstance(m, nn.Conv2d):
+            macs[0] += out[0].numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+        elif isinstance(m, nn.Linear):
+            macs[0] += out[0].numel() * m.in_features
+        elif isinstance(m, Attention):  # q @ k^T and attn @ v: 2 * N * N * C per sample
+            macs[0] += 2 * x.shape[1] ** 2 * x.shape[2]
+
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, Attention)):
+            hooks.append(m.register_forward_hook(count))
+    size = getattr(net, "img_size", input_size)
+    p = next(net.parameters())
+    with torch.no_grad():
+        net(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+    for h in hooks:
+        h.remove()
+    return params, macs[0]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Params and MACs of the sub-networks of a slimmable network")
+    ap.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
+    ap.add_argument("--widths", default="0.25,0.5,0.75,1.0")
+    ap.add_argument("--depth", default=None, help="per-stage depths for ResNets, e.g. 2,2,2,2")
+    ap.add_argument("--input_size", type=int, default=224)
+    ap.add_argument("--num_classes", type=int, default=1000,
+                    help="count a classifier of this size too, as published figures do (0: backbone only)")
+    args = ap.parse_args()
+    model = ARCHS[args.arch](num_classes=args.num_classes)
+    depth = [int(d) for d in args.depth.split(",")] if args.depth else None
+    print(f"{args.arch}  input {args.input_size} px  depth {depth or 'full'}  "
+          f"{'+ %d-way classifier' % args.num_classes if args.num_classes else 'backbone only'}")
+    print(f"{'width':>6} {'params (M)':>11} {'MMACs':>9}")
+    for w in [float(s) for s in args.widths.split(",")]:
+        params, macs = profile(model, w, depth, args.input_size)
+        print(f"{w:>6.3g} {params / 1e6:>11.2f} {macs / 1e6:>9.0f}")

@@ -1,0 +1,270 @@
+"""data.py: sources, subsets, two-view augmentation, loader. CPU, a few seconds, real CIFAR-10 images
+from the shared tarball (the cifar_small fixture in conftest.py)."""
+
+import hashlib
+import io
+import pickle
+import shutil
+import tarfile
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_imagefolder_source(cifar_small):
+    ds = data.build_dataset(cifar_small, "train")
+    assert len(ds) == 200 and ds.num_classes == 10 and ds.classes == CLASSES
+    assert Counter(ds.labels.tolist()) == {c: 20 for c in range(10)}
+    img, y = ds[0]
+    assert isinstance(img, Image.Image) and img.size == (32, 32) and img.mode == "RGB" and y == 0
+    ds = data.build_dataset(cifar_small, "test", data.eval_transform("cifar10"), return_index=True)
+    x, y, i = ds[57]
+    assert len(ds) == 100 and x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert y == ds.labels[57] == 5 and i == 57
+    assert -3 < x.mean() < 3  # normalized, not 0..255
+
+
+def test_split_naming(cifar_small, tmp_path):
+    shutil.copytree(cifar_small / "train", tmp_path / "train")
+    shutil.copytree(cifar_small / "test", tmp_path / "val")  # ImageNet's naming
+    for split in ("test", "val", "validation"):
+        assert len(data.build_dataset(tmp_path, split)) == 100
+    (tmp_path / "val").rename(tmp_path / "test")
+    assert len(data.build_dataset(tmp_path, "val")) == 100
+    shutil.rmtree(tmp_path / "test" / "cat")  # would silently renumber every class after cat
+    with pytest.raises(ValueError, match="class folders differ"):
+        data.build_dataset(tmp_path, "test")
+    with pytest.raises(ValueError, match="split"):
+        data.build_dataset(tmp_path, "holdout")
+
+
+def test_missing_data_is_a_clear_error(cifar_small, tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.build_dataset(tmp_path / "nowhere", "train")
+    assert str(tmp_path / "nowhere") in str(e.value) and "extract-cifar10" in str(e.value)
+    shutil.copytree(cifar_small / "train", tmp_path / "train")
+    with pytest.raises(FileNotFoundError) as e:
+        data.build_dataset(tmp_path, "test")
+    assert str(tmp_path / "test") in str(e.value) and str(tmp_path / "val") in str(e.value)
+
+
+def test_subset_indices():
+    labels = np.repeat(np.arange(10), 30)[np.random.default_rng(0).permutation(300)]
+    idx = data.subset_indices(labels, 50, seed=1)
+    assert len(idx) == 50 == len(set(idx)) and Counter(labels[idx].tolist()) == {c: 5 for c in range(10)}
+    assert np.array_equal(idx, data.subset_indices(labels, 50, seed=1))  # reproducible
+    assert not np.array_equal(idx, data.subset_indices(labels, 50, seed=2))
+    first = data.subset_indices(labels, 20, seed=None)  # first 2 of each class, in dataset order
+    assert np.array_equal(first, np.sort([np.flatnonzero(labels == c)[k] for c in range(10) for k in (0, 1)]))
+    counts = Counter(labels[data.subset_indices(labels, 25, seed=0)].tolist())
+    assert sum(counts.values()) == 25 and set(counts.values()) == {2, 3}  # remainder spread one each
+    small = np.array([0] * 3 + [1] * 10)
+    assert Counter(small[data.subset_indices(small, 10, seed=0)].tolist()) == {0: 3, 1: 5}
+
+
+def test_subset_dataset(cifar_small):
+    ds = data.build_dataset(cifar_small, "train", subset=30, subset_seed=0, return_index=True)
+    assert len(ds) == 30 and Counter(ds.labels.tolist()) == {c: 3 for c in range(10)}
+    assert ds.num_classes == 10 and [ds[i][1] for i in range(30)] == ds.labels.tolist()
+    assert [ds[i][2] for i in range(30)] == list(range(30))  # positions in the subset, for dedupe
+
+
+def hf_dataset(cifar_small, split, n):
+    import datasets
+
+    files = sorted((cifar_small / split).glob("*/*.jpg"))[:n]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    images = [Image.open(f).convert("RGB") for f in files]
+    labels = [CLASSES.index(f.parent.name) for f in files]
+    return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+
+def test_hf_saved_to_disk(cifar_small, tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict(train=hf_dataset(cifar_small, "train", 40),
+                              test=hf_dataset(cifar_small, "test", 30))
+    dd.save_to_disk(tmp_path / "dd")
+    ds = data.build_dataset(f"hf:{tmp_path / 'dd'}", "train", data.pretrain_transform("cifar10"))
+    (v1, v2), y = ds[5]
+    assert len(ds) == 40 and ds.num_classes == 10 and ds.classes == CLASSES
+    assert v1.shape == v2.shape == (3, 32, 32) and y == ds.labels[5]
+    assert len(data.build_dataset(f"hf:{tmp_path / 'dd'}", "test")) == 30
+    again = pickle.loads(pickle.dumps(ds))  # DataLoader workers under spawn (macOS) get a pickled copy
+    assert again[5][1] == y and again[5][0][0].shape == (3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        data.build_dataset(f"hf:{tmp_path / 'nowhere'}", "train")
+    dd["train"].save_to_disk(tmp_path / "single")  # a single Dataset serves its own split only
+    assert len(data.build_dataset(f"hf:{tmp_path / 'single'}", "train")) == 40
+    with pytest.raises(FileNotFoundError, match="no split"):
+        data.build_dataset(f"hf:{tmp_path / 'single'}", "test")
+    # other column names: given explicitly
+    renamed = dd["train"].rename_columns({"img": "pixels", "label": "y"})
+    renamed.save_to_disk(tmp_path / "renamed")
+    with pytest.raises(KeyError):
+        data.build_dataset(f"hf:{tmp_path / 'renamed'}", "train")
+    ds = data.build_dataset(f"hf:{tmp_path / 'renamed'}", "train", image_key="pixels", label_key="y")
+    assert ds[3][0].size == (32, 32)
+
+
+def test_hf_imagefolder(cifar_small, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # keep ~ clean
+    ds = data.build_dataset(f"hf:{cifar_small}", "test", data.eval_transform("cifar10"))
+    assert len(ds) == 100 and ds.classes == CLASSES
+    assert Counter(ds.labels.tolist()) == {c: 10 for c in range(10)}
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y == ds.labels[0]
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
+def test_torchvision_cifar_format(tmp_path, monkeypatch, kind):
+    # A fake python-pickle CIFAR folder, laid out and keyed like the real one.
+    cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    n_cls, label_key = (10, "labels") if kind == "cifar10" else (100, "fine_labels")
+    folder = tmp_path / cls.base_folder
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name, _ in cls.train_list + cls.test_list:
+        batches[name] = {"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                         label_key: rng.integers(0, n_cls, 8).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batches[name]))
+    names = [f"c{i}" for i in range(n_cls)]
+    (folder / cls.meta["filename"]).write_bytes(pickle.dumps({cls.meta["key"]: names}))
+
+    def md5(name):
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    # torchvision checks the real files' md5 sums; swap in the fake files' ones
+    monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+
+    for path in (tmp_path, folder):  # the parent folder or the folder itself
+        train = data.build_dataset(path, "train")
+        test = data.build_dataset(path, "test", data.eval_transform(kind))
+        assert len(train) == 8 * len(cls.train_list) and len(test) == 8
+        assert train.num_classes == n_cls and train.classes == names
+        first = batches[cls.train_list[0][0]]
+        img, y = train[0]
+        assert np.array_equal(np.asarray(img), first["data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+        assert y == first[label_key][0] and test[0][0].shape == (3, 32, 32)
+
+
+def test_prepare_cifar10(tmp_path, capsys):
+    tar = tmp_path / "mini.tar.gz"
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
+    with tarfile.open(tar, "w:gz") as tf:
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                info = tarfile.TarInfo(f"cifar10/{split}/{c}/0000.jpg")
+                info.size = len(buf.getvalue())
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    dest = data.prepare_cifar10(tmp_path / "data" / "cifar10", tar)
+    assert (dest / ".extracted").is_file() and len(data.build_dataset(dest, "test")) == 2
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar10"]  # no temp folder left
+    tar.unlink()
+    assert data.prepare_cifar10(dest, tar) == dest  # idempotent: does not need the tarball again
+    with pytest.raises(FileNotFoundError, match="--download"):
+        data.prepare_cifar10(tmp_path / "other", tar)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileExistsError):
+        data.prepare_cifar10(tmp_path / "half", tar)
+
+
+# --- augmentation --------------------------------------------------------------------------------
+
+
+def test_augmentation_parameters():
+    def ops(t):
+        return {type(o).__name__: o for o in t.transforms}
+
+    for dataset, size in (("cifar10", 32), ("imagenet", 224)):
+        views = data.pretrain_transform(dataset)
+        for view, blur_p, solarize_p in ((views.t1, 1.0, 0.0), (views.t2, 0.1, 0.2)):
+            o = ops(view)
+            assert o["RandomResizedCrop"].size == (size, size) and o["RandomResizedCrop"].scale == (0.08, 1.0)
+            jitter = o["RandomApply"]
+            assert jitter.p == 0.8
+            cj = jitter.transforms[0]
+            assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
+                                                                          (-0.1, 0.1))
+            assert o["RandomGrayscale"].p == 0.2 and o["RandomSolarize"].p == solarize_p
+            assert ("GaussianBlur" not in o) if dataset == "cifar10" else o["GaussianBlur"].p == blur_p
+            assert tuple(o["Normalize"].mean) == data.MEAN_STD[dataset][0]
+
+
+def test_two_views_cifar(cifar_small):
+    img = Image.open(next((cifar_small / "train" / "cat").glob("*.jpg")))
+    torch.manual_seed(0)
+    v1, v2 = data.pretrain_transform("cifar10")(img)
+    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == v2.dtype == torch.float32
+    assert not torch.equal(v1, v2)
+
+
+def test_two_views_imagenet(cifar_small):
+    img = Image.open(next((cifar_small / "train" / "dog").glob("*.jpg"))).resize((96, 80))
+    torch.manual_seed(0)
+    v1, v2 = data.pretrain_transform("imagenet", size=64)(img)
+    assert v1.shape == v2.shape == (3, 64, 64) and v1.dtype == torch.float32 and not torch.equal(v1, v2)
+    x = data.eval_transform("imagenet", size=64)(img)
+    assert x.shape == (3, 64, 64)
+    blur = data.GaussianBlur(p=1.0, sigma=(2.0, 2.0))  # blurring lowers the pixel variance
+    assert np.asarray(blur(img), dtype=float).std() < np.asarray(img, dtype=float).std()
+
+
+# --- loader --------------------------------------------------------------------------------------
+
+
+def test_loader_batches_and_index(cifar_small):
+    ds = data.build_dataset(cifar_small, "test", data.pretrain_transform("cifar10"), return_index=True)
+    loader = data.build_loader(ds, batch_size=32, shuffle=False, drop_last=False)
+    seen = []
+    for (v1, v2), y, idx in loader:
+        assert v1.shape[1:] == v2.shape[1:] == (3, 32, 32) and y.shape == idx.shape == v1.shape[:1]
+        seen += idx.tolist()
+    assert seen == list(range(100))
+
+
+def first_batch(ds, rank):
+    loader = data.build_loader(ds, batch_size=8, shuffle=True, num_workers=1, seed=0, rank=rank)
+    return next(iter(loader))
+
+
+def test_loader_augmentation_differs_across_ranks(cifar_small):
+    # Accelerate keeps the shuffle generator identical on all ranks; the crops must still differ.
+    ds = data.build_dataset(cifar_small, "test", data.pretrain_transform("cifar10"))
+    (a1, _), ya = first_batch(ds, rank=0)
+    (b1, _), yb = first_batch(ds, rank=0)
+    (c1, _), yc = first_batch(ds, rank=1)
+    assert torch.equal(ya, yb) and torch.equal(ya, yc)  # same order everywhere
+    assert torch.equal(a1, b1) and not torch.equal(a1, c1)  # reproducible, decorrelated by rank
+
+
+def test_loader_throughput(cifar_small):
+    # Not asserted: prints the two-view CIFAR img/s of the torch reference path (DESIGN P4's baseline).
+    ds = data.build_dataset(cifar_small, "train", data.pretrain_transform("cifar10"))
+    big = torch.utils.data.ConcatDataset([ds] * 10)  # 2000 decodes of 200 real JPEGs
+    loader = data.build_loader(big, batch_size=250, shuffle=True, num_workers=2)
+    for _ in loader:  # epoch 1 starts the (persistent) workers and warms the page cache
+        pass
+    t0, n = time.perf_counter(), 0
+    for (v1, _), _ in loader:
+        n += len(v1)
+    rate = n / (time.perf_counter() - t0)
+    print(f"\ntorch DataLoader, 2 workers, two-view CIFAR 32 px: {rate:.0f} img/s ({n} images)")
