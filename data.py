@@ -311,6 +311,45 @@ def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=
     )
 
 
+class SeededViews(Dataset):
+    """Pretraining view of a dataset whose augmentation is a function of (seed, epoch, index): the
+    torch RNG (which torchvision's transforms draw from) is seeded per sample, so a resumed run, any
+    number of workers and any process count see exactly the same views. Keys are (epoch, index)."""
+
+    def __init__(self, dataset, seed=0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+        return self.dataset[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, cut to whole global batches, with rank r taking the r-th
+    batch_size-block of each global batch: the same on every run, so a resumed run continues the
+    data order. start: batches of this epoch already done. Yields (epoch, index) for SeededViews."""
+
+    def __init__(self, n, batch_size, epoch, start=0, seed=0, rank=0, world=1):
+        self.n, self.batch_size, self.epoch, self.start = n, batch_size, epoch, start
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def steps(self):
+        return self.n // (self.batch_size * self.world)
+
+    def __len__(self):
+        return (self.steps() - self.start) * self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[:self.steps() * self.batch_size * self.world]
+        mine = perm.view(self.steps(), self.world, self.batch_size)[self.start:, self.rank]  # (steps, B)
+        return iter([(self.epoch, int(i)) for i in mine.flatten()])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="data.py utilities")
     p = parser.add_subparsers(dest="cmd", required=True).add_parser("extract-cifar10", help="once")

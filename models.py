@@ -382,6 +382,14 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])  # class token
 
 
+def projection_mlp(in_dim, hidden_dim, out_dim, last_bn=False):
+    """Projector / predictor / US3L's auxiliary head: Linear-BN-ReLU-Linear (BYOL). The first Linear
+    takes whatever width arrives (a slimmed backbone's D_w leading features); the rest is fixed."""
+    layers = [SlimLinear(in_dim, hidden_dim, bias=False, slim_out=False), nn.BatchNorm1d(hidden_dim),
+              nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=not last_bn)]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(out_dim, affine=False)] if last_bn else []))
+
+
 ARCHS = {
     "resnet18": partial(ResNet, BasicBlock, [2, 2, 2, 2]),
     "resnet34": partial(ResNet, BasicBlock, [3, 4, 6, 3]),
@@ -403,6 +411,18 @@ ARCHS = {
 
 # ----------------------------------------------------------------------------------------------
 # Width/depth control, BN calibration, export, profile
+
+def load_backbone(path, teacher=False):
+    """The backbone saved by train_us3l.py / train_dspnet.py (backbone.pt): plain tensors and
+    primitives, loaded with weights_only=True. Returns (model at full width, checkpoint dict)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    key = "teacher" if teacher else "backbone"
+    if key not in ckpt:
+        raise KeyError(f"{path} holds no {key!r} weights (keys: {sorted(ckpt)})")
+    model = ARCHS[ckpt["arch"]]()
+    model.load_state_dict(ckpt[key])
+    return model, ckpt
+
 
 def set_active(model, width=1.0, depth=None):
     """Select the sub-network run by every following forward, in place. depth: per-stage block

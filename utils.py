@@ -13,6 +13,10 @@ Config: each script defines one flat dataclass, one field per line with a defaul
 
 and is run as `python script.py --config yaml/recipe.yaml --epochs=2 --widths=1.0,0.25`.
 `python script.py --help` lists every field with its type, default and comment.
+
+Also: schedules of the global step (cosine, warmup_cosine), LARS and param_groups, ema_update_,
+atomic checkpoints (save_checkpoint, load_checkpoint, find_latest_checkpoint, atomic_save),
+log_jsonl and check_finite.
 """
 
 from __future__ import annotations
@@ -22,16 +26,20 @@ import difflib
 import inspect
 import io
 import json
+import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import tokenize
 import types
 import typing
 from pathlib import Path
 
+import torch
 import yaml
 
 # ------------------------------------------------------------------------------------------------
@@ -253,3 +261,232 @@ def _field_comments(cls) -> dict[str, str]:
             comment[tok.start[0]] = tok.string.lstrip("#").strip()
     names = {f.name for f in dataclasses.fields(cls)}
     return {first_name[n]: c for n, c in comment.items() if first_name.get(n) in names}
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the global step (the one clock), set by hand each step, so a
+# resumed run needs only the step counter and no scheduler state.
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Half a cosine from `start` (step 0) to `end` (step >= total), clamped outside [0, total].
+    EMA momentum as BYOL: tau = cosine(step, total, 0.996, 1.0) = 1 - 0.004 * (cos(pi*k/K) + 1) / 2."""
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, end: float = 0.0) -> float:
+    """Linear from 0 (step 0) to `peak` (step `warmup`), then cosine to `end` at step `total`."""
+    if step < warmup:
+        return peak * step / warmup
+    return cosine(step - warmup, total - warmup, peak, end)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def param_groups(params, weight_decay: float) -> list[dict]:
+    """Weights (ndim > 1) get weight decay and LARS adaptation; biases and norm scales (ndim <= 1)
+    get neither, as BYOL. Takes model.parameters() or model.named_parameters(); split by shape,
+    never by name. The extra "lars" key is harmless to torch.optim.SGD, so SGD runs use it too."""
+    params = [p[1] if isinstance(p, tuple) else p for p in params]
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lars": True},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and the LARS trust ratio (You et al. 2017), as in BYOL and SimCLR:
+    d = g + wd*p;  d *= eta*||p||/||d|| (when both norms > 0);  mu = m*mu + d;  p -= lr*mu.
+    Groups with lars=False (see param_groups) are plain momentum SGD: no decay, no trust ratio.
+    No host sync: the trust ratio stays on the device (torch.where, not an `if`)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["lars"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    ok = (p_norm > 0) & (d_norm > 0)
+                    d = d.mul_(torch.where(ok, group["eta"] * p_norm / d_norm, 1.0))
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-group["lr"])
+        return loss
+
+
+@torch.no_grad()
+def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, tau: float) -> None:
+    """teacher = tau*teacher + (1-tau)*student, parameter by parameter (fp32 teacher), and buffers
+    (BN running stats) copied from the student. Call after optimizer.step() with the unwrapped
+    student (accelerator.unwrap_model); both must list their tensors in the same order."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise ValueError(f"ema_update_: teacher has {len(t_params)} parameters, student {len(s_params)}")
+    torch._foreach_lerp_(t_params, [s.to(t.dtype) for t, s in zip(t_params, s_params)], 1.0 - tau)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints. Layout: out_dir/checkpoints/{step-<N>/, latest}; step-<N> holds Accelerate's
+# save_state files (model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...), extra.pt
+# (step counters, EMA teacher: tensors and primitives only) and `done`, written last. A checkpoint
+# is written as tmp-<N>, completed, then renamed, then `latest` is repointed: a crash at any moment
+# leaves the previous checkpoint readable, and tmp-* folders are never read.
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save that never leaves a half-written file at `path`: a failed save keeps the old one."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(accelerator, out_dir, extra: dict, keep: int = 2) -> Path:
+    """Save Accelerate's state (prepared models, optimizers, RNG) plus `extra` (must hold "step", the
+    global step, which names the folder) to out_dir/checkpoints/step-<step>; keep the last `keep`.
+    Call it on EVERY process: save_state writes per-rank RNG files and needs all ranks."""
+    if accelerator.project_configuration.automatic_checkpoint_naming:
+        raise ValueError("save_checkpoint names its own folders: turn automatic_checkpoint_naming off")
+    root = Path(out_dir) / "checkpoints"
+    tmp, final = root / f"tmp-{extra['step']}", root / f"step-{extra['step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash at this same step
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()  # tmp exists and is empty before any rank writes into it
+    accelerator.save_state(str(tmp))  # models/optimizers by the main process, RNG by each rank
+    if accelerator.is_main_process:
+        atomic_save(extra, tmp / "extra.pt")
+    accelerator.wait_for_everyone()  # every rank's files are written
+    if accelerator.is_main_process:
+        for f in tmp.iterdir():
+            _fsync(f)  # Accelerate does not fsync; `done` must not reach the disk before the data
+        _atomic_write(tmp / "done", lambda f: f.write(b"ok\n"))
+        shutil.rmtree(final, ignore_errors=True)  # a second save at one step: find_latest falls back
+        os.replace(tmp, final)
+        _atomic_write(root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
+        for _, old in _complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+        for stale in root.glob("tmp-*"):
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()  # on return, every rank sees the new `latest`
+    return final
+
+
+def find_latest_checkpoint(out_dir) -> Path | None:
+    """The complete checkpoint named by out_dir/checkpoints/latest; if that one is missing or
+    incomplete (a crash between the rename and the pointer update), the complete step-* folder with
+    the highest step; None when there is none. Incomplete and tmp-* folders are never returned."""
+    root = Path(out_dir) / "checkpoints"
+    latest = root / "latest"
+    if latest.is_file():
+        path = root / latest.read_text().strip()
+        if path.name.startswith("step-") and (path / "done").is_file():
+            return path
+    done = _complete_checkpoints(root)
+    return done[-1][1] if done else None
+
+
+def load_checkpoint(accelerator, path) -> dict | None:
+    """Restore the state save_checkpoint wrote and return its `extra`. `path` is a run folder (its
+    latest complete checkpoint; None if it has none) or one checkpoint folder (must be complete).
+    Call it on every process, after accelerator.prepare(...): load_state fills the prepared objects.
+    NOTE: assumes every rank sees the same filesystem (one node, or a shared one)."""
+    path = Path(path)
+    ckpt = path if (path / "extra.pt").exists() else find_latest_checkpoint(path)
+    if ckpt is None:
+        return None
+    if not (ckpt / "done").is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (no `done` marker)")
+    accelerator.load_state(str(ckpt))
+    return torch.load(ckpt / "extra.pt", map_location="cpu", weights_only=True)
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """[(step, folder)] of complete step-<N> folders, oldest first."""
+    found = []
+    for path in root.glob("step-*"):
+        if path.name[5:].isdigit() and (path / "done").is_file():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def _atomic_write(path, write) -> None:
+    """write(f) into a temp file next to `path`, fsync, rename over `path`, fsync the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plain open() would give 0644
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too (Linux): makes renames inside it durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging and divergence checks
+
+
+def log_jsonl(path, record: dict) -> None:
+    """Append `record` as one JSON line; tensors and numpy values become Python numbers or lists.
+    Main process only (the caller's job). A CUDA tensor here is a host sync: pass floats you have."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=_to_json) + "\n")
+
+
+def _to_json(x):
+    if hasattr(x, "tolist"):  # torch tensors, numpy arrays and numpy scalars
+        return x.tolist()
+    raise TypeError(f"log_jsonl: cannot write {type(x).__name__} as JSON")
+
+
+def check_finite(losses: dict, step: int, accelerator) -> dict[str, float]:
+    """Raise FloatingPointError on every rank when any rank has a non-finite loss; else return the
+    losses averaged over processes as floats (ready for log_jsonl). `losses`: {name: 0-d tensor},
+    e.g. one per width, same keys in the same order on every rank.
+    Cost: one small all-reduce and exactly one device->host sync. Called every step, the sync stops
+    the CPU from queueing kernels ahead of the GPU (noticeable for small models; not measured here).
+    Called every `log_every` steps it is nearly free, but a NaN may go unseen for log_every-1 steps:
+    also call it right before each save_checkpoint so that no checkpoint holds diverged weights."""
+    names = [str(k) for k in losses]
+    with torch.no_grad():
+        vals = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(accelerator.device)
+                            for v in losses.values()])
+        packed = torch.cat([(~torch.isfinite(vals)).sum().float().view(1), vals])
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")  # the flag is a count of bad values
+    bad, *values = packed.tolist()  # the one host sync
+    values = [v / accelerator.num_processes for v in values]
+    if bad > 0:
+        shown = ", ".join(f"{n}={v:.6g}" for n, v in zip(names, values))
+        raise FloatingPointError(f"non-finite loss at step {step}: {shown}"
+                                 + (" (means over processes)" if accelerator.num_processes > 1 else ""))
+    return dict(zip(names, values))

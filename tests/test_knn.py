@@ -1,0 +1,146 @@
+"""eval_knn.py: the weighted kNN equals a brute-force reference, is perfect on separable data, knn_eval
+leaves the backbone as it found it, and 2 processes (unequal and padded shards) give exactly the
+1-process features, order and accuracies."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from eval_knn import (build_knn_loaders, calibration_batches, extract_features, knn_accuracy, knn_eval,
+                      knn_predict)
+from data import build_dataset, eval_transform
+from models import ARCHS, BasicBlock, ResNet, SlimConv2d, calibrate_bn
+
+
+def brute_force_scores(train, train_y, test, num_classes, k, T):
+    scores = torch.zeros(len(test), num_classes, dtype=torch.float64)
+    for i, q in enumerate(test.double()):
+        sims = [(float(q @ t.double()), int(y)) for t, y in zip(train, train_y)]
+        for s, y in sorted(sims, reverse=True)[:k]:
+            scores[i, y] += torch.exp(torch.tensor(s / T, dtype=torch.float64))
+    return scores
+
+
+def test_knn_predict_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train = F.normalize(torch.randn(60, 8, generator=g), dim=1)
+    test = F.normalize(torch.randn(11, 8, generator=g), dim=1)
+    train_y, test_y = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (11,), generator=g)
+    ks = [1, 5, 20, 60, 100]  # 100 > bank size: all neighbours
+    for k in ks:
+        ref = brute_force_scores(train, train_y, test, 4, k, 0.1)
+        got = knn_predict(train, train_y, test, 4, k=k, temperature=0.1, chunk=4)  # 3 chunks, last short
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    top1, top5 = knn_accuracy(train, train_y, test, test_y, 4, ks=ks, temperature=0.1, chunk=4)
+    for k in ks:
+        pred = brute_force_scores(train, train_y, test, 4, k, 0.1).argmax(1)
+        assert top1[k] == pytest.approx((pred == test_y).double().mean().item())
+        assert top5[k] == 1.0  # 4 classes: the top 5 holds every class
+
+
+def test_knn_separable_is_perfect():
+    g = torch.Generator().manual_seed(0)
+    C, D = 10, 32
+    train_y, test_y = torch.arange(300) % C, torch.arange(50) % C
+    train = F.normalize(F.one_hot(train_y, D).float() + 0.05 * torch.randn(300, D, generator=g), dim=1)
+    test = F.normalize(F.one_hot(test_y, D).float() + 0.05 * torch.randn(50, D, generator=g), dim=1)
+    top1, top5 = knn_accuracy(train, train_y, test, test_y, C, ks=[1, 10, 20, 30], chunk=16)
+    assert top1 == {1: 1.0, 10: 1.0, 20: 1.0, 30: 1.0} and top5 == top1
+
+
+def test_knn_eval_tiny_resnet(cifar_small):
+    torch.manual_seed(0)
+    model = ARCHS["resnet18_cifar"]().train()
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    bank, test = build_knn_loaders(cifar_small, "cifar10", 100)
+    calib = calibration_batches(bank, 100)
+    assert sum(len(x) for x in calib) == 100
+    calibrate_bn(model, calib)
+    feats, labels, idx = extract_features(model, test, torch.device("cpu"))
+    assert feats.dtype == torch.float32 and feats.shape == (100, 512) and model.training
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(100))
+    assert torch.equal(idx, torch.arange(100)) and torch.equal(labels, torch.as_tensor(test.dataset.labels))
+
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    acc = knn_eval(model, bank, test, calib, [1.0, 0.25], torch.device("cpu"), k=20)
+    assert set(acc) == {1.0, 0.25} and all(0.0 <= a <= 1.0 for a in acc.values())
+    assert model.training and all(m.width == 1.0 for m in model.modules() if isinstance(m, SlimConv2d))
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    model.eval()
+    knn_eval(model, bank, test, iter(calib), [0.5], torch.device("cpu"), k=20)  # a one-shot iterator
+    assert not model.training
+
+
+# -----------------------------------------------------------------------------------------------
+# 2 processes (gloo on 127.0.0.1) against 1
+
+
+class Synthetic(Dataset):
+    """13 random 8x8 images in 3 classes, yielding (x, y, idx)."""
+
+    def __init__(self, n=13):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(n, 3, 8, 8, generator=g), torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]), i
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return ResNet(BasicBlock, [1, 1], widths=(8, 16), stem="cifar")
+
+
+def run_all(data_path):
+    """What the test compares between 1 and 2 processes, on every rank."""
+    cpu, model = torch.device("cpu"), tiny_resnet()
+    out = {}
+    # DistributedSampler pads 13 samples to 2 x 7: rank 1 repeats sample 0
+    ds = Synthetic()
+    sampler = DistributedSampler(ds, shuffle=False) if dist.is_initialized() else None
+    calibrate_bn(model, [torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))])
+    out["padded"] = extract_features(model, DataLoader(ds, batch_size=4, sampler=sampler), cpu, autocast=False)
+    # build_knn_loaders' rank slices: 51 test images -> shards of 26 and 25
+    bank, test = build_knn_loaders(data_path, "cifar10", 16, bank_subset=60, test_subset=51)
+    out["test"] = extract_features(model, test, cpu, autocast=False)
+    # the same 4 calibration batches in all: rank r forwards batches r, r + 2 (train-mode BN depends
+    # on the batch composition), knn_eval pools the statistics over ranks
+    calib = [x for x, _ in DataLoader(build_dataset(data_path, "train", eval_transform("cifar10"), 60), 15)]
+    rank, world = (dist.get_rank(), 2) if dist.is_initialized() else (0, 1)
+    calib = calib[rank::world]
+    out["acc"] = knn_eval(model, bank, test, calib, [1.0, 0.5], cpu, k=10, autocast=False)
+    return out
+
+
+def _worker(rank, port, data_path, result_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(run_all(data_path), f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(cifar_small, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(cifar_small), str(tmp_path / "out")), nprocs=2)
+    ref = run_all(cifar_small)
+    assert len(ref["padded"][0]) == 13 and len(ref["test"][0]) == 51
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        for key in ("padded", "test"):
+            feats, labels, idx = got[key]
+            torch.testing.assert_close(feats, ref[key][0], rtol=0, atol=1e-6)
+            assert torch.equal(labels, ref[key][1]) and torch.equal(idx, ref[key][2])
+        assert got["acc"] == ref["acc"]

@@ -1,0 +1,131 @@
+"""train_us3l.py: the width schedule, smoke runs through python and 2 CPU processes, resume equals
+an uninterrupted run, clear errors for bad config and missing data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import calibrate_bn, export, load_backbone
+from train_us3l import Config, sample_widths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_width_schedule_dynamic_sampling():
+    cfg = Config()  # width_min 0.25, 3 widths, dynamic sampling (US3L Sec. 3.2.2)
+    total = 100
+    for step in range(total):
+        torch.manual_seed(step)  # the global RNG must not matter: same widths on every process
+        widths = sample_widths(step, total, cfg)
+        assert widths == sample_widths(step, total, cfg)
+        if step < 25:
+            assert widths == [1.0]  # stage 1: the base network only
+            continue
+        r_min = {1: 0.75, 2: 0.5, 3: 0.25}[step // 25]
+        assert len(widths) == 3 and widths[0] == 1.0 and widths[-1] == pytest.approx(r_min)
+        assert r_min <= widths[1] <= 1.0
+    middles = [sample_widths(s, total, cfg)[1] for s in range(75, 100)]
+    assert len(set(middles)) == len(middles)  # a fresh random width each step
+
+
+def test_width_schedule_naive_sandwich():
+    cfg = replace(Config(), dynamic_sampling=False, num_widths=4, width_min=0.25)
+    for step in (0, 1, 50):
+        widths = sample_widths(step, 100, cfg)
+        assert len(widths) == 4 and widths[0] == 1.0 and widths[-1] == 0.25
+        assert all(0.25 <= w <= 1.0 for w in widths) and widths == sorted(widths, reverse=True)
+
+
+def tiny_args(data, out, **over):
+    args = {"data_path": data, "out_dir": out, "batch_size": 16, "max_steps": 8, "log_every": 2,
+            "knn_bank_subset": 100, "knn_test_subset": 50, "knn_batch_size": 50, "num_workers": 0,
+            "proj_hidden": 64, "proj_dim": 32, "knn_k": 20}
+    args.update(over)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if "--multi_gpu" in cmd else os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**env, **kw.pop("env", {})},
+                          timeout=600, **kw)
+
+
+def test_smoke_run_and_backbone_export(cifar_small, tmp_path):
+    out = tmp_path / "run"
+    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for key in ("knn_top1", "knn_top1_init"):
+        assert set(res[key]) == {"1.0", "0.25"} and all(0 <= a <= 1 for a in res[key].values())
+    assert res["num_processes"] == 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    assert log[0]["widths"] == [1.0] and len(log[-1]["widths"]) == 3  # dynamic sampling
+    assert all(r["loss/1.0"] > 0 for r in log) and "loss/min" in log[-1] and "collapse_std/1.000" in log[-1]
+    assert (out / "config.yaml").is_file()
+    # backbone.pt: load, slim, calibrate, export
+    model, ckpt = load_backbone(out / "backbone.pt")
+    assert ckpt["arch"] == "resnet18_cifar" and ckpt["widths"] == [1.0, 0.75, 0.5, 0.25]
+    teacher, _ = load_backbone(out / "backbone.pt", teacher=True)
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_bn(model, [x], width=0.25)
+    net = export(model, width=0.25)
+    assert net(x).shape == (8, 128)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))
+    # the same command again: the run is finished, nothing is redone
+    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out)])
+    assert p.returncode == 0 and "nothing to do" in p.stdout
+
+
+def test_two_cpu_processes(cifar_small, tmp_path):
+    out = tmp_path / "run2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29517", "train_us3l.py", *tiny_args(cifar_small, out, batch_size=8, max_steps=6)]
+    p = run(cmd, env={"ACCELERATE_USE_CPU": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout
+    res = json.loads((out / "results.json").read_text())
+    # the trainer compares every parameter's checksum across ranks at the end and fails if any differ
+    assert res["num_processes"] == 2
+
+
+def test_resume_equals_uninterrupted_run(cifar_small, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, ref, save_every=2)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "train_us3l.py", *tiny_args(cifar_small, out, save_every=2)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, possibly mid-step or mid-write
+    proc.wait()
+    assert not (out / "backbone.pt").exists(), "the run finished before it could be killed"
+    p = run(cmd)  # the same command resumes
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout
+    a = torch.load(ref / "backbone.pt", weights_only=True)
+    b = torch.load(out / "backbone.pt", weights_only=True)
+    for key in ("backbone", "teacher"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+    assert json.loads((out / "results.json").read_text())["knn_top1"] == \
+        json.loads((ref / "results.json").read_text())["knn_top1"]
+
+
+def test_clear_errors(cifar_small, tmp_path):
+    p = run([sys.executable, "train_us3l.py", "--epoch=3"])
+    assert p.returncode != 0 and "epoch" in p.stderr and "epochs" in p.stderr
+    p = run([sys.executable, "train_us3l.py", f"--data_path={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"])
+    assert p.returncode != 0 and str(tmp_path / "nope") in p.stderr
+    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "o2", distill_loss="kl")])
+    assert p.returncode != 0 and "distill_loss" in p.stderr and "infonce" in p.stderr

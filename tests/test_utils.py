@@ -1,0 +1,277 @@
+"""utils.py training helpers: schedules, LARS, param_groups, EMA, atomic checkpoints, log_jsonl,
+check_finite. CPU, a few seconds; the checkpoint tests use a real accelerate.Accelerator(cpu=True)."""
+
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from utils import (
+    LARS,
+    atomic_save,
+    check_finite,
+    cosine,
+    ema_update_,
+    find_latest_checkpoint,
+    load_checkpoint,
+    log_jsonl,
+    param_groups,
+    save_checkpoint,
+    warmup_cosine,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- schedules -------------------------------------------------------------------------------------
+
+def test_warmup_cosine_endpoints_and_monotonicity():
+    total, warmup, peak, end = 100, 10, 0.4, 0.01
+    lrs = [warmup_cosine(s, total, warmup, peak, end) for s in range(total + 1)]
+    assert lrs[0] == 0.0
+    assert lrs[5] == pytest.approx(peak / 2)
+    assert lrs[warmup] == pytest.approx(peak)
+    assert lrs[total] == pytest.approx(end)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))  # rising during warm-up
+    assert all(a > b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # then falling
+    assert warmup_cosine(total + 50, total, warmup, peak, end) == pytest.approx(end)  # clamped
+    assert warmup_cosine(50, 100, 0, 1.0) == pytest.approx(0.5)  # no warm-up: plain cosine
+
+
+def test_cosine_clamps():
+    assert cosine(0, 10, 1.0, 0.0) == 1.0
+    assert cosine(-3, 10, 1.0, 0.0) == 1.0
+    assert cosine(10, 10, 1.0, 0.0) == pytest.approx(0.0)
+    assert cosine(25, 10, 1.0, 0.0) == pytest.approx(0.0)
+
+
+def test_tau_schedule_byol():
+    K, base = 1000, 0.996
+    taus = [cosine(k, K, base, 1.0) for k in range(K + 1)]
+    assert taus[0] == pytest.approx(0.996) and taus[K] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(taus, taus[1:]))
+    k = 337  # BYOL: tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2
+    assert taus[k] == pytest.approx(1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2)
+
+
+# --- optimizer -------------------------------------------------------------------------------------
+
+def test_param_groups_split_by_ndim():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    for source in (model.parameters(), model.named_parameters()):
+        decay, no_decay = param_groups(source, weight_decay=1e-4)
+        assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+        assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].weight),
+                                                         id(model[1].bias), id(model[3].bias)}
+        assert (decay["weight_decay"], decay["lars"]) == (1e-4, True)
+        assert (no_decay["weight_decay"], no_decay["lars"]) == (0.0, False)
+    torch.optim.SGD(param_groups(model.parameters(), 1e-4), lr=0.1, momentum=0.9)  # SGD accepts them
+    assert len(param_groups(nn.Linear(2, 2, bias=False).parameters(), 0.1)) == 1  # no empty group
+
+
+def test_lars_two_steps_by_hand():
+    w = nn.Parameter(torch.tensor([[1.0, 2.0], [2.0, 0.0]]))  # ||w|| = 3
+    b = nn.Parameter(torch.tensor([0.5, -1.0]))
+    lr, m, wd, eta = 0.1, 0.9, 0.5, 0.001
+    opt = LARS(param_groups([w, b], wd), lr=lr, momentum=m, eta=eta)
+    g1 = (torch.tensor([[0.5, -1.0], [-1.0, 1.0]]), torch.tensor([1.0, 2.0]))
+    g2 = (torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([-1.0, 0.5]))
+
+    w.grad, b.grad = g1
+    opt.step()
+    d1 = g1[0] + wd * torch.tensor([[1.0, 2.0], [2.0, 0.0]])  # [[1, 0], [0, 1]], norm sqrt(2)
+    d1 = d1 * eta * 3.0 / math.sqrt(2.0)
+    w1 = torch.tensor([[1.0, 2.0], [2.0, 0.0]]) - lr * d1
+    b1 = torch.tensor([0.5, -1.0]) - lr * g1[1]  # bias: plain SGD, no decay, no trust ratio
+    torch.testing.assert_close(w.detach(), w1)
+    torch.testing.assert_close(b.detach(), b1)
+
+    w.grad, b.grad = g2
+    opt.step()
+    d2 = g2[0] + wd * w1
+    d2 = d2 * eta * w1.norm() / d2.norm()
+    torch.testing.assert_close(w.detach(), w1 - lr * (m * d1 + d2))
+    torch.testing.assert_close(b.detach(), b1 - lr * (m * g1[1] + g2[1]))
+
+
+def test_lars_zero_weight_gets_no_trust_ratio():
+    w = nn.Parameter(torch.zeros(2, 2))  # ||p|| = 0: the update is the raw gradient
+    opt = LARS(param_groups([w], 0.1), lr=1.0, momentum=0.0)
+    w.grad = torch.ones(2, 2)
+    opt.step()
+    torch.testing.assert_close(w.detach(), -torch.ones(2, 2))
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    student = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    student(torch.randn(8, 3))  # train-mode forward: the student's BN running stats move
+    before = [p.detach().clone() for p in teacher.parameters()]
+    ema_update_(teacher, student, tau=0.9)
+    for t, t0, s in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t.detach(), 0.9 * t0 + 0.1 * s.detach())
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        assert torch.equal(t, s)
+    with pytest.raises(ValueError):
+        ema_update_(nn.Linear(3, 4), nn.Linear(3, 4, bias=False), 0.9)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle")
+
+
+def test_atomic_save(tmp_path):
+    path = tmp_path / "backbone.pt"
+    atomic_save({"w": torch.arange(3)}, path)
+    assert os.listdir(tmp_path) == ["backbone.pt"]
+    with pytest.raises((RuntimeError, pickle.PicklingError)):
+        atomic_save({"w": torch.zeros(3), "bad": Unpicklable()}, path)
+    assert os.listdir(tmp_path) == ["backbone.pt"]  # no temp file left behind
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # later tests may want another precision
+
+
+def make_run(accelerator, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    opt = LARS(param_groups(model.parameters(), 1e-4), lr=0.1)
+    return accelerator.prepare(model, opt)
+
+
+def train_step(model, opt):
+    model(torch.randn(16, 4)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_checkpoint_round_trip(tmp_path, accelerator):
+    model, opt = make_run(accelerator)
+    train_step(model, opt)
+    teacher = {"0.weight": torch.randn(8, 4)}
+    path = save_checkpoint(accelerator, tmp_path, {"step": 7, "epoch": 1, "teacher": teacher})
+    assert path == tmp_path / "checkpoints" / "step-7"
+    assert find_latest_checkpoint(tmp_path) == path
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-7"
+    model_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    draw = torch.rand(5)  # the RNG draw an uninterrupted run would make next
+
+    train_step(model, opt)  # move model, optimizer and RNG away from the saved state
+    extra = load_checkpoint(accelerator, tmp_path)
+    assert extra["step"] == 7 and extra["epoch"] == 1
+    assert torch.equal(extra["teacher"]["0.weight"], teacher["0.weight"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model_sd[k]), k
+    for k, v in opt.state[next(model.parameters())].items():
+        assert torch.equal(v, opt_state[k]), k
+    assert torch.equal(torch.rand(5), draw)  # Accelerate restores the torch RNG
+    assert load_checkpoint(accelerator, path)["step"] == 7  # a checkpoint folder works too
+
+
+def test_keep_last_two_and_ignore_incomplete(tmp_path, accelerator):
+    model, opt = make_run(accelerator)
+    assert find_latest_checkpoint(tmp_path) is None
+    assert load_checkpoint(accelerator, tmp_path) is None  # fresh run folder: nothing to resume
+    for step in (10, 20, 30):
+        save_checkpoint(accelerator, tmp_path, {"step": step})
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step-20", "step-30"]
+
+    shutil.copytree(root / "step-30", root / "tmp-40")  # a save that crashed before its rename
+    shutil.copytree(root / "step-30", root / "step-50")
+    (root / "step-50" / "done").unlink()  # complete but for its marker
+    assert find_latest_checkpoint(tmp_path) == root / "step-30"
+    (root / "latest").write_text("step-50\n")  # even when `latest` names it
+    assert find_latest_checkpoint(tmp_path) == root / "step-30"
+    (root / "latest").write_text("step-60\n")  # renamed away, pointer not yet updated
+    assert find_latest_checkpoint(tmp_path) == root / "step-30"
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(accelerator, root / "step-50")
+
+    save_checkpoint(accelerator, tmp_path, {"step": 40})  # clears the stale tmp-40
+    assert sorted(os.listdir(root)) == ["latest", "step-30", "step-40", "step-50"]
+    assert find_latest_checkpoint(tmp_path) == root / "step-40"
+
+
+# --- logging and divergence ------------------------------------------------------------------------
+
+def test_check_finite(accelerator):
+    losses = {"w1.0": torch.tensor(1.5), "w0.25": torch.tensor(2.0, dtype=torch.bfloat16)}
+    assert check_finite(losses, 3, accelerator) == {"w1.0": 1.5, "w0.25": 2.0}
+    losses["w0.5"] = torch.tensor(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"step 17: w1\.0=1\.5, w0\.25=2, w0\.5=nan"):
+        check_finite(losses, 17, accelerator)
+    with pytest.raises(FloatingPointError, match="step 18"):
+        check_finite({"base": torch.tensor(float("inf"))}, 18, accelerator)
+
+
+def test_log_jsonl(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log_jsonl(path, {"step": 1, "loss": torch.tensor(0.5), "std": np.float32(0.25), "lr": 0.1})
+    log_jsonl(path, {"step": 2, "per_width": torch.tensor([1.0, 2.0]), "n": np.int64(3), "w": np.ones(2)})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "loss": 0.5, "std": 0.25, "lr": 0.1},
+        {"step": 2, "per_width": [1.0, 2.0], "n": 3, "w": [1.0, 1.0]}]
+
+
+# --- two processes ---------------------------------------------------------------------------------
+
+TWO_PROC = textwrap.dedent("""
+    import sys, torch
+    from accelerate import Accelerator
+    from torch import nn
+    from utils import LARS, check_finite, load_checkpoint, param_groups, save_checkpoint
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2, acc.num_processes
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    model, opt = acc.prepare(model, LARS(param_groups(model.parameters(), 0.1), lr=0.1))
+    torch.manual_seed(100 + acc.process_index)  # per-rank RNG, restored per rank
+    save_checkpoint(acc, out, {"step": 5})
+    draw = torch.rand(3)
+    torch.rand(3)
+    assert load_checkpoint(acc, out)["step"] == 5
+    assert torch.equal(torch.rand(3), draw)
+    loss = torch.tensor(float("nan") if acc.process_index == 1 else 1.0)  # only rank 1 diverges
+    try:
+        check_finite({"w1.0": loss}, 9, acc)
+    except FloatingPointError as e:
+        print(f"rank {acc.process_index} stopped: {e}", flush=True)
+""")
+
+
+def test_two_processes_checkpoint_and_check_finite(tmp_path):
+    script = tmp_path / "two_proc.py"
+    script.write_text(TWO_PROC)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: non-finite loss at step 9: w1.0=nan" in proc.stdout
+    ckpt = tmp_path / "run" / "checkpoints" / "step-5"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "done", "extra.pt"} <= set(os.listdir(ckpt))

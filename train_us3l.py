@@ -1,0 +1,346 @@
+"""US3L pretraining: one run, no labels, one set of weights that runs at any width in [width_min, 1].
+
+Paper: "Three Guidelines You Should Know for Universally Slimmable Self-Supervised Learning" (Cao et
+al., CVPR 2023), Algorithm 1, Table 7 case 13 by default: momentum teacher (EMA of backbone +
+projector at full width); base network trained with InfoNCE against the teacher's keys of the other
+view; sub-networks distilled through an auxiliary head g with MSE on normalized vectors (eq. 6) to
+the same keys; dynamic sampling (full width only for the first quarter, then min width 0.75 -> 0.5
+-> 0.25); group regularization (eqs. 4-5). Every Table 7 case is a combination of config keys.
+
+    python train_us3l.py --config yaml/cifar10_quick.yaml                          # CPU or 1 GPU
+    accelerate launch train_us3l.py --config yaml/r50_in.yaml                      # all GPUs of a node
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_us3l.py ...  # 2 CPU procs
+
+Re-running the same command resumes from out_dir/checkpoints (resume=auto). At the end out_dir holds
+backbone.pt (online backbone + EMA teacher, plain tensors; models.load_backbone reads it),
+results.json (kNN top-1 per width, before and after training), log.jsonl and config.yaml.
+"""
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from tqdm import tqdm
+
+import losses
+from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
+from eval_knn import build_knn_loaders, calibration_batches, knn_eval
+from models import ARCHS, projection_mlp, set_active
+from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, parse_config, save_config,
+                   warmup_cosine)
+
+
+@dataclass
+class Config:
+    # data
+    data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
+    image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
+    train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs)
+    num_workers: int = 2  # DataLoader workers per process
+    # model
+    arch: str = "resnet18_cifar"  # a key of models.ARCHS
+    proj_hidden: int = 2048  # projector / heads hidden size
+    proj_dim: int = 128  # output of projector, predictor and auxiliary head
+    channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
+    # US3L (Table 7 switchboard; defaults = case 13)
+    width_min: float = 0.25  # smallest width trained (R_min at the end of dynamic sampling)
+    num_widths: int = 3  # sandwich size per step: full, smallest, num_widths-2 random (paper: 3)
+    dynamic_sampling: bool = True  # full width only for the first quarter, then min width 0.75/0.5/0.25
+    base_loss: str = "infonce"  # infonce | mse (mse adds a SimSiam/BYOL predictor to the base network)
+    distill_loss: str = "mse"  # mse (eq. 6) | infonce (eq. 7) | none (sub-networks use the base loss)
+    aux_head: bool = True  # auxiliary distillation head g of eq. (3), used by sub-networks only
+    momentum_target_base: bool = True  # base network's targets: EMA teacher (else its own other view)
+    momentum_target_sub: bool = True  # sub-networks' targets: EMA teacher (else the base network)
+    temperature: float = 0.2  # InfoNCE temperature (the paper omits it; MoCo v2 uses 0.2)
+    group_reg_alpha: float = 0.05  # eq. (5); 0 = plain L2 weight decay
+    momentum: float = 0.99  # EMA teacher tau at the start
+    momentum_cosine: bool = True  # tau -> 1 by cosine over the run (BYOL); else constant
+    # optimization
+    epochs: int = 400
+    batch_size: int = 512  # per process
+    base_lr: float = 0.25  # lr = base_lr * global batch / 256: 0.5 at batch 512, as the paper's CIFAR
+    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0
+    weight_decay: float = 1e-4  # lambda of eq. (5), applied as group regularization to the backbone
+    optimizer: str = "sgd"  # sgd | lars (biases and norms: no decay, no trust ratio) | adamw (ViT)
+    sgd_momentum: float = 0.9
+    precision: str = "bf16"  # bf16 | fp16 | no
+    seed: int = 0
+    # run
+    out_dir: str = "out/us3l"
+    max_steps: int = 0  # > 0: the run is this many steps (schedules compressed to it): smoke runs
+    log_every: int = 20  # steps; losses are synced (and checked for NaN) only then
+    save_every: int = 0  # > 0: also checkpoint every this many steps
+    save_every_min: float = 1.0  # checkpoint at least this often (minutes), and at every epoch end
+    eval_every: int = 0  # epochs between kNN monitors (0: before training and at the end only)
+    resume: str = "auto"  # auto (out_dir/checkpoints/last.pt if any) | none | PATH
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
+    knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
+    knn_batch_size: int = 512
+    tracker: str = ""  # tensorboard | wandb | "" (log.jsonl always)
+
+
+def check_config(cfg):
+    choices = {"base_loss": ("infonce", "mse"), "distill_loss": ("mse", "infonce", "none"),
+               "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no"),
+               "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS)}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+    if not 0 < cfg.width_min <= 1:
+        raise ValueError(f"config error: width_min={cfg.width_min} must be in (0, 1]")
+    if cfg.num_widths < 2:
+        raise ValueError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)")
+
+
+def sample_widths(step, total, cfg):
+    """Widths of one step, largest first (Algorithm 1). A generator seeded by (seed, step): identical
+    on every process and after a resume, whatever else drew random numbers."""
+    if cfg.dynamic_sampling:
+        period = max(total // 4, 1)  # T_p
+        stage = min(step // period, 3)
+        if stage == 0:
+            return [1.0]  # stage 1: the base network only
+        # R_min = 1 - 0.25 * floor(t / T_p) for width_min = 0.25; generally 3 equal steps to width_min
+        r_min = 1.0 - stage * (1.0 - cfg.width_min) / 3
+    else:
+        r_min = cfg.width_min
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    middle = (r_min + (1.0 - r_min) * torch.rand(cfg.num_widths - 2, generator=g)).tolist()
+    return [1.0] + sorted(middle, reverse=True) + [r_min]
+
+
+def main(cfg):
+    check_config(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None,
+                              project_dir=cfg.out_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+        save_config(cfg, cfg.out_dir)
+        if cfg.tracker:
+            accelerator.init_trackers("us3l", config=asdict(cfg))
+    accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}")
+
+    # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
+    if cfg.data_path == Config.data_path:  # the default location: extract the shared CIFAR-10 once
+        with accelerator.main_process_first():
+            prepare_cifar10(cfg.data_path)
+    size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
+    train_set = build_dataset(cfg.data_path, "train", pretrain_transform(cfg.dataset, size), subset=cfg.train_subset)
+    steps_per_epoch = len(train_set) // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"config error: batch_size={cfg.batch_size} x {world} processes exceeds the "
+                         f"{len(train_set)} training images")
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
+    bank_loader, test_loader = build_knn_loaders(cfg.data_path, cfg.dataset, cfg.knn_batch_size,
+                                                 cfg.knn_bank_subset, cfg.knn_test_subset, cfg.num_workers, cfg.seed)
+
+    # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
+    # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
+    backbone = ARCHS[cfg.arch]()
+    student = nn.ModuleDict({"backbone": backbone,
+                             "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim)})
+    if cfg.base_loss == "mse":
+        student["predictor"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+    if cfg.aux_head and cfg.distill_loss != "none":
+        student["aux"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    student = student.to(device, memory_format=fmt)
+    online = nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})  # shares the student's modules
+    teacher = copy.deepcopy(online).requires_grad_(False)
+    use_teacher = cfg.momentum_target_base or cfg.momentum_target_sub
+
+    # optimizer: weight decay is applied by hand as group regularization (backbone, eqs. 4-5) and
+    # plain L2 (heads); no decay and no LARS adaptation for biases and norms (p.ndim <= 1)
+    groups = param_groups(student.parameters(), 0.0)
+    lr_peak = cfg.base_lr * cfg.batch_size * world / 256
+    if cfg.optimizer == "lars":
+        optimizer = LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum)
+    elif cfg.optimizer == "adamw":  # MoCo v3's ViT recipe; decay then decoupled too (below)
+        optimizer = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.999), weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr_peak, momentum=cfg.sgd_momentum)
+    # NOTE: eq. (5) needs dim 0 in slimming order; a ViT's fused qkv rows (q|k|v x heads) and other
+    # grouped layers are not, so they get plain decay (alpha 0).
+    grouped = {m.weight for m in backbone.modules() if getattr(m, "out_groups", 1) > 1}
+    decay_backbone = [p for p in backbone.parameters() if p.ndim > 1 and p not in grouped]
+    decay_plain = list(grouped) + [p for k, m in student.items() if k != "backbone" for p in m.parameters()
+                                   if p.ndim > 1]
+    accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; "
+                      f"global batch {cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, "
+                      f"{total} steps")
+
+    step = 0
+    resume = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
+    if resume and os.path.isfile(resume):
+        ckpt = torch.load(resume, map_location=device, weights_only=True)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        accelerator.print(f"resumed from {resume} at step {step}")
+    elif cfg.resume not in ("auto", "none"):
+        raise FileNotFoundError(f"config error: resume={cfg.resume}: no such checkpoint")
+
+    results_path = os.path.join(cfg.out_dir, "results.json")
+    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    if step >= total and "knn_top1" in results:
+        accelerator.print(f"{cfg.out_dir} is a finished run ({step} steps): nothing to do")
+        return results
+
+    def monitor(tag):  # weighted kNN on the online backbone, BN recalibrated per width
+        widths = sorted({1.0, cfg.width_min}, reverse=True)
+        t0 = time.time()
+        calib = calibration_batches(bank_loader, 2048, cfg.seed)  # US-Nets calibrate on ~2k images
+        acc = knn_eval(student["backbone"], bank_loader, test_loader, calib, widths, device, k=cfg.knn_k,
+                       temperature=cfg.knn_temperature, autocast=cfg.precision == "bf16", all_reduce=world > 1)
+        acc = {str(w): round(a, 4) for w, a in acc.items()}
+        accelerator.print(f"kNN top-1 ({tag}, step {step}): {acc}  [{time.time() - t0:.0f} s]")
+        return acc
+
+    def write_results():
+        if accelerator.is_main_process:
+            with open(results_path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(results_path + ".tmp", results_path)
+
+    if "knn_top1_init" not in results and step == 0:
+        results["knn_top1_init"] = monitor("random init")
+        write_results()
+
+    # one step = the full-width base network and the sub-networks of sample_widths, each with its
+    # own backward (activations of one width are freed before the next), one optimizer step
+    loss_fn = {"infonce": lambda q, k: losses.info_nce(q, k, cfg.temperature), "mse": losses.mse_distill}
+    base_fn = loss_fn[cfg.base_loss]
+    sub_fn = base_fn if cfg.distill_loss == "none" else loss_fn[cfg.distill_loss]
+    params = [p for p in student.parameters()]
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    last_save, t_log, seen = time.time(), time.time(), 0
+    sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
+    pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler = EpochSampler(len(train_set), cfg.batch_size, epoch, step % steps_per_epoch, cfg.seed, rank, world)
+        loader = torch.utils.data.DataLoader(
+            SeededViews(train_set, cfg.seed), cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+        for (x1, x2), _ in loader:
+            if step >= total:
+                break
+            lr = warmup_cosine(step, total, int(cfg.warmup_epochs * steps_per_epoch), lr_peak)
+            tau = cosine(step, total, cfg.momentum, 1.0) if cfg.momentum_cosine else cfg.momentum
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            widths = sample_widths(step, total, cfg)
+            x = torch.cat([x1, x2]).to(device, non_blocking=True).contiguous(memory_format=fmt)  # (2B, 3, H, W)
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+            stats = {}
+            with torch.no_grad(), accelerator.autocast():
+                keys = teacher["projector"](teacher["backbone"](x)).float() if use_teacher else None
+            for i, w in enumerate(widths):
+                with accelerator.autocast():
+                    set_active(student["backbone"], w)
+                    z = student["projector"](student["backbone"](x))
+                    if i == 0:  # base network: L_Base against the teacher (or its own other view)
+                        q = student["predictor"](z) if cfg.base_loss == "mse" else z
+                        target = keys if cfg.momentum_target_base else z.detach()
+                        base_z = z.detach()
+                        fn = base_fn
+                    else:  # sub-network: L_Distill through g to the teacher (or the base network)
+                        q = student["aux"](z) if "aux" in student else (
+                            student["predictor"](z) if "predictor" in student else z)
+                        if cfg.distill_loss == "none":
+                            target = keys if cfg.momentum_target_sub else z.detach()
+                        else:
+                            target = keys if cfg.momentum_target_sub else base_z
+                        fn = sub_fn
+                    q1, q2 = q.chunk(2)  # (2B, D) -> 2 x (B, D)
+                    t1, t2 = target.chunk(2)
+                    loss = fn(q1, t2) + fn(q2, t1)  # symmetric (Algorithm 1, line 15)
+                loss.backward()
+                sums[i] += loss.detach()
+                if log_now:
+                    stats[f"collapse_std/{w:.3f}"] = losses.collapse_std(z).item()
+            set_active(student["backbone"], 1.0)
+            if world > 1:  # one all-reduce of all gradients per step (instead of DDP's per-backward sync)
+                grads = [p.grad for p in params if p.grad is not None]
+                flat = torch.cat([g.flatten() for g in grads])
+                dist.all_reduce(flat)
+                torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.div_(world).split(
+                    [g.numel() for g in grads]), grads)])
+            if cfg.optimizer == "adamw":  # decoupled: w_k -= lr * lambda_k * w_k
+                losses.group_decay_(decay_backbone, lr, cfg.weight_decay, alpha=cfg.group_reg_alpha)
+                losses.group_decay_(decay_plain, lr, cfg.weight_decay, alpha=0.0)
+            else:  # the gradient of 0.5 * eq. (4): enters the momentum like SGD's L2 decay
+                losses.add_group_reg_grad_(decay_backbone, cfg.weight_decay, alpha=cfg.group_reg_alpha)
+                losses.add_group_reg_grad_(decay_plain, cfg.weight_decay, alpha=0.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if use_teacher:
+                ema_update_(teacher, online, tau)
+            step += 1
+            seen += x1.shape[0] * world
+            pbar.update(1)
+
+            save_due = step % steps_per_epoch == 0 or step == total or (cfg.save_every and step % cfg.save_every == 0)
+            if log_now or save_due:  # losses must be finite on every rank before anything is logged or saved
+                names = ["loss/1.0"] + [f"loss/rand{j}" for j in range(len(widths) - 2)] + ["loss/min"] * (len(widths) > 1)
+                per_width = check_finite(dict(zip(names, sums)), step, accelerator)
+            if log_now:
+                rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "widths": widths,
+                       "img_per_s": seen / (time.time() - t_log), **stats,
+                       **{k: v / cfg.log_every for k, v in per_width.items()}}  # mean per sandwich position
+                sums.zero_()
+                seen, t_log = 0, time.time()
+                pbar.set_postfix(loss=f"{rec['loss/1.0']:.3f}", widths=len(widths), ips=f"{rec['img_per_s']:.0f}")
+                if accelerator.is_main_process:
+                    log_jsonl(log_path, rec)
+                    if cfg.tracker:
+                        accelerator.log(rec, step=step)
+                # the minutes-based cadence is decided by the main process for all (log steps are in sync)
+                due = torch.tensor([time.time() - last_save > 60 * cfg.save_every_min], device=device)
+                save_due = save_due or bool(broadcast(due).item())
+            if save_due:
+                if accelerator.is_main_process:
+                    atomic_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "step": step}, ckpt_path)
+                accelerator.wait_for_everyone()
+                last_save = time.time()
+            if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:
+                results.setdefault("knn_top1_history", {})[str(step)] = monitor(f"epoch {step // steps_per_epoch}")
+                write_results()
+    pbar.close()
+
+    if world > 1:  # every process must hold the same weights (DESIGN 6); fails loudly if not
+        sums = torch.stack([p.detach().double().sum() for p in student.parameters()])
+        gathered = accelerator.gather(sums[None])  # (world, P)
+        if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+            raise RuntimeError("parameters differ across processes at the end of training")
+    results["num_processes"] = world
+    results["knn_top1"] = monitor("end")
+    if accelerator.is_main_process:
+        # plain tensors and primitives only: torch.load(weights_only=True) and models.load_backbone
+        atomic_save({"arch": cfg.arch, "backbone": student["backbone"].state_dict(),
+                     "teacher": teacher["backbone"].state_dict(), "width_min": cfg.width_min,
+                     "widths": sorted({w for w in (1.0, 0.75, 0.5, 0.25) if w >= cfg.width_min} | {cfg.width_min},
+                                      reverse=True),  # the default list eval_knn.py / eval_linear.py evaluate
+                     "step": step, "config": asdict(cfg)}, os.path.join(cfg.out_dir, "backbone.pt"))
+    write_results()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
