@@ -1,5 +1,6 @@
 # Set-up and checks. `make test` installs first when needed; `make install` twice is a no-op.
 #   make install   system packages for FFCV (Debian), then .venv/ with requirements.txt
+#   make quick     the quick US3L CIFAR-10 run (QUICK_ARGS="--data_path=DIR" to point elsewhere)
 #   make test      ruff + pytest (PYTEST_ARGS="-k config" to narrow)
 #   make lint      ruff only
 #   make clean     remove .venv/ and caches (not data, not runs)
@@ -9,10 +10,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+QUICK_ARGS ?=
 # What FFCV's source build needs: libturbojpeg, OpenCV headers, pkg-config to find both.
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 
-.PHONY: install system-deps test lint clean
+.PHONY: install system-deps quick test lint clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +51,9 @@ system-deps:
 	echo "installing Debian packages:$$missing"; \
 	$$sudo apt-get update && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing
+
+quick: install
+	$(PY) train_us3l.py --config yaml/cifar10_quick.yaml $(QUICK_ARGS)
 
 test: install
 	$(VENV)/bin/ruff check .

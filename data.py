@@ -193,7 +193,13 @@ def prepare_cifar10(dest=None, tar=None, download=False):
             raise FileNotFoundError(
                 f"CIFAR-10 tarball not found at {tar}. Set CIFAR10_TAR=PATH (or --tar PATH), pass "
                 f"--download to fetch it with torchvision (needs internet), or put CIFAR-10 in {dest}. {HOW_TO}")
-        torchvision.datasets.CIFAR10(dest, download=True)  # one archive holds both splits
+        try:
+            torchvision.datasets.CIFAR10(dest, download=True)  # one archive holds both splits
+        except Exception as e:  # no internet (these machines), a proxy, a broken mirror
+            raise FileNotFoundError(
+                f"CIFAR-10 is not in {dest}, the tarball {tar} is absent and the download failed ({e}). "
+                f"Put CIFAR-10 there (train/ and test/ class folders, or torchvision's cifar-10-batches-py), "
+                f"or pass --data_path=DIR") from e
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))

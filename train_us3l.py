@@ -11,6 +11,11 @@ the same keys; dynamic sampling (full width only for the first quarter, then min
     accelerate launch train_us3l.py --config yaml/r50_in.yaml                      # all GPUs of a node
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_us3l.py ...  # 2 CPU procs
 
+Decisions where the paper is silent (NOTE): the two views run as one batch (BN statistics over both,
+as SimCLR); the model is not wrapped in DDP: each width has its own backward and the gradients are
+all-reduced once per step by hand (DDP would need no_sync and unused-parameter handling for the
+heads that some widths skip); InfoNCE keys are gathered from all processes; InfoNCE temperature 0.2.
+
 Re-running the same command resumes from out_dir/checkpoints (resume=auto). At the end out_dir holds
 backbone.pt (online backbone + EMA teacher, plain tensors; models.load_backbone reads it),
 results.json (kNN top-1 per width, before and after training), log.jsonl and config.yaml.
@@ -85,7 +90,7 @@ class Config:
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
     knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
-    knn_batch_size: int = 512
+    knn_batch_size: int = 128  # 128 was the fastest on the 2-core CPU (bf16, channels_last)
     tracker: str = ""  # tensorboard | wandb | "" (log.jsonl always)
 
 
@@ -134,9 +139,9 @@ def main(cfg):
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}")
 
     # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
-    if cfg.data_path == Config.data_path:  # the default location: extract the shared CIFAR-10 once
+    if cfg.data_path == Config.data_path:  # the default location: the shared tarball, else a download
         with accelerator.main_process_first():
-            prepare_cifar10(cfg.data_path)
+            prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
     train_set = build_dataset(cfg.data_path, "train", pretrain_transform(cfg.dataset, size), subset=cfg.train_subset)
     steps_per_epoch = len(train_set) // (cfg.batch_size * world)
@@ -144,8 +149,9 @@ def main(cfg):
         raise ValueError(f"config error: batch_size={cfg.batch_size} x {world} processes exceeds the "
                          f"{len(train_set)} training images")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
-    bank_loader, test_loader = build_knn_loaders(cfg.data_path, cfg.dataset, cfg.knn_batch_size,
-                                                 cfg.knn_bank_subset, cfg.knn_test_subset, cfg.num_workers, cfg.seed)
+    bank_loader, test_loader = build_knn_loaders(  # CIFAR-size banks are decoded once and kept in memory
+        cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
+        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"))
 
     # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
     # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
@@ -160,7 +166,6 @@ def main(cfg):
     student = student.to(device, memory_format=fmt)
     online = nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})  # shares the student's modules
     teacher = copy.deepcopy(online).requires_grad_(False)
-    use_teacher = cfg.momentum_target_base or cfg.momentum_target_sub
 
     # optimizer: weight decay is applied by hand as group regularization (backbone, eqs. 4-5) and
     # plain L2 (heads); no decay and no LARS adaptation for biases and norms (p.ndim <= 1)
@@ -203,7 +208,7 @@ def main(cfg):
     def monitor(tag):  # weighted kNN on the online backbone, BN recalibrated per width
         widths = sorted({1.0, cfg.width_min}, reverse=True)
         t0 = time.time()
-        calib = calibration_batches(bank_loader, 2048, cfg.seed)  # US-Nets calibrate on ~2k images
+        calib = calibration_batches(bank_loader, 2000, cfg.seed)  # US-Nets calibrate on ~2k images
         acc = knn_eval(student["backbone"], bank_loader, test_loader, calib, widths, device, k=cfg.knn_k,
                        temperature=cfg.knn_temperature, autocast=cfg.precision == "bf16", all_reduce=world > 1)
         acc = {str(w): round(a, 4) for w, a in acc.items()}
@@ -222,9 +227,6 @@ def main(cfg):
 
     # one step = the full-width base network and the sub-networks of sample_widths, each with its
     # own backward (activations of one width are freed before the next), one optimizer step
-    loss_fn = {"infonce": lambda q, k: losses.info_nce(q, k, cfg.temperature), "mse": losses.mse_distill}
-    base_fn = loss_fn[cfg.base_loss]
-    sub_fn = base_fn if cfg.distill_loss == "none" else loss_fn[cfg.distill_loss]
     params = [p for p in student.parameters()]
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     last_save, t_log, seen = time.time(), time.time(), 0
@@ -246,34 +248,8 @@ def main(cfg):
             widths = sample_widths(step, total, cfg)
             x = torch.cat([x1, x2]).to(device, non_blocking=True).contiguous(memory_format=fmt)  # (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-            stats = {}
-            with torch.no_grad(), accelerator.autocast():
-                keys = teacher["projector"](teacher["backbone"](x)).float() if use_teacher else None
-            for i, w in enumerate(widths):
-                with accelerator.autocast():
-                    set_active(student["backbone"], w)
-                    z = student["projector"](student["backbone"](x))
-                    if i == 0:  # base network: L_Base against the teacher (or its own other view)
-                        q = student["predictor"](z) if cfg.base_loss == "mse" else z
-                        target = keys if cfg.momentum_target_base else z.detach()
-                        base_z = z.detach()
-                        fn = base_fn
-                    else:  # sub-network: L_Distill through g to the teacher (or the base network)
-                        q = student["aux"](z) if "aux" in student else (
-                            student["predictor"](z) if "predictor" in student else z)
-                        if cfg.distill_loss == "none":
-                            target = keys if cfg.momentum_target_sub else z.detach()
-                        else:
-                            target = keys if cfg.momentum_target_sub else base_z
-                        fn = sub_fn
-                    q1, q2 = q.chunk(2)  # (2B, D) -> 2 x (B, D)
-                    t1, t2 = target.chunk(2)
-                    loss = fn(q1, t2) + fn(q2, t1)  # symmetric (Algorithm 1, line 15)
-                loss.backward()
-                sums[i] += loss.detach()
-                if log_now:
-                    stats[f"collapse_std/{w:.3f}"] = losses.collapse_std(z).item()
-            set_active(student["backbone"], 1.0)
+            step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now)
+            sums[:len(widths)] += step_losses
             if world > 1:  # one all-reduce of all gradients per step (instead of DDP's per-backward sync)
                 grads = [p.grad for p in params if p.grad is not None]
                 flat = torch.cat([g.flatten() for g in grads])
@@ -288,7 +264,7 @@ def main(cfg):
                 losses.add_group_reg_grad_(decay_plain, cfg.weight_decay, alpha=0.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if use_teacher:
+            if cfg.momentum_target_base or cfg.momentum_target_sub:
                 ema_update_(teacher, online, tau)
             step += 1
             seen += x1.shape[0] * world
@@ -340,6 +316,42 @@ def main(cfg):
     write_results()
     accelerator.end_training()
     return results
+
+
+def forward_backward(student, teacher, x, widths, cfg, autocast, log=False):
+    """One US3L iteration's gradients (Algorithm 1, lines 4-17) for the two views x = cat(x1, x2):
+    the base network (widths[0] = 1.0) and each sub-network in turn, each followed by its own
+    backward, so only one width's activations are alive at a time (peak memory of a single
+    full-width step); gradients accumulate. Returns the per-width losses (detached) and, when
+    log, the collapse monitor per width."""
+    loss_fn = {"infonce": lambda q, k: losses.info_nce(q, k, cfg.temperature), "mse": losses.mse_distill}
+    keys, stats, out = None, {}, []
+    if cfg.momentum_target_base or cfg.momentum_target_sub:
+        with torch.no_grad(), autocast():  # teacher keys: once per step, shared by every width
+            keys = teacher["projector"](teacher["backbone"](x)).float()
+    for i, w in enumerate(widths):
+        with autocast():
+            set_active(student["backbone"], w)
+            z = student["projector"](student["backbone"](x))
+            if i == 0:  # base network: L_Base against the teacher (or its own other view)
+                q = student["predictor"](z) if cfg.base_loss == "mse" else z
+                target = keys if cfg.momentum_target_base else z.detach()
+                base_z, fn = z.detach(), loss_fn[cfg.base_loss]
+            elif cfg.distill_loss == "none":  # Table 7 'x': the base loss on the sub-network's own outputs
+                q = student["predictor"](z) if cfg.base_loss == "mse" else z
+                target, fn = (keys if cfg.momentum_target_sub else z.detach()), loss_fn[cfg.base_loss]
+            else:  # L_Distill through the auxiliary head g to the teacher (or the base network)
+                q = student["aux"](z) if "aux" in student else (student["predictor"](z) if "predictor" in student else z)
+                target, fn = (keys if cfg.momentum_target_sub else base_z), loss_fn[cfg.distill_loss]
+            q1, q2 = q.chunk(2)  # (2B, D) -> 2 x (B, D)
+            t1, t2 = target.chunk(2)
+            loss = fn(q1, t2) + fn(q2, t1)  # symmetric (Algorithm 1, line 15)
+        loss.backward()
+        out.append(loss.detach())
+        if log:
+            stats[f"collapse_std/{w:.3f}"] = losses.collapse_std(z).item()
+    set_active(student["backbone"], 1.0)
+    return torch.stack(out), stats
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -345,85 +344,13 @@ def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, tau: float) 
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints. Layout: out_dir/checkpoints/{step-<N>/, latest}; step-<N> holds Accelerate's
-# save_state files (model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...), extra.pt
-# (step counters, EMA teacher: tensors and primitives only) and `done`, written last. A checkpoint
-# is written as tmp-<N>, completed, then renamed, then `latest` is repointed: a crash at any moment
-# leaves the previous checkpoint readable, and tmp-* folders are never read.
+# Checkpoints: the trainers write one file, out_dir/checkpoints/last.pt (state_dicts, step), with
+# atomic_save: a crash at any moment, mid-write included, leaves the previous checkpoint readable.
 
 
 def atomic_save(obj, path) -> None:
     """torch.save that never leaves a half-written file at `path`: a failed save keeps the old one."""
     _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def save_checkpoint(accelerator, out_dir, extra: dict, keep: int = 2) -> Path:
-    """Save Accelerate's state (prepared models, optimizers, RNG) plus `extra` (must hold "step", the
-    global step, which names the folder) to out_dir/checkpoints/step-<step>; keep the last `keep`.
-    Call it on EVERY process: save_state writes per-rank RNG files and needs all ranks."""
-    if accelerator.project_configuration.automatic_checkpoint_naming:
-        raise ValueError("save_checkpoint names its own folders: turn automatic_checkpoint_naming off")
-    root = Path(out_dir) / "checkpoints"
-    tmp, final = root / f"tmp-{extra['step']}", root / f"step-{extra['step']}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash at this same step
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()  # tmp exists and is empty before any rank writes into it
-    accelerator.save_state(str(tmp))  # models/optimizers by the main process, RNG by each rank
-    if accelerator.is_main_process:
-        atomic_save(extra, tmp / "extra.pt")
-    accelerator.wait_for_everyone()  # every rank's files are written
-    if accelerator.is_main_process:
-        for f in tmp.iterdir():
-            _fsync(f)  # Accelerate does not fsync; `done` must not reach the disk before the data
-        _atomic_write(tmp / "done", lambda f: f.write(b"ok\n"))
-        shutil.rmtree(final, ignore_errors=True)  # a second save at one step: find_latest falls back
-        os.replace(tmp, final)
-        _atomic_write(root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
-        for _, old in _complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-        for stale in root.glob("tmp-*"):
-            shutil.rmtree(stale)
-    accelerator.wait_for_everyone()  # on return, every rank sees the new `latest`
-    return final
-
-
-def find_latest_checkpoint(out_dir) -> Path | None:
-    """The complete checkpoint named by out_dir/checkpoints/latest; if that one is missing or
-    incomplete (a crash between the rename and the pointer update), the complete step-* folder with
-    the highest step; None when there is none. Incomplete and tmp-* folders are never returned."""
-    root = Path(out_dir) / "checkpoints"
-    latest = root / "latest"
-    if latest.is_file():
-        path = root / latest.read_text().strip()
-        if path.name.startswith("step-") and (path / "done").is_file():
-            return path
-    done = _complete_checkpoints(root)
-    return done[-1][1] if done else None
-
-
-def load_checkpoint(accelerator, path) -> dict | None:
-    """Restore the state save_checkpoint wrote and return its `extra`. `path` is a run folder (its
-    latest complete checkpoint; None if it has none) or one checkpoint folder (must be complete).
-    Call it on every process, after accelerator.prepare(...): load_state fills the prepared objects.
-    NOTE: assumes every rank sees the same filesystem (one node, or a shared one)."""
-    path = Path(path)
-    ckpt = path if (path / "extra.pt").exists() else find_latest_checkpoint(path)
-    if ckpt is None:
-        return None
-    if not (ckpt / "done").is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (no `done` marker)")
-    accelerator.load_state(str(ckpt))
-    return torch.load(ckpt / "extra.pt", map_location="cpu", weights_only=True)
-
-
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """[(step, folder)] of complete step-<N> folders, oldest first."""
-    found = []
-    for path in root.glob("step-*"):
-        if path.name[5:].isdigit() and (path / "done").is_file():
-            found.append((int(path.name[5:]), path))
-    return sorted(found)
 
 
 def _atomic_write(path, write) -> None:

@@ -2,6 +2,7 @@
 leaves the backbone as it found it, and 2 processes (unequal and padded shards) give exactly the
 1-process features, order and accuracies."""
 
+import datetime
 import socket
 
 import pytest
@@ -57,14 +58,14 @@ def test_knn_eval_tiny_resnet(cifar_small):
     torch.manual_seed(0)
     model = ARCHS["resnet18_cifar"]().train()
     params = {n: p.clone() for n, p in model.named_parameters()}
-    bank, test = build_knn_loaders(cifar_small, "cifar10", 100)
-    calib = calibration_batches(bank, 100)
-    assert sum(len(x) for x in calib) == 100
+    bank, test = build_knn_loaders(cifar_small, "cifar10", 32, bank_subset=60, test_subset=30)
+    calib = calibration_batches(bank, 40)
+    assert [len(x) for x in calib] == [32, 8]
     calibrate_bn(model, calib)
     feats, labels, idx = extract_features(model, test, torch.device("cpu"))
-    assert feats.dtype == torch.float32 and feats.shape == (100, 512) and model.training
-    torch.testing.assert_close(feats.norm(dim=1), torch.ones(100))
-    assert torch.equal(idx, torch.arange(100)) and torch.equal(labels, torch.as_tensor(test.dataset.labels))
+    assert feats.dtype == torch.float32 and feats.shape == (30, 512) and model.training
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(30))
+    assert torch.equal(idx, torch.arange(30)) and torch.equal(labels, torch.as_tensor(test.dataset.labels))
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     acc = knn_eval(model, bank, test, calib, [1.0, 0.25], torch.device("cpu"), k=20)
@@ -73,7 +74,7 @@ def test_knn_eval_tiny_resnet(cifar_small):
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
     model.eval()
-    knn_eval(model, bank, test, iter(calib), [0.5], torch.device("cpu"), k=20)  # a one-shot iterator
+    knn_eval(model, bank, test, iter(calib), [0.25, 0.5], torch.device("cpu"), k=20)  # a one-shot iterator
     assert not model.training
 
 
@@ -112,6 +113,7 @@ def run_all(data_path):
     # build_knn_loaders' rank slices: 51 test images -> shards of 26 and 25
     bank, test = build_knn_loaders(data_path, "cifar10", 16, bank_subset=60, test_subset=51)
     out["test"] = extract_features(model, test, cpu, autocast=False)
+    out["shard"] = len(test.dataset)
     # the same 4 calibration batches in all: rank r forwards batches r, r + 2 (train-mode BN depends
     # on the batch composition), knn_eval pools the statistics over ranks
     calib = [x for x, _ in DataLoader(build_dataset(data_path, "train", eval_transform("cifar10"), 60), 15)]
@@ -122,8 +124,9 @@ def run_all(data_path):
 
 
 def _worker(rank, port, data_path, result_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)  # also keeps the forked child out of the parent's OpenMP pool (not fork-safe)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.save(run_all(data_path), f"{result_path}.{rank}")
     finally:
@@ -134,11 +137,14 @@ def test_two_processes_equal_one(cifar_small, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(cifar_small), str(tmp_path / "out")), nprocs=2)
+    # fork, not spawn: the children skip re-importing torch and torchvision (about 4 s here)
+    mp.start_processes(_worker, args=(port, str(cifar_small), str(tmp_path / "out")), nprocs=2,
+                       start_method="fork")
     ref = run_all(cifar_small)
     assert len(ref["padded"][0]) == 13 and len(ref["test"][0]) == 51
-    for rank in range(2):
-        got = torch.load(tmp_path / f"out.{rank}")
+    ranks = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    assert [got["shard"] for got in ranks] == [26, 25]  # unequal shards
+    for got in ranks:
         for key in ("padded", "test"):
             feats, labels, idx = got[key]
             torch.testing.assert_close(feats, ref[key][0], rtol=0, atol=1e-6)

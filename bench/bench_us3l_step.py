@@ -1,0 +1,155 @@
+"""P2 and P3 for US3L on ResNet-18 CIFAR (DESIGN section 10), measured side by side in one run.
+
+P2: peak memory of a US3L step with 3 widths (a backward after each width) over a single
+    full-width step; target <= 1.10. Also shown: the same 3 widths with ONE backward of the summed
+    loss, which keeps every width's activations alive. Memory = peak bytes of tensors saved for
+    backward (exact, any device) and, on CUDA, torch.cuda.max_memory_allocated.
+P3: time of a US3L stage-2 step (3 widths: full, U(R_min, 1), R_min) over a naive sandwich step
+    (4 widths: full, two U(0.25, 1), 0.25, every step); target <= 0.80. Reported per stage
+    (R_min = 0.75, 0.5, 0.25) and over the whole run (stage 1 trains the full width only).
+
+    python bench/bench_us3l_step.py [--batch_size 128] [--repeats 6]
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from models import ARCHS, projection_mlp  # noqa: E402
+from train_us3l import Config, forward_backward  # noqa: E402
+
+
+class SavedTensorMeter:
+    """Live bytes of tensors saved for backward, and their peak (torch.autograd.graph hooks)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        n = t.untyped_storage().nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        return _Freed(t, n, self)
+
+    def unpack(self, holder):
+        return holder.t
+
+
+class _Freed:  # gives its bytes back when autograd frees the saved tensor
+    def __init__(self, t, n, meter):
+        self.t, self.n, self.meter = t, n, meter
+
+    def __del__(self):
+        self.meter.live -= self.n
+
+
+def build(device, fmt):
+    torch.manual_seed(0)
+    cfg = Config()
+    backbone = ARCHS[cfg.arch]()
+    student = nn.ModuleDict({"backbone": backbone,
+                             "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim),
+                             "aux": projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)})
+    student = student.to(device, memory_format=fmt)
+    teacher = copy.deepcopy(nn.ModuleDict({k: student[k] for k in ("backbone", "projector")}))
+    return cfg, student, teacher
+
+
+def summed_backward(student, teacher, x, widths, cfg, autocast):
+    """The naive alternative for P2: every width's loss in one graph, one backward."""
+    import losses
+    with torch.no_grad(), autocast():
+        k1, k2 = teacher["projector"](teacher["backbone"](x)).float().chunk(2)
+    total = 0
+    from models import set_active
+    for i, w in enumerate(widths):
+        with autocast():
+            set_active(student["backbone"], w)
+            z = student["projector"](student["backbone"](x))
+            q = z if i == 0 else student["aux"](z)
+            q1, q2 = q.chunk(2)
+            fn = (lambda a, b: losses.info_nce(a, b, cfg.temperature)) if i == 0 else losses.mse_distill
+            total = total + fn(q1, k2) + fn(q2, k1)
+    total.backward()
+    set_active(student["backbone"], 1.0)
+
+
+def peak_memory(fn, device):
+    meter = SavedTensorMeter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        fn()
+    cuda = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return meter.peak, cuda
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch_size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    fmt = torch.channels_last
+    cfg, student, teacher = build(device, fmt)
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16)  # noqa: E731
+    x = torch.randn(2 * args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)  # two views
+    print(f"US3L step, {cfg.arch}, batch {args.batch_size} x 2 views, bf16, {device}, "
+          f"{torch.get_num_threads()} threads")
+
+    # P2: peak memory
+    widths3 = [1.0, 0.6, 0.25]
+    def step(fn, widths):  # noqa: E306
+        return lambda: (fn(student, teacher, x, widths, cfg, autocast), student.zero_grad(set_to_none=True))
+    single, single_cuda = peak_memory(step(forward_backward, [1.0]), device)
+    per_width, per_width_cuda = peak_memory(step(forward_backward, widths3), device)
+    summed, summed_cuda = peak_memory(step(summed_backward, widths3), device)
+    print(f"P2 saved-activation peak: single full width {single / 2**20:.0f} MiB, 3 widths with a backward "
+          f"each {per_width / 2**20:.0f} MiB, 3 widths summed {summed / 2**20:.0f} MiB")
+    print(f"P2 = {per_width / single:.3f} (target <= 1.10); one summed backward would be {summed / single:.2f}")
+    if single_cuda:
+        print(f"P2 (CUDA max_memory_allocated) = {per_width_cuda / single_cuda:.3f}; summed {summed_cuda / single_cuda:.2f}")
+
+    # P3: step time, interleaved so that machine noise hits every variant alike. Widths are drawn
+    # fresh each repeat from a seeded generator (as in training).
+    g = torch.Generator().manual_seed(0)
+    def u(lo):  # noqa: E306
+        return lo + (1 - lo) * torch.rand((), generator=g).item()
+    variants = {"naive n=4": lambda: [1.0, u(0.25), u(0.25), 0.25],
+                "stage 1 (full only)": lambda: [1.0],
+                "stage 2 (R_min 0.75)": lambda: [1.0, u(0.75), 0.75],
+                "stage 3 (R_min 0.5)": lambda: [1.0, u(0.5), 0.5],
+                "stage 4 (R_min 0.25)": lambda: [1.0, u(0.25), 0.25]}
+    times = {k: [] for k in variants}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for name, draw in variants.items():
+            widths = draw()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            forward_backward(student, teacher, x, widths, cfg, autocast)
+            student.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    naive = med["naive n=4"]
+    for name, t in med.items():
+        print(f"  {name:<22} {t * 1e3:8.0f} ms/step  ratio to naive {t / naive:5.3f}")
+    stages = [med[k] for k in variants if k.startswith("stage")]
+    print(f"P3 = {statistics.mean(stages[1:]) / naive:.3f} over US3L's second stage (R_min 0.75 -> 0.25, target <= 0.80); "
+          f"{statistics.mean(stages) / naive:.3f} over the whole run (with the full-width-only first quarter)")
+
+
+if __name__ == "__main__":
+    main()
