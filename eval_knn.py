@@ -19,18 +19,39 @@ must call knn_eval: the loaders are rank shards, the features are all-gathered a
 sample index, so the result is exact (no padded duplicates) and identical on every rank. Plain
 torch.distributed only: no Accelerate object is needed.
 
-    python eval_knn.py --data_path=data/cifar10 --widths=1.0,0.25 --bank_subset=10000 --test_subset=2000
-    python eval_knn.py --ckpt=out/run/backbone.pt --arch=resnet18_cifar --widths=1.0,0.75,0.5,0.25
+The command evaluates every width of a checkpoint (its `widths` list, or each DSPNet DN of its
+`dns` list with its depth), or of a seeded random-init network (the baseline), and writes a table to
+stdout, out_dir/results.json ({"<width or DN>": {"top1", "top5", "params", "macs", "top1_k"}, ...},
+accuracies in [0, 1], top1/top5 at the last k given) and out_dir/knn.png (top-1 against MACs and
+against width). MACs are counted at the eval image size (32 px CIFAR, 224 px ImageNet).
+
+    python eval_knn.py --ckpt=out/run/backbone.pt --data_path=data/cifar10 --out_dir=out/run/knn   # CPU or 1 GPU
+    python eval_knn.py --arch=resnet18_cifar --widths=1.0,0.75,0.5,0.25 --bank_subset=10000 --test_subset=2000
+    python eval_knn.py --ckpt=out/run/backbone.pt --teacher --k=10,20,200 --temperature=0.1
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval_knn.py ...   # CPU, 2 procs
-    accelerate launch eval_knn.py --ckpt=... --data_path=... --dataset=imagenet --temperature=0.07
+    accelerate launch eval_knn.py --ckpt=... --data_path=... --dataset=imagenet --temperature=0.07   # N GPUs
+
+The command calibrates BN on the same batches whatever the number of processes
+(fixed_calibration_batches), so N processes give 1 process's numbers (tested with 2 CPU processes,
+fp32); the training monitor's calibration_batches draws per rank instead.
 
 Measured on 2 CPU cores (AVX512-BF16, shared machine), random-init resnet18_cifar, 10k-image bank,
 2k test images, 2000 calibration images, batch 128, bf16 + channels_last, cache=True:
     width 1.0:  top-1 30.1%, 33 s = calibrate 10.4 + extract 22.6 (540 img/s) + search 0.2
     width 0.25: top-1 24.5%, 2.7 s = calibrate 0.7 + extract 1.9 + search 0.1
 The search is fp32 and exact: 50k x 512 bank against 10k queries takes about 4 s here.
+The command, same setup (`--arch=resnet18_cifar --bank_subset=10000 --test_subset=2000 --cache=true`),
+top-1 at k = 10 / 20 / 200 and top-5 at k=200, params (M) / MMACs at 32 px:
+    1.0   28.45 / 29.65 / 29.75%, top-5 81.75%   11.17 / 555
+    0.75  24.40 / 25.15 / 27.10%, top-5 80.30%    6.28 / 313
+    0.5   25.50 / 27.75 / 29.05%, top-5 80.00%    2.80 / 139
+    0.25  21.80 / 22.65 / 24.45%, top-5 77.60%    0.70 / 35
+NOTE: the minimal CLI of commit 0e5c5e3 also gives 29.75% at 1.0x today (same calibration images):
+the 30.1% above is a stale figure from an earlier state of the code.
 """
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -39,10 +60,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset, TensorDataset
+from tqdm import tqdm
 
 from data import build_dataset, eval_transform
-from models import ARCHS, SlimBatchNorm2d, calibrate_bn, set_active
-from utils import parse_config
+from models import ARCHS, SlimBatchNorm2d, calibrate_bn, profile, set_active
+from utils import ConfigError, parse_config, save_config
 
 
 def _world():
@@ -196,7 +218,7 @@ def _bn_state(model):
 
 @torch.no_grad()
 def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, k=200, temperature=0.1,
-             depth=None, autocast=True, all_reduce=None, chunk=1024, timings=None):
+             depth=None, autocast=True, all_reduce=None, chunk=1024, timings=None, ks=(), details=None):
     """{width: kNN top-1 in [0, 1]} of the backbone, each width BN-calibrated first.
 
     calib_batches: re-iterable batches of training images with the eval transform (see
@@ -207,6 +229,8 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     parameters, training mode and BN buffers are left as they were (its checkpoints do not depend
     on when it was evaluated); the width is set back to 1.0 (full depth). timings: an optional
     dict, filled with seconds spent in calibration, extraction and search (summed over widths).
+    ks, details: more neighbour counts searched at no extra cost (one topk of the largest k); an
+    optional dict filled with {width: {"top1_k": {k: acc}, "top5_k": {k: acc}}} for k and ks.
     """
     rank, world = _world()
     if all_reduce is None:
@@ -230,10 +254,15 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
             num_classes = int(max(bank_y.max(), test_y.max())) + 1
             # every rank holds all features: each searches a slice of the test rows, counts summed
             sl = slice(rank, None, world)
-            correct = _knn_correct(bank, bank_y, test[sl], test_y[sl], num_classes, [k], temperature, chunk)
+            all_k = list(dict.fromkeys([k, *ks]))  # k first: results[w] reads row 0
+            correct = _knn_correct(bank, bank_y, test[sl], test_y[sl], num_classes, all_k, temperature, chunk)
             if world > 1:
                 dist.all_reduce(correct)
-            results[w] = correct[0, 0].item() / test.shape[0]
+            c, n = correct.tolist(), max(test.shape[0], 1)
+            results[w] = c[0][0] / n
+            if details is not None:
+                details[w] = {"top1_k": {kk: c[i][0] / n for i, kk in enumerate(all_k)},
+                              "top5_k": {kk: c[i][1] / n for i, kk in enumerate(all_k)}}
             timings["calibrate"] += t1 - t0
             timings["extract"] += t2 - t1
             timings["search"] += time.perf_counter() - t2
@@ -271,49 +300,168 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
     return tuple(loaders)
 
 
+def fixed_calibration_batches(data_path, dataset_name, bank_subset, n_images, batch_size, seed=0, num_workers=0):
+    """The CLI's calibration set: the same n_images (a seeded draw from the bank split, as
+    calibration_batches draws on 1 process) in the same batches whatever the process count; rank r
+    forwards batches r, r + N, ... and calibrate_bn pools the statistics (all_reduce). Train-mode BN
+    depends on the batch composition, so this is what makes N processes give 1 process's numbers.
+    On 1 process it equals calibration_batches(bank_loader, n_images, seed)."""
+    rank, world = _world()
+    ds = build_dataset(data_path, "train", eval_transform(dataset_name), subset=bank_subset, subset_seed=seed)
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n_images].sort().values
+    batches = pick.split(batch_size)  # full batches, the short one last: re-batching a rank's share keeps them
+    if len(batches) < world:  # the same on every rank: all raise, none hangs in all_reduce
+        raise ValueError(f"calib_images={n_images} at batch_size={batch_size} makes {len(batches)} calibration "
+                         f"batch(es) for {world} processes: raise calib_images or lower batch_size")
+    mine = torch.cat(batches[rank::world]).tolist()
+    return [b[0] for b in DataLoader(Subset(ds, mine), batch_size=batch_size, num_workers=num_workers)]
+
+
 # ------------------------------------------------------------------------------------------------
-# Minimal CLI (results.json, plots and per-width tables against MACs come later)
+# CLI: every width (or DSPNet DN) of a checkpoint or of a random-init baseline -> table, json, plot
 
 
 @dataclass
 class Config:
-    arch: str = "resnet18_cifar"  # models.ARCHS key
-    ckpt: str = ""  # backbone state dict (plain tensors, torch.save); empty = random init (a baseline)
+    ckpt: str = ""  # backbone.pt of train_us3l.py (models.load_backbone format); empty = random init
+    teacher: bool = False  # evaluate the checkpoint's EMA teacher instead of the online backbone
+    arch: str = ""  # models.ARCHS key; required without ckpt (seeded random init), checked against it
     data_path: str = "data/cifar10"  # see data.py; `python data.py extract-cifar10` makes this one
-    dataset: str = "cifar10"  # normalization and eval transform: cifar10 | cifar100 | imagenet
-    widths: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])  # evaluated widths
-    depth: list[int] | None = None  # per-stage blocks (DSPNet ResNets); None = full depth
-    k: int = 200  # neighbours
+    dataset: str = ""  # cifar10 | cifar100 | imagenet (eval transform, image size); empty = ckpt's, else cifar10
+    widths: list[float] = field(default_factory=list)  # in (0, 1]; empty = the ckpt's widths (or its DSPNet dns)
+    depth: list[int] | None = None  # per-stage blocks for all widths (ResNets); None = full depth
+    k: list[int] = field(default_factory=lambda: [10, 20, 200])  # neighbours; the last is the main k (top1)
     temperature: float = 0.1  # vote weight exp(sim / T): 0.1 CIFAR, 0.07 ImageNet
     batch_size: int = 128  # per process; on 2 CPU cores 128 beats 256 and 512 (bf16, resnet18_cifar)
     bank_subset: int = 0  # class-balanced bank subset of the train split, 0 = all
     test_subset: int = 0  # class-balanced subset of the test split, 0 = all
-    calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000)
+    calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), same set for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
     cache: bool = False  # decode once, keep the eval images in memory (CIFAR scale; 10k images: 123 MB)
-    autocast: bool = True  # bf16 autocast where supported (CPU too); features stay fp32
-    seed: int = 0  # subsets and calibration images
+    autocast: bool = True  # bf16 autocast where supported (CPU too); features and search stay fp32
+    seed: int = 0  # random-init weights, subsets and calibration images
+    out_dir: str = "out/knn"  # results.json, knn.png, config.yaml
+
+
+def networks_to_eval(cfg, ckpt):
+    """[(name, width, depth)]: the configured widths, else the checkpoint's DSPNet `dns` list
+    ({"width": w, "depth": [...]}), else its `widths`, else 1.0, 0.75, 0.5, 0.25."""
+    if not cfg.widths and ckpt.get("dns"):
+        return [(f"w{dn['width']:.3g}_d{'-'.join(map(str, dn['depth']))}", float(dn["width"]), list(dn["depth"]))
+                for dn in ckpt["dns"]]
+    if not cfg.k or min(cfg.k) < 1:
+        raise ConfigError(f"config error: k must list neighbour counts >= 1, got {cfg.k}")
+    widths = cfg.widths or ckpt.get("widths") or [1.0, 0.75, 0.5, 0.25]
+    bad = [w for w in widths if not 0.0 < w <= 1.0]
+    if bad:
+        raise ConfigError(f"config error: widths must lie in (0, 1], got {bad}")
+    return [(str(float(w)), float(w), cfg.depth) for w in widths]
+
+
+def load_network(cfg):
+    """(backbone, checkpoint dict) on the CPU; a random-init network (seeded, the same on every
+    rank) without ckpt, with an empty checkpoint dict."""
+    if cfg.ckpt:
+        if not os.path.isfile(cfg.ckpt):
+            raise ConfigError(f"eval_knn: checkpoint not found: {cfg.ckpt}")
+        ckpt = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+        arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+        if arch not in ARCHS:
+            raise ConfigError(f"eval_knn: {cfg.ckpt} has arch {arch!r}, not one of models.ARCHS: {', '.join(ARCHS)}")
+        if cfg.arch and cfg.arch != arch:
+            raise ConfigError(f"eval_knn: --arch={cfg.arch} but {cfg.ckpt} holds a {arch}")
+        key = "teacher" if cfg.teacher else "backbone"
+        if key not in ckpt:
+            raise ConfigError(f"eval_knn: {cfg.ckpt} holds no {key!r} weights (keys: {sorted(ckpt)})")
+        model = ARCHS[arch]()
+        model.load_state_dict(ckpt[key])
+        return model, ckpt
+    if cfg.arch not in ARCHS:
+        raise ConfigError(f"eval_knn: give --ckpt, or --arch (one of {', '.join(ARCHS)}) for a random-init "
+                          f"baseline; got arch={cfg.arch!r}")
+    if cfg.teacher:
+        raise ConfigError("eval_knn: --teacher needs --ckpt")
+    torch.manual_seed(cfg.seed)
+    return ARCHS[cfg.arch](), {"arch": cfg.arch}
+
+
+class _Progress:
+    """A re-iterable loader wrapper with a tqdm bar per pass (main process only)."""
+
+    def __init__(self, loader, disable):
+        self.loader, self.disable, self.desc = loader, disable, ""
+
+    def __iter__(self):
+        return iter(tqdm(self.loader, desc=self.desc, disable=self.disable, leave=False, dynamic_ncols=True))
+
+
+def plot(results, path, k):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullFormatter
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, xlabel in ((ax1, "macs", "MMACs (log)"), (ax2, "width", "width")):
+        names = sorted(results, key=lambda n: (results[n][key], n))  # DNs may share a width
+        x = [results[n][key] / (1e6 if key == "macs" else 1) for n in names]
+        y = [100 * results[n]["top1"] for n in names]
+        ax.plot(x, y, "o-")
+        for n, xi, yi in zip(names, x, y):
+            ax.annotate(n, (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set(xlabel=xlabel, ylabel=f"kNN top-1 (%), k={k}", title=f"top-1 vs {key}")
+    ax1.set_xscale("log")
+    ax1.xaxis.set_minor_formatter(NullFormatter())  # the default minor labels overlap
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(cfg):
+    model, ckpt = load_network(cfg)  # config errors before any process group or data
+    nets = networks_to_eval(cfg, ckpt)
+    dataset = cfg.dataset or ckpt.get("config", {}).get("dataset") or "cifar10"
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
-    device = accelerator.device
-    torch.manual_seed(cfg.seed)  # a random-init baseline must be the same network on every rank
-    backbone = ARCHS[cfg.arch]().to(device)
-    if cfg.ckpt:
-        backbone.load_state_dict(torch.load(cfg.ckpt, map_location=device, weights_only=True))
-    bank_loader, test_loader = build_knn_loaders(cfg.data_path, cfg.dataset, cfg.batch_size, cfg.bank_subset,
+    device, is_main = accelerator.device, accelerator.is_main_process
+    if is_main:
+        save_config(cfg, cfg.out_dir)
+    model = model.to(device)
+    bank_loader, test_loader = build_knn_loaders(cfg.data_path, dataset, cfg.batch_size, cfg.bank_subset,
                                                  cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache)
-    calib = calibration_batches(bank_loader, cfg.calib_images, cfg.seed)
-    timings = {}
-    top1 = knn_eval(backbone, bank_loader, test_loader, calib, cfg.widths, device, cfg.k, cfg.temperature,
-                    cfg.depth, cfg.autocast, timings=timings)
-    accelerator.print(f"kNN k={cfg.k} T={cfg.temperature} {cfg.arch} {cfg.ckpt or '(random init)'}, "
+    calib = fixed_calibration_batches(cfg.data_path, dataset, cfg.bank_subset, cfg.calib_images, cfg.batch_size,
+                                      cfg.seed, cfg.num_workers)
+    bank_p, test_p = _Progress(bank_loader, not is_main), _Progress(test_loader, not is_main)
+    accelerator.print(f"kNN T={cfg.temperature} k={cfg.k} on {dataset} ({cfg.data_path}): "
+                      f"{ckpt['arch']} {cfg.ckpt + (' (teacher)' if cfg.teacher else '') or '(random init, seed %d)' % cfg.seed}, "
                       f"{accelerator.num_processes} process(es)")
-    for w, acc in top1.items():
-        accelerator.print(f"width {w:.3f}  top-1 {100 * acc:.2f}%")
-    accelerator.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    return top1
+    main_k, size = cfg.k[-1], 32 if dataset.startswith("cifar") else 224
+    results, timings = {}, {}
+    for name, w, depth in nets:
+        bank_p.desc, test_p.desc = f"{name} bank", f"{name} test"
+        details = {}
+        knn_eval(model, bank_p, test_p, calib, [w], device, k=main_k, temperature=cfg.temperature, depth=depth,
+                 autocast=cfg.autocast, timings=timings, ks=cfg.k, details=details)
+        params, macs = profile(model, w, depth, input_size=size)
+        d = details[w]
+        results[name] = {"top1": d["top1_k"][main_k], "top5": d["top5_k"][main_k], "params": params, "macs": macs,
+                         "width": w, "depth": depth, "top1_k": {str(k): d["top1_k"][k] for k in cfg.k},
+                         "top5_k": {str(k): d["top5_k"][k] for k in cfg.k}}
+    if is_main:
+        head = f"{'network':>16} {'params (M)':>10} {'MMACs':>8} " + " ".join(f"{'k=%d' % k:>7}" for k in cfg.k)
+        print(f"{head} {'top-5':>7}   (top-1 % per k; top-5 at k={main_k}; MACs at {size} px)")
+        for name, r in results.items():
+            print(f"{name:>16} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>8.1f} "
+                  + " ".join(f"{100 * r['top1_k'][str(k)]:>7.2f}" for k in cfg.k) + f" {100 * r['top5']:>7.2f}")
+        print("seconds: " + ", ".join(f"{key} {v:.1f}" for key, v in timings.items()))
+        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        plot(results, os.path.join(cfg.out_dir, "knn.png"), main_k)
+        print(f"wrote {cfg.out_dir}/results.json, knn.png")
+    accelerator.end_training()
+    return results
 
 
 if __name__ == "__main__":

@@ -68,8 +68,12 @@ def test_knn_eval_tiny_resnet(cifar_small):
     assert torch.equal(idx, torch.arange(30)) and torch.equal(labels, torch.as_tensor(test.dataset.labels))
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    acc = knn_eval(model, bank, test, calib, [1.0, 0.25], torch.device("cpu"), k=20)
+    details = {}
+    acc = knn_eval(model, bank, test, calib, [1.0, 0.25], torch.device("cpu"), k=20, ks=[5, 20], details=details)
     assert set(acc) == {1.0, 0.25} and all(0.0 <= a <= 1.0 for a in acc.values())
+    for w in acc:  # more k from the same search: k=20's row is the plain result
+        assert details[w]["top1_k"][20] == acc[w] and set(details[w]["top5_k"]) == {5, 20}
+        assert all(details[w]["top5_k"][k] >= details[w]["top1_k"][k] for k in (5, 20))
     assert model.training and all(m.width == 1.0 for m in model.modules() if isinstance(m, SlimConv2d))
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())

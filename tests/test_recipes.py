@@ -14,6 +14,7 @@ from utils import parse_config
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
                 "vit_tiny_cifar10"]
+LINEAR_RECIPES = ["linear_cifar", "linear_in"]  # eval_linear.py; loaded in tests/test_linear.py
 
 
 @pytest.mark.parametrize("name", US3L_RECIPES)
@@ -23,7 +24,7 @@ def test_us3l_recipe_loads(name):
 
 
 def test_every_recipe_has_a_test():
-    assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES)
+    assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES + LINEAR_RECIPES)
 
 
 def readme_commands():

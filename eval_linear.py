@@ -1,0 +1,418 @@
+"""Linear evaluation of a slimmable backbone at every requested width (DESIGN section 8), and the
+semi-supervised protocol (1% / 10% of the training labels).
+
+Per width: BN statistics are recalibrated exactly for that sub-network (models.calibrate_bn) on
+training images with the eval transform, the backbone stays frozen and in eval mode, and a linear
+classifier is trained on its pooled features. Two modes:
+
+- `cached` (default; CIFAR scale): extract the features of the (labeled) training images and of the
+  test images once per width, then train the head on the cached features: mini-batch SGD with
+  momentum 0.9 (Nesterov) and a cosine lr for `epochs` passes; seconds on a CPU.
+- `augment`: the papers' protocol (MoCo v3 / DINO style): each step augments a batch on the fly
+  (CIFAR: RandomCrop(32, pad 4) + flip; ImageNet: RandomResizedCrop(224) + flip), runs the frozen
+  backbone under no_grad and takes an SGD step on the head; `epochs` = 100 in the recipes
+  yaml/linear_cifar.yaml and yaml/linear_in.yaml. Slow on a CPU.
+
+The head is BatchNorm1d(affine=False) + Linear (as MoCo v3 and MAE): the BN standardizes the
+features, so one learning rate suits every width and architecture whatever the feature scale.
+In cached mode its statistics are the exact mean / variance of the cached training features (set
+once, the BN then stays in eval mode: a fixed standardization); in augment mode it runs with batch
+statistics during training. Features are NOT L2-normalized (unlike kNN).
+
+Semi-supervised: --label_fraction=0.01 (or 0.1) keeps a class-balanced seeded subset of the
+training labels (data.subset_indices); --label_list=FILE keeps the images it lists, one per line:
+a path relative to the train split folder (`n01440764/n01440764_10026.JPEG`), a bare file name
+(`n01440764_10026.JPEG`, SimCLR's ImageNet 1% / 10% lists) or an integer index into the train
+split. BN calibration uses training images with or without labels (it needs none).
+
+Under N processes the features are gathered and deduplicated by sample index, every rank trains
+the same head on the same data with the same seed, and rank 0's head is broadcast (bit-equal heads
+on every rank). The backbone's parameters are compared with a copy at the end: any change raises.
+
+    python eval_linear.py --ckpt=out/run/backbone.pt --widths=1.0,0.5,0.25 --out_dir=out/run/linear
+    python eval_linear.py --ckpt=out/run/backbone.pt --teacher --label_fraction=0.1 --out_dir=out/run/lin10
+    python eval_linear.py --arch=resnet18_cifar --widths=1.0,0.25 --train_subset=10000   # random init
+    python eval_linear.py --config yaml/linear_cifar.yaml --ckpt=out/run/backbone.pt        # paper recipe
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval_linear.py ...  # CPU, 2 procs
+    accelerate launch eval_linear.py --config yaml/linear_in.yaml --ckpt=... --data_path=DIR
+
+Outputs in out_dir: config.yaml, results.json {"<width>": {"top1", "top5", "params", "macs"}}
+(accuracies in [0, 1]; params / MACs of the backbone sub-network, head excluded), linear.png.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
+from eval_knn import calibration_batches
+from models import ARCHS, calibrate_bn, load_backbone, profile, set_active
+from utils import parse_config, save_config
+
+
+@dataclass
+class Config:
+    ckpt: str = ""  # backbone.pt written by train_us3l.py; empty = random init of --arch (a baseline)
+    teacher: bool = False  # evaluate the checkpoint's EMA teacher instead of the online backbone
+    arch: str = "resnet18_cifar"  # models.ARCHS key, used without --ckpt (a checkpoint names its own)
+    data_path: str = "data/cifar10"  # see data.py; `python data.py extract-cifar10` makes this one
+    dataset: str = ""  # cifar10 | cifar100 | imagenet (normalization, transforms); empty = the ckpt's, else cifar10
+    widths: list[float] | None = None  # evaluated widths; None = the ckpt's list, else [1.0, 0.5, 0.25]
+    depth: list[int] | None = None  # per-stage blocks (DSPNet ResNets); None = full depth
+    mode: str = "cached"  # cached: head on cached features (fast) | augment: on-the-fly augmentation (papers)
+    label_fraction: float = 0.0  # semi-supervised: 0.01 or 0.1 of the training labels (class-balanced); 0 = all
+    label_list: str = ""  # semi-supervised: file listing the labeled training images (paths or indices)
+    train_subset: int = 0  # class-balanced subset of the train split (before label_fraction), 0 = all
+    test_subset: int = 0  # class-balanced subset of the test split, 0 = all
+    epochs: int = 100  # head training passes over the labeled images (papers: 100, augment mode)
+    batch_size: int = 256  # head batch (cached: the same on every rank; augment: per process) and extraction batch
+    base_lr: float = 0.1  # lr = base_lr * global batch / 256, cosine to 0; features are standardized by the head's BN
+    momentum: float = 0.9  # SGD (Nesterov) momentum of the head
+    weight_decay: float = 0.0  # head weight decay (MAE/MoCo v3 linear probes: 0); try 5e-4 with 1% labels
+    calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), from the training pool
+    num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
+    autocast: bool = True  # bf16 autocast for the backbone where supported (CPU too); features stay fp32
+    seed: int = 0  # subsets, label fractions, calibration images, head init and data order
+    out_dir: str = "out/linear"  # config.yaml, results.json, linear.png
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device, enabled):
+    ok = enabled and torch.amp.is_autocast_available(device.type)
+    if ok and device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
+
+
+def _gather(t):
+    """all_gather of a (n, ...) tensor whose n differs by rank, concatenated in rank order."""
+    if _world()[1] == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    ns = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(ns, n)
+    ns = [int(k) for k in ns]
+    pad = torch.cat([t, t.new_zeros((max(ns) - t.shape[0], *t.shape[1:]))])
+    out = [torch.empty_like(pad) for _ in ns]
+    dist.all_gather(out, pad)
+    return torch.cat([o[:k] for o, k in zip(out, ns)])
+
+
+@torch.no_grad()
+def extract(model, loader, device, autocast=True, desc="extract"):
+    """(features (N, D) float32, labels (N,), indices (N,)) of the loader's (x, y, idx) batches,
+    gathered over processes and sorted by sample index (each sample once). Unlike
+    eval_knn.extract_features the features are raw, not L2-normalized. Every rank needs a non-empty
+    shard (the feature size comes from it)."""
+    was_training = model.training
+    model.eval()
+    feats, labels, idxs = [], [], []
+    try:
+        with _autocast(device, autocast):
+            for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=_world()[0] != 0):
+                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                feats.append(model(x).float())
+                labels.append(y.to(device))
+                idxs.append(idx.to(device))
+    finally:
+        model.train(was_training)
+    feats, labels, idxs = _gather(torch.cat(feats)), _gather(torch.cat(labels)), _gather(torch.cat(idxs))
+    order = torch.argsort(idxs, stable=True)
+    keep = torch.ones_like(order, dtype=torch.bool)
+    keep[1:] = idxs[order][1:] != idxs[order][:-1]  # padded duplicates are the same sample: keep one
+    order = order[keep]
+    return feats[order], labels[order], idxs[order]
+
+
+def make_head(dim, num_classes):
+    """BN without affine (a standardization of the features) + Linear, as MoCo v3 / MAE."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+    nn.init.normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def _sgd(head, lr, momentum, weight_decay):
+    return torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0,
+                           weight_decay=weight_decay)
+
+
+def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1, momentum=0.9,
+                      weight_decay=0.0, seed=0):
+    """A linear head trained on cached features x (N, D) with labels y (N,): mini-batch SGD, cosine
+    lr from base_lr * batch / 256, a seeded shuffle per epoch. Deterministic for a given seed, so
+    every rank trains the same head. The head's BN holds the exact training mean / variance."""
+    torch.manual_seed(seed)
+    head = make_head(x.shape[1], num_classes).to(x.device)
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    head[0].running_mean.copy_(mean)
+    head[0].running_var.copy_(var)
+    head.eval()  # the BN is a fixed standardization from here on
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, x.shape[0])
+    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
+    total, lr = epochs * steps_per_epoch, base_lr * batch_size / 256
+    opt = _sgd(head, lr, momentum, weight_decay)
+    # NOTE: the ops are tiny ((256, 512) x (512, 10)): on a CPU one thread is faster, and far faster
+    # on a busy machine. 20 epochs of 10k x 512 features, 2 cores with other jobs running (load 6):
+    # 18.8 s with 2 threads, 0.68 s with 1, same head.
+    threads, step = torch.get_num_threads(), 0
+    if x.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for _ in tqdm(range(epochs), desc="head", leave=False, disable=_world()[0] != 0):
+            perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+            for i in range(0, x.shape[0], batch_size):
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                b = perm[i:i + batch_size]
+                loss = F.cross_entropy(head(x[b]), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+    finally:
+        torch.set_num_threads(threads)
+    return head
+
+
+def augment_transform(dataset):
+    """The linear-eval augmentation: CIFAR RandomCrop(32, padding 4) + flip; ImageNet
+    RandomResizedCrop(224) + flip (MoCo v3, DINO)."""
+    mean, std = MEAN_STD[dataset]
+    crop = T.RandomCrop(32, padding=4) if dataset.startswith("cifar") else T.RandomResizedCrop(224)
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
+    """The papers' protocol: augmented batches through the frozen backbone (eval mode, no_grad),
+    SGD on the head, `cfg.epochs` epochs. Views are a function of (seed, epoch, index)
+    (data.SeededViews), so a given global batch size (batch_size x processes) sees the same batches
+    under any process count; the features of a step are all-gathered so every rank takes the same
+    head step. `dataset`: the labeled training images with augment_transform."""
+    rank, world = _world()
+    backbone.eval()  # calibrated BN statistics, never batch statistics
+    torch.manual_seed(cfg.seed)
+    head = make_head(dim, num_classes).to(device).train()
+    n = len(dataset)
+    steps_per_epoch = EpochSampler(n, cfg.batch_size, 0, world=world).steps()
+    if steps_per_epoch == 0:
+        raise ValueError(f"augment mode: {n} labeled images make no full global batch of "
+                         f"{cfg.batch_size} x {world}: lower --batch_size")
+    total, lr = cfg.epochs * steps_per_epoch, cfg.base_lr * cfg.batch_size * world / 256
+    opt = _sgd(head, lr, cfg.momentum, cfg.weight_decay)
+    views, step = SeededViews(dataset, cfg.seed), 0
+    bar = tqdm(total=total, desc="head (augment)", leave=False, disable=rank != 0)
+    for epoch in range(cfg.epochs):
+        sampler = EpochSampler(n, cfg.batch_size, epoch, seed=cfg.seed, rank=rank, world=world)
+        loader = DataLoader(views, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
+        for x, y, _ in loader:
+            with torch.no_grad(), _autocast(device, cfg.autocast):
+                f = backbone(x.to(device).contiguous(memory_format=torch.channels_last)).float()
+            f, y = _gather(f), _gather(y.to(device))  # (B, D) per rank -> (B * world, D), same on all ranks
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update()
+    bar.close()
+    return head.eval()
+
+
+@torch.no_grad()
+def accuracy(head, x, y):
+    """(top-1, top-5) in [0, 1] of the head on features x (N, D)."""
+    head.eval()
+    top = head(x).topk(min(5, head[1].out_features), dim=1).indices  # (N, 5)
+    hit = top == y[:, None]
+    return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item()
+
+
+def read_label_list(path, ds):
+    """Sorted unique train-split indices of the images listed in `path`, one per line: an integer
+    index, a path relative to the split folder, or a bare file name (unique in the split). Blank
+    lines and `#` comments are skipped. Unmatched lines raise ValueError naming them."""
+    lines = [line.split("#")[0].strip() for line in Path(path).read_text().splitlines()]
+    lines = [line for line in lines if line]
+    samples = getattr(ds.base, "samples", None)  # ImageFolder: [(path, label)], in ds.indices order
+    by_rel, by_name = {}, {}
+    if samples is not None:
+        root = Path(ds.base.root)
+        for i, j in enumerate(ds.indices):
+            p = Path(samples[j][0])
+            by_rel[p.relative_to(root).as_posix()] = i
+            by_name[p.name] = i if p.name not in by_name else -1  # -1: ambiguous bare name
+    out, bad = [], []
+    for line in lines:
+        key = line.replace("\\", "/").removeprefix("./")
+        if line.isdigit() and int(line) < len(ds):
+            out.append(int(line))
+        elif key in by_rel:
+            out.append(by_rel[key])
+        elif "/" not in key and by_name.get(key, -1) >= 0:  # a bare name, unique in the split
+            out.append(by_name[key])
+        else:
+            bad.append(line)
+    if bad:
+        why = "" if samples is not None else " (this source has no image paths: use integer indices)"
+        ambiguous = [b for b in bad if by_name.get(b) == -1]
+        if ambiguous:
+            why += f" ({len(ambiguous)} bare file names in several class folders, e.g. {ambiguous[0]!r}: give class/name)"
+        raise ValueError(f"{path}: {len(bad)} of {len(lines)} lines match no training image of {len(ds)}{why}, "
+                         f"e.g. {bad[:5]}")
+    return np.unique(np.asarray(out, dtype=np.int64))
+
+
+def labeled_indices(ds, cfg):
+    """(pool, labeled): train-split indices of the unlabeled pool (BN calibration) and of the images
+    whose labels the head sees."""
+    pool = subset_indices(ds.labels, cfg.train_subset, cfg.seed) if cfg.train_subset else np.arange(len(ds))
+    if cfg.label_list and (cfg.label_fraction or cfg.train_subset):
+        raise ValueError("--label_list excludes --label_fraction and --train_subset")
+    if cfg.label_list:
+        return pool, read_label_list(cfg.label_list, ds)
+    if cfg.label_fraction:
+        if not 0 < cfg.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {cfg.label_fraction}")
+        n = max(1, round(cfg.label_fraction * len(pool)))
+        return pool, pool[subset_indices(ds.labels[pool], n, cfg.seed)]
+    return pool, pool
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = sorted(results, key=float)
+    top1 = [100 * results[w]["top1"] for w in ws]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    mmacs = [results[w]["macs"] / 1e6 for w in ws]
+    axes[0].plot(mmacs, top1, "o-")
+    axes[0].set(xlabel="MMACs (log scale)", ylabel="linear top-1 (%)", xscale="log")
+    axes[0].minorticks_off()
+    axes[0].set_xticks(mmacs, [f"{m:.3g}" for m in mmacs])
+    axes[0].margins(x=0.15, y=0.15)
+    axes[1].plot([float(w) for w in ws], top1, "o-")
+    axes[1].set(xlabel="width", ylabel="linear top-1 (%)")
+    for w, a in zip(ws, top1):
+        axes[0].annotate(f"{float(w):g}x", (results[w]["macs"] / 1e6, a), textcoords="offset points", xytext=(5, 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(cfg, backbone=None):
+    """results {"<width>": {...}}. backbone: evaluate this module instead of loading --ckpt / --arch
+    (tests, notebooks); its parameters must come out unchanged."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
+    device, (rank, world) = accelerator.device, _world()
+    if cfg.mode not in ("cached", "augment"):
+        raise ValueError(f"mode must be cached or augment, got {cfg.mode!r}")
+    torch.manual_seed(cfg.seed)  # a random-init baseline must be the same network on every rank
+    if backbone is not None:
+        arch, dataset, widths = type(backbone).__name__, cfg.dataset or "cifar10", cfg.widths or [1.0, 0.5, 0.25]
+    elif cfg.ckpt:
+        backbone, ckpt = load_backbone(cfg.ckpt, teacher=cfg.teacher)
+        arch, dataset = ckpt["arch"], cfg.dataset or ckpt.get("config", {}).get("dataset", "cifar10")
+        widths = cfg.widths or ckpt.get("widths") or [1.0, 0.5, 0.25]
+    else:
+        backbone, arch, dataset, widths = ARCHS[cfg.arch](), cfg.arch, cfg.dataset or "cifar10", cfg.widths
+        widths = widths or [1.0, 0.5, 0.25]
+    backbone = backbone.to(device).requires_grad_(False).eval()
+    before = _params(backbone)
+    if accelerator.is_main_process:
+        save_config(cfg, cfg.out_dir)
+
+    # data: the train split with the eval transform (features, calibration), sharded by rank
+    train = build_dataset(cfg.data_path, "train", eval_transform(dataset), return_index=True)
+    test = build_dataset(cfg.data_path, "test", eval_transform(dataset), subset=cfg.test_subset,
+                         subset_seed=cfg.seed, return_index=True)
+    pool, labeled = labeled_indices(train, cfg)
+    num_classes = train.num_classes
+
+    def shard(ds, idx):
+        return DataLoader(Subset(ds, np.asarray(idx)[rank::world].tolist()), batch_size=cfg.batch_size,
+                          num_workers=cfg.num_workers)
+
+    calib = calibration_batches(shard(train, pool), cfg.calib_images, cfg.seed)
+    train_loader, test_loader = shard(train, labeled), shard(test, np.arange(len(test)))
+    counts = np.bincount(train.labels[labeled], minlength=num_classes)
+    head_lr = cfg.base_lr * cfg.batch_size * (world if cfg.mode == "augment" else 1) / 256  # printed, not stored
+    accelerator.print(f"linear eval ({cfg.mode}) of {arch} {cfg.ckpt or '(random init)'}"
+                      f"{' teacher' if cfg.teacher else ''} on {dataset}: {len(labeled)} labeled training images "
+                      f"({counts.min()}-{counts.max()} per class), pool {len(pool)}, {len(test)} test images, "
+                      f"{world} process(es); head lr {head_lr:g}")
+
+    results, input_size = {}, 32 if dataset.startswith("cifar") else 224
+    for w in widths:
+        t0 = time.perf_counter()
+        with _autocast(device, cfg.autocast):  # statistics of the network as it will run
+            calibrate_bn(backbone, calib, w, cfg.depth, all_reduce=world > 1)
+        backbone.eval()
+        t1 = time.perf_counter()
+        test_x, test_y, _ = extract(backbone, test_loader, device, cfg.autocast, desc=f"test {w:g}x")
+        if cfg.mode == "cached":
+            train_x, train_y, _ = extract(backbone, train_loader, device, cfg.autocast, desc=f"train {w:g}x")
+            t2 = time.perf_counter()
+            head = train_head_cached(train_x, train_y, num_classes, cfg.epochs, cfg.batch_size, cfg.base_lr,
+                                     cfg.momentum, cfg.weight_decay, cfg.seed)
+        else:
+            t2 = time.perf_counter()
+            aug = build_dataset(cfg.data_path, "train", augment_transform(dataset), return_index=True)
+            head = train_head_augment(backbone, Subset(aug, labeled.tolist()), num_classes, test_x.shape[1],
+                                      device, cfg)
+        if world > 1:  # the ranks trained the same head; broadcast makes it bit-equal
+            for t in head.state_dict().values():
+                dist.broadcast(t, 0)
+        t3 = time.perf_counter()
+        top1, top5 = accuracy(head, test_x, test_y)
+        params, macs = profile(backbone, w, cfg.depth, input_size)  # NOTE: resets the width to 1.0
+        results[f"{w}"] = {"top1": top1, "top5": top5, "params": params, "macs": macs, "dim": test_x.shape[1],
+                           "seconds": {"calibrate": t1 - t0, "extract": t2 - t1, "train_head": t3 - t2}}
+        accelerator.print(f"width {w:g}: top-1 {100 * top1:.2f}%  seconds: calibrate {t1 - t0:.1f}, "
+                          f"extract {t2 - t1:.1f}, head {t3 - t2:.1f}")
+    set_active(backbone, 1.0)
+    if any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters())):
+        raise RuntimeError("linear evaluation changed the backbone's parameters")
+
+    accelerator.print(f"\n{'width':>6} {'params (M)':>10} {'MMACs':>8} {'top-1':>7} {'top-5':>7}")
+    for w, r in results.items():
+        accelerator.print(f"{float(w):>6g} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>8.1f} "
+                          f"{100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}%")
+    if accelerator.is_main_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        plot(results, os.path.join(cfg.out_dir, "linear.png"))
+    accelerator.wait_for_everyone()
+    return results
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,104 @@
+"""eval_knn.py as a command: results.json schema and plot for a random-init network and for a
+backbone.pt checkpoint (widths and DSPNet dns), clear errors, and 2 processes giving 1 process's
+numbers (the calibration set is the same batches for any process count)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_knn
+from models import ARCHS
+from utils import ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--bank_subset=60", "--test_subset=30", "--calib_images=40", "--batch_size=20", "--k=5,20"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """NOTE: on the shared 2-core machine, 1 thread ran the in-process tests 3x faster than 2."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(args, env=None, launcher=None):
+    cmd = (launcher or [sys.executable]) + [str(REPO / "eval_knn.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+
+
+def check_results(out_dir, names, ks=("5", "20")):
+    res = json.loads((out_dir / "results.json").read_text())
+    assert list(res) == names
+    for r in res.values():
+        assert {"top1", "top5", "params", "macs", "top1_k"} <= set(r)
+        assert set(r["top1_k"]) == set(ks) and r["top1"] == r["top1_k"][ks[-1]]
+        assert all(0.0 <= a <= 1.0 for a in [r["top1"], r["top5"], *r["top1_k"].values()])
+        assert r["top5"] >= r["top1"] and r["params"] > 0 and r["macs"] > 0
+    assert (out_dir / "knn.png").stat().st_size > 1000 and (out_dir / "config.yaml").is_file()
+    return res
+
+
+def test_random_init(cifar_small, tmp_path):
+    p = run(["--arch=resnet18_cifar", "--widths=1.0,0.25", f"--data_path={cifar_small}", f"--out_dir={tmp_path}",
+             *FAST])
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = check_results(tmp_path, ["1.0", "0.25"])
+    assert res["0.25"]["macs"] < res["1.0"]["macs"] / 10  # profiled at 32 px: 555 vs 35 MMACs
+    assert "1 process(es)" in p.stdout and "k=20" in p.stdout
+
+
+def make_ckpt(path, arch="resnet18_cifar", **extra):
+    torch.manual_seed(1)
+    sd = ARCHS[arch]().state_dict() if arch in ARCHS else {}
+    torch.save({"arch": arch, "backbone": sd, "teacher": sd, "widths": [1.0, 0.5], "width_min": 0.5, "step": 0,
+                "config": {"data_path": "unused", "dataset": "cifar10"}, **extra}, path)
+
+
+def main(argv):  # in-process: no interpreter start-up and imports (about 4 s a run here)
+    return eval_knn.main(parse_config(eval_knn.Config, argv))
+
+
+def test_checkpoint_widths_and_dns(cifar_small, tmp_path):
+    make_ckpt(tmp_path / "backbone.pt")
+    main([f"--ckpt={tmp_path / 'backbone.pt'}", "--teacher", f"--data_path={cifar_small}",
+          f"--out_dir={tmp_path / 'a'}", *FAST])
+    check_results(tmp_path / "a", ["1.0", "0.5"])  # the checkpoint's default widths
+    make_ckpt(tmp_path / "dsp.pt", dns=[{"width": 2 / 3, "depth": [1, 1, 1, 1]}, {"width": 1.0, "depth": [2, 2, 2, 2]}])
+    main([f"--ckpt={tmp_path / 'dsp.pt'}", f"--data_path={cifar_small}", f"--out_dir={tmp_path / 'b'}", *FAST])
+    res = check_results(tmp_path / "b", ["w0.667_d1-1-1-1", "w1_d2-2-2-2"])
+    assert res["w0.667_d1-1-1-1"]["macs"] < res["w1_d2-2-2-2"]["macs"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt=/nonexistent/backbone.pt"], "checkpoint not found: /nonexistent/backbone.pt"),
+    (["--ckpt={tmp}/bad.pt"], "has arch 'resnet999'"),
+    (["--arch=resnet18_cifar", "--widths=1.0,1.5"], "widths must lie in (0, 1], got [1.5]"),
+    (["--arch=resnet18_cifar", "--widths=0"], "widths must lie in (0, 1], got [0.0]"),
+    ([], "give --ckpt, or --arch"),
+])
+def test_clear_errors(tmp_path, args, message):
+    make_ckpt(tmp_path / "bad.pt", arch="resnet999")
+    with pytest.raises(ConfigError) as e:  # a SystemExit: one line, no traceback
+        main([a.format(tmp=tmp_path) for a in args] + [f"--out_dir={tmp_path}"])
+    assert message in str(e.value)
+
+
+def test_two_processes_equal_one(cifar_small, tmp_path):
+    args = ["--arch=resnet18_cifar", "--widths=1.0,0.5", f"--data_path={cifar_small}", "--autocast=false", *FAST]
+    one = run(args + [f"--out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "29533"]
+    two = run(args + [f"--out_dir={tmp_path / 'two'}"], env={"ACCELERATE_USE_CPU": "true"}, launcher=launch)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    ref, got = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert got == ref

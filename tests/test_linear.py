@@ -1,0 +1,186 @@
+"""eval_linear.py: the head separates separable features, the backbone is never changed, label
+fractions are class-balanced and reproducible, label lists parse (and name what they cannot match),
+the recipes load, and the CLI writes results.json and the plot (1 and 2 processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval_linear
+from data import build_dataset
+from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
+from models import BasicBlock, ResNet
+from utils import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_head_separable_features():
+    """Separable classes, far from the origin and badly scaled: the standardizing head gets 100%."""
+    g = torch.Generator().manual_seed(0)
+    C, D = 10, 32
+    y, y_test = torch.arange(500) % C, torch.arange(200) % C
+    scale = torch.logspace(-2, 2, D)  # per-feature scales over 4 decades: the BN standardization handles them
+
+    def feats(labels):
+        return (F.one_hot(labels, D).float() + 0.1 * torch.randn(len(labels), D, generator=g)) * scale + 50.0
+
+    x, x_test = feats(y), feats(y_test)
+    head = train_head_cached(x, y, C, epochs=10, batch_size=64, base_lr=0.1)
+    assert accuracy(head, x, y) == (1.0, 1.0)
+    assert accuracy(head, x_test, y_test) == (1.0, 1.0)
+    # deterministic: the same seed trains the same head (every rank trains it under N processes)
+    again = train_head_cached(x, y, C, epochs=10, batch_size=64, base_lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
+
+
+def tiny_cfg(data, out, **over):
+    cfg = Config(data_path=str(data), out_dir=str(out), widths=[1.0, 0.5], epochs=3, batch_size=50,
+                 calib_images=40, autocast=False)
+    return replace(cfg, **over)
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return ResNet(BasicBlock, [1, 1, 1, 1], widths=(8, 16, 32, 64), stem="cifar")
+
+
+def test_backbone_unchanged_and_guarded(cifar_small, tmp_path, monkeypatch):
+    model = tiny_resnet()
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    res = eval_linear.main(tiny_cfg(cifar_small, tmp_path / "a"), backbone=model)
+    assert set(res) == {"1.0", "0.5"} and res["0.5"]["dim"] == 32
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+    # the check at the end catches a backbone that changed during the evaluation
+    real = eval_linear.train_head_cached
+
+    def tampering(*args, **kw):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(eval_linear, "train_head_cached", tampering)
+    with pytest.raises(RuntimeError, match="changed the backbone"):
+        eval_linear.main(tiny_cfg(cifar_small, tmp_path / "b"), backbone=model)
+
+
+def test_augment_mode_few_steps(cifar_small, tmp_path):
+    """The papers' protocol runs (1 epoch of 4 augmented batches here) and leaves the backbone be."""
+    model = tiny_resnet()
+    params = [p.clone() for p in model.parameters()]
+    res = eval_linear.main(tiny_cfg(cifar_small, tmp_path, mode="augment", epochs=1, widths=[0.5]), backbone=model)
+    assert 0 <= res["0.5"]["top1"] <= res["0.5"]["top5"] <= 1
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+class Labels:  # labeled_indices needs only .labels and len()
+    def __init__(self, labels):
+        self.labels = np.asarray(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_label_fraction_balanced_and_reproducible():
+    ds = Labels(np.repeat(np.arange(10), 500))  # 5000 images, 500 per class, sorted by class
+    cfg = Config(label_fraction=0.01)
+    pool, lab = labeled_indices(ds, cfg)
+    assert len(pool) == 5000 and len(lab) == 50
+    assert np.bincount(ds.labels[lab]).tolist() == [5] * 10  # class-balanced
+    assert np.array_equal(lab, labeled_indices(ds, cfg)[1])  # reproducible
+    other = labeled_indices(ds, replace(cfg, seed=1))[1]
+    assert not np.array_equal(lab, other) and np.bincount(ds.labels[other]).tolist() == [5] * 10
+    # a fraction of a train subset stays inside the subset
+    pool, lab = labeled_indices(ds, replace(cfg, label_fraction=0.1, train_subset=1000))
+    assert len(pool) == 1000 and len(lab) == 100 and set(lab) <= set(pool)
+    assert np.bincount(ds.labels[lab]).tolist() == [10] * 10
+    with pytest.raises(ValueError, match="label_fraction"):
+        labeled_indices(ds, replace(cfg, label_fraction=1.5))
+
+
+def test_label_list(cifar_small, tmp_path):
+    ds = build_dataset(cifar_small, "train")
+    root = Path(ds.base.root)
+    rel = [Path(p).relative_to(root).as_posix() for p, _ in ds.base.samples]
+    f = tmp_path / "list.txt"
+    f.write_text(f"# a list\n{rel[3]}\n./{rel[40]}\n\n{rel[77]}\n12\n{rel[3]}\n")
+    assert read_label_list(f, ds).tolist() == [3, 12, 40, 77]  # sorted, duplicates once
+    f.write_text(f"{rel[0]}\nno_such_class/0001.jpg\n{len(ds)}\n")
+    with pytest.raises(ValueError, match=r"2 of 3 lines.*no_such_class/0001.jpg"):
+        read_label_list(f, ds)
+    # CIFAR's file names repeat across class folders: a bare name is ambiguous, and said to be
+    f.write_text(f"{Path(rel[0]).name}\n")
+    with pytest.raises(ValueError, match="several class folders"):
+        read_label_list(f, ds)
+    # via the config: the labeled images are the listed ones, the pool is the whole train split
+    f.write_text("0\n1\n2\n")
+    pool, lab = labeled_indices(ds, Config(label_list=str(f)))
+    assert lab.tolist() == [0, 1, 2] and len(pool) == len(ds)
+    with pytest.raises(ValueError, match="excludes"):
+        labeled_indices(ds, Config(label_list=str(f), label_fraction=0.1))
+
+
+def test_label_list_simclr_names(tmp_path):
+    """SimCLR's ImageNet lists hold bare file names (n01440764_10026.JPEG), unique in the split."""
+    from PIL import Image
+
+    for wnid in ("n01440764", "n01443537"):
+        for k in (10026, 10027):
+            (tmp_path / "train" / wnid).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / "train" / wnid / f"{wnid}_{k}.JPEG", format="JPEG")
+    ds = build_dataset(tmp_path, "train")
+    f = tmp_path / "1percent.txt"
+    f.write_text("n01440764_10027.JPEG\nn01443537_10026.JPEG\n")
+    assert read_label_list(f, ds).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["linear_cifar", "linear_in"])
+def test_linear_recipe_loads(name):
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / f"{name}.yaml")])
+    assert cfg.mode == "augment" and cfg.epochs == 100
+
+
+def run_cli(data, out, launcher=(), env=None, **over):
+    args = {"arch": "resnet18_cifar", "data_path": data, "out_dir": out, "widths": "1.0,0.25", "epochs": 5,
+            "batch_size": 100, "calib_images": 50, "test_subset": 50, **over}
+    cmd = [*launcher, "eval_linear.py", *[f"--{k}={v}" for k, v in args.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if launcher[1:] else "2", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def check_outputs(out, stdout, processes):
+    assert f"{processes} process(es)" in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"1.0", "0.25"}
+    for r in res.values():
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and isinstance(r["params"], int) and isinstance(r["macs"], int)
+    assert res["1.0"]["macs"] > res["0.25"]["macs"] > 0 and res["1.0"]["params"] > res["0.25"]["params"]
+    assert (out / "linear.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "config.yaml").is_file()
+    return res
+
+
+def test_cli_random_init(cifar_small, tmp_path):
+    p = run_cli(cifar_small, tmp_path / "run", launcher=[sys.executable], label_fraction=0.5)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_outputs(tmp_path / "run", p.stdout, 1)
+    assert "100 labeled training images (10-10 per class)" in p.stdout
+    assert "top-1" in p.stdout and "MMACs" in p.stdout
+
+
+def test_cli_two_cpu_processes(cifar_small, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29531"]
+    p = run_cli(cifar_small, tmp_path / "run", launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    check_outputs(tmp_path / "run", p.stdout, 2)
+    assert "200 labeled training images" in p.stdout and "50 test images" in p.stdout
