@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
-from eval_knn import calibration_batches
+from eval_knn import _autocast, _world, calibration_batches  # one definition of each, shared
 from models import ARCHS, calibrate_bn, load_backbone, profile, set_active
 from utils import parse_config, save_config
 
@@ -87,19 +87,6 @@ class Config:
     autocast: bool = True  # bf16 autocast for the backbone where supported (CPU too); features stay fp32
     seed: int = 0  # subsets, label fractions, calibration images, head init and data order
     out_dir: str = "out/linear"  # config.yaml, results.json, linear.png
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _autocast(device, enabled):
-    ok = enabled and torch.amp.is_autocast_available(device.type)
-    if ok and device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
 
 
 def _gather(t):
