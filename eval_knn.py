@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from data import build_dataset, eval_transform
 from models import ARCHS, SlimBatchNorm2d, calibrate_bn, profile, set_active
-from utils import ConfigError, parse_config, save_config
+from utils import ConfigError, run, save_config
 
 
 def _world():
@@ -465,4 +465,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

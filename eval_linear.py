@@ -60,7 +60,7 @@ from tqdm import tqdm
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
 from eval_knn import _autocast, _world, calibration_batches  # one definition of each, shared
 from models import ARCHS, calibrate_bn, load_backbone, profile, set_active
-from utils import parse_config, save_config
+from utils import run, save_config
 
 
 @dataclass
@@ -401,5 +401,6 @@ def main(cfg, backbone=None):
     accelerator.wait_for_everyone()
     return results
 
+
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

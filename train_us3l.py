@@ -38,7 +38,7 @@ import losses
 from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, projection_mlp, set_active
-from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, parse_config, save_config,
+from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, run, save_config,
                    warmup_cosine)
 
 
@@ -355,4 +355,4 @@ def forward_backward(student, teacher, x, widths, cfg, autocast, log=False):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

@@ -63,6 +63,18 @@ class ConfigError(SystemExit):
 T = typing.TypeVar("T")
 
 
+def run(main, cls: type) -> None:
+    """Entry point of every script: `run(main, Config)` parses the config and calls main(cfg). However
+    main ends, the process group is torn down first, so a rank that stops on an error (e.g. a
+    non-finite loss, raised on every rank by check_finite) exits with that error and its traceback,
+    not with an abort from the communication threads ("terminate called without an active exception")."""
+    try:
+        main(parse_config(cls))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
     """Build a `cls` instance from its defaults, `--config FILE.yaml` and `--key=value` overrides
     (argv defaults to sys.argv[1:]). `--help` prints the fields and exits."""

@@ -171,20 +171,26 @@ def test_log_jsonl(tmp_path):
 # --- two processes ---------------------------------------------------------------------------------
 
 TWO_PROC = textwrap.dedent("""
-    import sys, torch
+    import dataclasses, torch
     from accelerate import Accelerator
     from torch import nn
-    from utils import LARS, check_finite, param_groups
-    acc = Accelerator(cpu=True)
-    assert acc.num_processes == 2, acc.num_processes
-    torch.manual_seed(0)
-    model = nn.Linear(4, 2)
-    model, opt = acc.prepare(model, LARS(param_groups(model.parameters(), 0.1), lr=0.1))
-    loss = torch.tensor(float("nan") if acc.process_index == 1 else 1.0)  # only rank 1 diverges
-    try:
-        check_finite({"w1.0": loss}, 9, acc)
-    except FloatingPointError as e:
-        print(f"rank {acc.process_index} stopped: {e}", flush=True)
+    from utils import LARS, check_finite, param_groups, run
+
+    @dataclasses.dataclass
+    class Config:
+        step: int = 9
+
+    def main(cfg):
+        acc = Accelerator(cpu=True)
+        assert acc.num_processes == 2, acc.num_processes
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        model, opt = acc.prepare(model, LARS(param_groups(model.parameters(), 0.1), lr=0.1))
+        loss = torch.tensor(float("nan") if acc.process_index == 1 else 1.0)  # only rank 1 diverges
+        print(f"rank {acc.process_index} logs {check_finite({'w1.0': torch.tensor(1.0)}, 1, acc)}", flush=True)
+        check_finite({"w1.0": loss}, cfg.step, acc)
+
+    run(main, Config)  # raises on both ranks; the process group is torn down before exit
 """)
 
 
@@ -194,6 +200,9 @@ def test_two_processes_check_finite(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out  # the error, on both ranks, not a signal (-6 = abort: exit code < 0)
+    assert "terminate called" not in out and "SIGABRT" not in out, out
     for rank in (0, 1):
-        assert f"rank {rank} stopped: non-finite loss at step 9: w1.0=nan" in proc.stdout
+        assert f"rank {rank} logs {{'w1.0': 1.0}}" in proc.stdout
+    assert out.count("FloatingPointError: non-finite loss at step 9: w1.0=nan (means over processes)") == 2, out
