@@ -1,0 +1,194 @@
+"""data.py's FFCV path: .beton writer (python and CLI), two-view and eval loaders, data order. CPU,
+real CIFAR-10 images (the cifar_small fixture). Most of the time is ffcv's import and numba compiling
+each loader's pipeline (a few seconds per loader), so the tests share three loaders."""
+
+import runpy
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+pytest.importorskip("ffcv")
+# NOTE: numba's finalizers raise KeyError when a compiled ffcv loader is garbage collected (ffcv 1.0.2,
+# numba); harmless, but pytest reports each as a warning: the tests keep their loaders alive.
+ALIVE = []
+
+REPO = Path(__file__).resolve().parents[1]
+B = 16  # batch size of the pretraining loader: 200 train images -> 12 steps at world 1, 6 at world 2
+
+
+def source_pixels(ds):
+    """(N, 3, 32, 32) uint8 of a build_dataset dataset, as its PIL images hold them."""
+    return torch.stack([torch.from_numpy(np.array(ds[i][0])).permute(2, 0, 1) for i in range(len(ds))])
+
+
+def cli(*args):
+    """`python data.py write-beton ARGS` run in this process (a subprocess would spend ~8 s importing
+    torch and ffcv again): returns the SystemExit message of an error, else None."""
+    with mock.patch.object(sys, "argv", ["data.py", "write-beton", *map(str, args)]):
+        try:
+            runpy.run_path(str(REPO / "data.py"), run_name="__main__")
+        except SystemExit as e:
+            return str(e.code)
+
+
+@pytest.fixture(scope="module")
+def betons(cifar_small, tmp_path_factory):
+    """raw/{train,test}.beton written by write_beton, jpg/{train,test}.beton by the CLI."""
+    root = tmp_path_factory.mktemp("betons")
+    paths = data.write_beton(cifar_small, root / "raw", raw=True, num_workers=1)
+    assert paths == {"train": root / "raw/train.beton", "test": root / "raw/test.beton"}
+    assert cli("--data_path", cifar_small, "--out", root / "jpg", "--jpeg_quality", 90, "--num_workers", 1) is None
+    assert (root / "jpg/train.beton").is_file() and (root / "jpg/test.beton").is_file()
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_loader(betons):
+    """One two-view loader (numba compiles once), moved between epochs with set_epoch."""
+    ALIVE.append(loader := data.build_ffcv_loader(betons / "raw/train.beton", B, 32, seed=3, num_workers=1))
+    return loader
+
+
+def collect(loader):
+    """Clone every batch: ffcv reuses its output buffers."""
+    return [((v1.clone(), v2.clone()), y.clone()) for (v1, v2), y in loader]
+
+
+# --- writer ---------------------------------------------------------------------------------------
+
+
+def test_raw_round_trip_exact(cifar_small, betons):
+    ds = data.build_dataset(cifar_small, "test")
+    assert np.array_equal(data.beton_labels(betons / "raw/test.beton"), ds.labels)
+    ALIVE.append(loader := data.build_ffcv_eval_loader(betons / "raw/test.beton", 64, 32, num_workers=1))
+    batches = [(x.clone(), y.clone(), i.clone()) for x, y, i in loader]
+    assert [len(y) for _, y, _ in batches] == [64, 36]  # no drop_last in eval
+    x, y, idx = (torch.cat(t) for t in zip(*batches))
+    assert x.dtype == torch.uint8 and x.shape == (100, 3, 32, 32)
+    assert torch.equal(idx, torch.arange(100)) and torch.equal(y, torch.from_numpy(ds.labels))
+    assert torch.equal(x, source_pixels(ds))  # raw mode, crop ratio 1 at 32 px: the stored pixels
+
+
+def test_jpg_round_trip_close(cifar_small, betons):
+    ds = data.build_dataset(cifar_small, "train")
+    assert np.array_equal(data.beton_labels(betons / "jpg/train.beton"), ds.labels)
+    ALIVE.append(loader := data.build_ffcv_eval_loader(betons / "jpg/train.beton", 200, 32, num_workers=1))
+    x, y, idx = next(iter(loader))
+    assert torch.equal(idx, torch.arange(200)) and torch.equal(y, torch.from_numpy(ds.labels))
+    err = (x.float() - source_pixels(ds).float()).abs()
+    assert 0 < err.mean() < 3 and err.float().quantile(0.99) < 25  # re-encoded at quality 90
+
+
+def test_hf_source(cifar_small, tmp_path):
+    import datasets
+    from ffcv.reader import Reader
+
+    files = sorted((cifar_small / "train").glob("*/*.jpg"))[::5]  # 40 images, all classes
+    classes = sorted(p.name for p in (cifar_small / "train").iterdir())
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    hf = datasets.Dataset.from_dict({"img": [str(f) for f in files],
+                                     "label": [classes.index(f.parent.name) for f in files]}, features=features)
+    datasets.DatasetDict(train=hf).save_to_disk(tmp_path / "hf")
+    out = data.write_beton(f"hf:{tmp_path / 'hf'}", tmp_path / "b", splits=["train"], raw=True, num_workers=1)
+    ds = data.build_dataset(f"hf:{tmp_path / 'hf'}", "train")
+    assert np.array_equal(data.beton_labels(out["train"]), ds.labels) and len(ds) == 40
+    meta = Reader(str(out["train"])).metadata["f0"]  # raw pixels at data_ptr: read them without a loader
+    for i in (0, 17, 39):
+        stored = np.fromfile(out["train"], np.uint8, 32 * 32 * 3, offset=int(meta["data_ptr"][i]))
+        assert meta["mode"][i] == 1 and np.array_equal(stored.reshape(32, 32, 3), np.array(ds[i][0]))
+
+
+def test_writer_errors(cifar_small, betons, tmp_path):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        data.write_beton(cifar_small, betons / "raw", raw=True)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.write_beton(tmp_path / "nowhere", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="write-beton"):
+        data.beton_labels(tmp_path / "none.beton")
+
+
+def test_cli_errors(betons, tmp_path, cifar_small):
+    msg = cli("--data_path", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert msg.startswith("error:") and str(tmp_path / "nowhere") in msg and not (tmp_path / "out").exists()
+    msg = cli("--data_path", cifar_small, "--out", betons / "jpg")
+    assert msg.startswith("error:") and "train.beton" in msg and "--overwrite" in msg
+
+
+# --- pretraining loader --------------------------------------------------------------------------
+
+
+def test_two_views(betons, train_loader):
+    labels = data.beton_labels(betons / "raw/train.beton")
+    train_loader.set_epoch(0)
+    batches = collect(train_loader)
+    assert len(train_loader) == len(batches) == 200 // B
+    (v1, v2), y = batches[0]
+    assert v1.dtype == v2.dtype == torch.uint8 and v1.shape == v2.shape == (B, 3, 32, 32)
+    assert y.dtype == torch.int64 and y.shape == (B,)
+    assert (v1 != v2).float().mean() > 0.5  # independent crops of the same images
+    order = data.EpochSampler(200, B, 0, seed=3).indices()
+    assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(labels)[order])
+
+
+def test_order_by_seed_and_epoch(train_loader):
+    orders = {}
+    for epoch in (0, 1, 0):
+        train_loader.set_epoch(epoch)
+        order = train_loader.order.clone()
+        assert torch.equal(order, data.EpochSampler(200, B, epoch, seed=3).indices())  # the torch path's
+        assert order.equal(orders.setdefault(epoch, order))
+    assert not orders[0].equal(orders[1]) and len(set(orders[0].tolist())) == 12 * B
+
+
+def test_mid_epoch_start(train_loader):
+    train_loader.set_epoch(1)
+    full = [y for _, y in collect(train_loader)]
+    train_loader.set_epoch(1, start=5)
+    rest = [y for _, y in collect(train_loader)]
+    assert len(train_loader) == len(rest) == len(full) - 5
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[5:]))
+    train_loader.set_epoch(1, start=len(full))  # a run stopped at an epoch's end: nothing left
+    assert len(train_loader) == 0 and list(train_loader) == []
+
+
+def test_rank_shards(betons):
+    path = betons / "raw/train.beton"
+    for epoch in (0, 4):
+        shards = [data.build_ffcv_loader(path, B, 32, epoch=epoch, seed=3, rank=r, world=2, num_workers=1)
+                  for r in range(2)]
+        orders = [s.order for s in shards]
+        assert [len(s) for s in shards] == [6, 6] and not set(orders[0].tolist()) & set(orders[1].tolist())
+        for r in range(2):  # the torch path's order for the same rank
+            assert torch.equal(orders[r], data.EpochSampler(200, B, epoch, seed=3, rank=r, world=2).indices())
+        # global batch k = rank 0's k-th block then rank 1's: together the epoch's seeded permutation
+        together = torch.cat([orders[0].view(6, B), orders[1].view(6, B)], 1).flatten()  # (6, 2B) -> flat
+        glob = torch.randperm(200, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch))
+        assert torch.equal(together, glob[:6 * 2 * B])
+    sub = data.build_ffcv_loader(path, B, 32, seed=3, indices=np.arange(100, 200), num_workers=1)
+    assert len(sub) == 100 // B and set(sub.order.tolist()) <= set(range(100, 200))
+
+
+def test_eval_shards(betons):
+    path = betons / "raw/test.beton"
+    shards = [data.build_ffcv_eval_loader(path, 16, 32, rank=r, world=3, num_workers=1) for r in range(3)]
+    assert [len(s.order) for s in shards] == [34, 34, 34] and [len(s) for s in shards] == [3, 3, 3]
+    rows = torch.cat([s.order for s in shards])
+    assert torch.equal(rows.unique(), torch.arange(100)) and rows[-2:].tolist() == [0, 1]  # padded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda(cifar_small, betons):
+    ALIVE.append(loader := data.build_ffcv_eval_loader(betons / "raw/test.beton", 64, 32, device="cuda"))
+    x, y, idx = (torch.cat(t) for t in zip(*[(x.clone(), y.clone(), i.clone()) for x, y, i in loader]))
+    ds = data.build_dataset(cifar_small, "test")
+    assert x.is_cuda and y.is_cuda and idx.is_cuda and torch.equal(x.cpu(), source_pixels(ds))
+    ALIVE.append(loader := data.build_ffcv_loader(betons / "raw/train.beton", B, 24, device="cuda"))
+    (v1, v2), y = next(iter(loader))
+    assert v1.is_cuda and v1.dtype == torch.uint8 and v2.shape == (B, 3, 24, 24) and y.device == v1.device
