@@ -123,10 +123,20 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, c):
         super().__init__(c)
         self.stats_channels = None  # how many channels calibrate_bn last wrote; eval refuses others
+        self.stats_momentum = 0.0  # > 0: momentum BN (set by train_dspnet.py on its target only)
 
     def forward(self, x):
         c = x.shape[1]
         w, b = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        if self.training and self.stats_momentum > 0:  # momentum BN (Li et al. 2021): normalize with an
+            # EMA of batch statistics; the first batch (num_batches_tracked 0) sets them outright
+            with torch.no_grad():
+                var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+                m = torch.where(self.num_batches_tracked == 0, 1.0, self.stats_momentum).to(mean)  # no host sync
+                self.running_mean[:c].lerp_(mean, m)
+                self.running_var[:c].lerp_(var, m)
+                self.num_batches_tracked += 1
+            return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], w, b, False, 0.0, self.eps)
         if self.training:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if self.stats_channels != c:
@@ -399,6 +409,7 @@ ARCHS = {
     # DSPNet's 9 ResNet DNs live in this one network: stage widths {64,80,96} x [1,2,4,8] are
     # widths 2/3, 5/6, 1 of it, depths [2,2,2,2] / [2,3,4,3] / [3,4,6,3] are depth slices.
     "resnet34_w96": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(96, 192, 384, 768)),
+    "resnet34_w96_cifar": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(96, 192, 384, 768), stem="cifar"),
     "mobilenetv2": MobileNetV2,
     "mobilenetv2_cifar": partial(MobileNetV2, cifar=True),
     "mobilenetv3_large": MobileNetV3,

@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import broadcast
@@ -38,7 +37,7 @@ import losses
 from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, projection_mlp, set_active
-from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, run, save_config,
+from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, run, save_config,
                    warmup_cosine)
 
 
@@ -250,12 +249,7 @@ def main(cfg):
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
             step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now)
             sums[:len(widths)] += step_losses
-            if world > 1:  # one all-reduce of all gradients per step (instead of DDP's per-backward sync)
-                grads = [p.grad for p in params if p.grad is not None]
-                flat = torch.cat([g.flatten() for g in grads])
-                dist.all_reduce(flat)
-                torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.div_(world).split(
-                    [g.numel() for g in grads]), grads)])
+            all_reduce_grads_(params, world)  # once per step, not per backward (no DDP)
             if cfg.optimizer == "adamw":  # decoupled: w_k -= lr * lambda_k * w_k
                 losses.group_decay_(decay_backbone, lr, cfg.weight_decay, alpha=cfg.group_reg_alpha)
                 losses.group_decay_(decay_plain, lr, cfg.weight_decay, alpha=0.0)

@@ -343,16 +343,31 @@ class LARS(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, tau: float) -> None:
+def all_reduce_grads_(params, world: int) -> None:
+    """Average the gradients over processes with one all-reduce of one flat buffer: the trainers do
+    several backward passes per step (one per width or DN) and sync once, instead of DDP's sync per
+    backward. Every rank must hold gradients for the same parameters (the same widths were run)."""
+    if world <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.div_(world).split([g.numel() for g in grads]), grads)])
+
+
+@torch.no_grad()
+def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, tau: float, buffers: bool = True) -> None:
     """teacher = tau*teacher + (1-tau)*student, parameter by parameter (fp32 teacher), and buffers
-    (BN running stats) copied from the student. Call after optimizer.step() with the unwrapped
-    student (accelerator.unwrap_model); both must list their tensors in the same order."""
+    (BN running stats) copied from the student unless buffers=False (a teacher with momentum BN keeps
+    its own). Call after optimizer.step() with the unwrapped student (accelerator.unwrap_model);
+    both must list their tensors in the same order."""
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(f"ema_update_: teacher has {len(t_params)} parameters, student {len(s_params)}")
     torch._foreach_lerp_(t_params, [s.to(t.dtype) for t, s in zip(t_params, s_params)], 1.0 - tau)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-        t.copy_(s)
+    if buffers:
+        for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+            t.copy_(s)
 
 
 # ------------------------------------------------------------------------------------------------

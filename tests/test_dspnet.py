@@ -1,0 +1,207 @@
+"""train_dspnet.py: the DN list and sandwich sampling, per-DN backward = one backward of the summed
+loss, momentum BN, the 9 ResNet DNs export exactly, smoke run through python and 2 CPU processes,
+resume equals an uninterrupted run, eval scripts list every DN of the checkpoint."""
+
+import contextlib
+import copy
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import ARCHS, BasicBlock, ResNet, SlimBatchNorm2d, calibrate_bn, export, load_backbone, projection_mlp, set_active
+from tests.test_train_us3l import REPO, run
+from train_dspnet import Config, dn_name, parse_dns, sample_dns, train_step
+from utils import ema_update_
+
+DN9 = [[w, *d] for w in (2 / 3, 5 / 6, 1.0) for d in ([2, 2, 2, 2], [2, 3, 4, 3], [3, 4, 6, 3])]
+
+
+def test_parse_dns_orders_by_macs_and_rejects_bad_entries():
+    cfg = replace(Config(), arch="resnet34_w96_cifar", dns=DN9)
+    dns, macs = parse_dns(cfg, ARCHS[cfg.arch]())
+    assert macs == sorted(macs, reverse=True) and len(dns) == 9
+    assert dns[0] == {"width": 1.0, "depth": [3, 4, 6, 3]}  # ResNet-34 at 1.5x: the whole encoder
+    assert dns[-1] == {"width": 2 / 3, "depth": [2, 2, 2, 2]}  # ResNet-18
+    assert dn_name(dns[-1]) == "0.6667_d2-2-2-2" and dn_name({"width": 1.0, "depth": None}) == "1.0"
+    mbv3 = replace(Config(), arch="mobilenetv3_large", dns=[[0.5], [1.0], [0.75]], dataset="imagenet", image_size=64)
+    assert [d["width"] for d in parse_dns(mbv3, ARCHS[mbv3.arch]())[0]] == [1.0, 0.75, 0.5]
+    for bad, words in (([[1.5]], "1.5"), ([[1.0, 3, 4, 6, 9]], "depth"), ([[1.0], [1.0]], "twice"), ([], "empty")):
+        with pytest.raises(ValueError, match="dns"):
+            parse_dns(replace(cfg, dns=bad), ARCHS[cfg.arch]())
+        with pytest.raises(ValueError, match=words):
+            parse_dns(replace(cfg, dns=bad), ARCHS[cfg.arch]())
+    with pytest.raises(ValueError, match="ResNets"):
+        parse_dns(replace(mbv3, dns=[[1.0, 2, 2]]), ARCHS[mbv3.arch]())
+
+
+def test_sandwich_sampling():
+    cfg = Config()  # n = 4
+    seen = set()
+    for step in range(200):
+        torch.manual_seed(step)  # the global RNG must not matter: same DNs on every process
+        picked = sample_dns(step, 20, 9, cfg)
+        assert picked == sample_dns(step, 20, 9, cfg)
+        if step < 20:
+            assert picked == [0]  # the whole network only at first
+            continue
+        assert len(picked) == 4 and picked[0] == 0 and picked[-1] == 8  # largest and smallest
+        assert len(set(picked)) == 4 and all(1 <= i <= 7 for i in picked[1:-1])
+        seen.update(picked[1:-1])
+    assert seen == set(range(1, 8))  # every other DN gets its turn
+    assert sample_dns(50, 0, 3, cfg) == [0, 1, 2]  # n >= number of DNs: all of them
+    assert sample_dns(50, 0, 5, replace(cfg, num_subnets=2)) == [0, 4]
+    assert sample_dns(50, 0, 5, replace(cfg, num_subnets=1)) == [0]
+
+
+def tiny_online(seed=0):
+    torch.manual_seed(seed)
+    backbone = ResNet(BasicBlock, [2, 2], widths=(16, 32), stem="cifar")
+    online = nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(backbone.feature_dim, 32, 16),
+                            "predictor": projection_mlp(16, 32, 16)})
+    return online, copy.deepcopy(nn.ModuleDict({k: online[k] for k in ("backbone", "projector")}))
+
+
+def test_per_dn_backward_equals_one_backward_of_the_sum():
+    online, target = tiny_online()
+    x = torch.randn(16, 3, 16, 16)  # two views of 8 images
+    dns = [{"width": 1.0, "depth": None}, {"width": 0.5, "depth": [1, 2]}, {"width": 0.25, "depth": [1, 1]}]
+    step_losses, _ = train_step(online, target, x, dns, contextlib.nullcontext)
+    per_dn = [p.grad.clone() for p in online.parameters()]
+
+    online.zero_grad()
+    with torch.no_grad():
+        t1, t2 = target["projector"](target["backbone"](x)).chunk(2)
+    total = 0
+    for dn in dns:  # the paper's accumulated loss (eq. 5, symmetrized), one backward
+        set_active(online["backbone"], dn["width"], dn["depth"])
+        p1, p2 = online["predictor"](online["projector"](online["backbone"](x))).chunk(2)
+        cos = torch.nn.functional.cosine_similarity
+        total = total + (2 - 2 * cos(p1, t2)).mean() + (2 - 2 * cos(p2, t1)).mean()
+    total.backward()
+    torch.testing.assert_close(step_losses.sum(), total.detach())
+    for a, p in zip(per_dn, online.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(a, torch.zeros_like(a)) for a in per_dn[:3])
+
+
+def test_momentum_bn_target():
+    bn = SlimBatchNorm2d(4)
+    bn.stats_momentum = 0.1
+    x1, x2 = torch.randn(8, 4, 5, 5) * 2 + 3, torch.randn(8, 4, 5, 5)
+    y1 = bn(x1)  # the first batch sets the statistics outright: as plain batch norm
+    torch.testing.assert_close(y1, torch.nn.functional.batch_norm(x1, None, None, training=True), rtol=1e-4, atol=1e-4)
+    var1, mean1 = torch.var_mean(x1, dim=(0, 2, 3), unbiased=False)
+    var2, mean2 = torch.var_mean(x2, dim=(0, 2, 3), unbiased=False)
+    y2 = bn(x2)  # then an EMA of batch statistics normalizes
+    mean, var = 0.9 * mean1 + 0.1 * mean2, 0.9 * var1 + 0.1 * var2
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(y2, (x2 - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps),
+                               rtol=1e-4, atol=1e-4)
+    # the EMA weight update leaves such a target's statistics alone
+    online, target = tiny_online()
+    bns = [m for m in target.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.running_mean.fill_(7.0)
+    ema_update_(target, nn.ModuleDict({k: online[k] for k in ("backbone", "projector")}), 0.9, buffers=False)
+    assert all(torch.all(m.running_mean == 7.0) for m in bns)
+
+
+def test_resnet_dns_export_exactly():
+    torch.manual_seed(0)
+    model = ARCHS["resnet34_w96_cifar"]().eval()
+    x = torch.randn(4, 3, 32, 32)
+    for dn in DN9:
+        width, depth = dn[0], dn[1:]
+        calibrate_bn(model, [x], width=width, depth=depth)
+        set_active(model, width, depth)
+        with torch.no_grad():
+            ref = model(x)
+            net = export(model, width, depth).eval()
+            out = net(x)
+        assert ref.shape == (4, round(768 * width))
+        assert (out - ref).abs().max().item() <= 1e-4, dn
+        assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 1 + 2 * sum(depth) + 3  # stem, blocks, shortcuts
+
+
+def tiny_args(data, out, **over):
+    args = {"data_path": data, "out_dir": out, "batch_size": 16, "max_steps": 8, "epochs": 4, "full_only_epochs": 1,
+            "warmup_epochs": 1, "log_every": 2, "knn_bank_subset": 100, "knn_test_subset": 50, "knn_batch_size": 50,
+            "num_workers": 0, "proj_hidden": 64, "proj_dim": 32, "knn_k": 20,
+            "dns": "[[1.0],[0.5],[0.5,1,1,1,1],[0.25,1,1,1,1]]"}
+    args.update(over)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_smoke_run_backbone_and_eval_lists_every_dn(cifar_small, tmp_path):
+    out = tmp_path / "run"
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    for key in ("knn_top1", "knn_top1_init"):  # the largest and the smallest DN
+        assert set(res[key]) == {"1.0", "0.25_d1-1-1-1"} and all(0 <= a <= 1 for a in res[key].values())
+    assert res["num_processes"] == 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    assert log[0]["dns"] == ["1.0"] and log[-1]["dns"][0] == "1.0" and log[-1]["dns"][-1] == "0.25_d1-1-1-1"
+    assert len(log[-1]["dns"]) == 4 and all(r["loss/1.0"] > 0 for r in log) and "collapse_std/0.25_d1-1-1-1" in log[-1]
+    model, ckpt = load_backbone(out / "backbone.pt")
+    assert ckpt["dns"][0] == {"width": 1.0, "depth": None} and ckpt["dns"][-1] == {"width": 0.25, "depth": [1, 1, 1, 1]}
+    x = torch.randn(8, 3, 32, 32)
+    for dn in ckpt["dns"]:
+        calibrate_bn(model, [x], width=dn["width"], depth=dn["depth"])
+        assert export(model, dn["width"], dn["depth"])(x).shape[0] == 8
+    p = run([sys.executable, "eval_knn.py", f"--ckpt={out / 'backbone.pt'}", f"--data_path={cifar_small}",
+             f"--out_dir={tmp_path / 'knn'}", "--bank_subset=100", "--test_subset=50", "--k=20", "--num_workers=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(json.loads((tmp_path / "knn" / "results.json").read_text())) == 4  # every DN
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out)])
+    assert p.returncode == 0 and "nothing to do" in p.stdout
+
+
+def test_two_cpu_processes(cifar_small, tmp_path):
+    out = tmp_path / "run2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29518", "train_dspnet.py", *tiny_args(cifar_small, out, batch_size=8, max_steps=6)]
+    p = run(cmd, env={"ACCELERATE_USE_CPU": "true"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout
+    # the trainer compares every parameter's checksum across ranks at the end and fails if any differ
+    assert json.loads((out / "results.json").read_text())["num_processes"] == 2
+
+
+def test_resume_equals_uninterrupted_run(cifar_small, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    over = {"save_every": 2, "target_bn_momentum": 0.1}  # momentum BN statistics must survive the resume too
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, ref, **over)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out, **over)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "backbone.pt").exists(), "the run finished before it could be killed"
+    p = run(cmd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout
+    a, b = (torch.load(d / "backbone.pt", weights_only=True) for d in (ref, out))
+    for key in ("backbone", "teacher"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+
+
+def test_clear_errors(cifar_small, tmp_path):
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, tmp_path / "o", dns="[[1.0],[0.5,9,9,9,9]]")])
+    assert p.returncode != 0 and "dns entry [0.5, 9.0, 9.0, 9.0, 9.0]" in p.stderr
+    p = run([sys.executable, "train_dspnet.py", "--num_subnet=3"])
+    assert p.returncode != 0 and "num_subnets" in p.stderr
+

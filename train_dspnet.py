@@ -1,0 +1,334 @@
+"""DSPNet pretraining: BYOL whose online encoder is slimmed to a fixed list of desired networks (DNs),
+trained once; afterwards every DN is a slice of the one online encoder.
+
+Paper: "Learning Slimmable Networks for Self-supervised Representation Learning" / DSPNet
+(../shared/papers/dspnet.txt, Sections 4 and 5.1). Each step: the EMA target (full width and depth)
+projects both views once; the sandwich rule picks num_subnets DNs (largest, smallest, others at
+random, the same on every process); each DN's symmetric normalized-MSE loss is back-propagated on
+its own (activations freed, peak memory of one network step), then one LARS step for the sum.
+
+    python train_dspnet.py --config yaml/dspnet_cifar10_quick.yaml                       # CPU or 1 GPU
+    accelerate launch train_dspnet.py --config yaml/mbv3_in.yaml                        # all GPUs of a node
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_dspnet.py ...  # 2 CPU procs
+
+A DN is [width] or [width, depth of stage 1, ..., depth of stage S] (depths: ResNets only); the
+list is `dns` in the config. Decisions where the paper is silent (NOTE): the two views run as one
+batch (BN statistics over both, as in train_us3l.py); "largest" and "smallest" are by MACs at the
+training resolution; the sandwich's others are distinct DNs; the projector's first Linear reads the
+DN's leading features; gradients are all-reduced once per step by hand (no DDP wrapper).
+
+The run folder, resume (same command again), log.jsonl, collapse monitor, NaN stop and kNN monitor
+work as in train_us3l.py. backbone.pt records `dns`, so eval_knn.py / eval_linear.py evaluate every DN.
+"""
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from tqdm import tqdm
+
+import losses
+from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
+from eval_knn import build_knn_loaders, calibration_batches, knn_eval
+from models import ARCHS, SlimBatchNorm2d, profile, projection_mlp, set_active
+from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups,
+                   run, save_config, warmup_cosine)
+
+
+@dataclass
+class Config:
+    # data
+    data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
+    image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
+    train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
+    num_workers: int = 2  # DataLoader workers per process
+    # model
+    arch: str = "resnet18_cifar"  # a key of models.ARCHS; the whole online encoder (= the largest DN)
+    dns: list[list[float]] = field(default_factory=lambda: [[1.0], [0.875], [0.75], [0.625], [0.5]])  # the
+    # desired networks, [width] or [width, depth per stage...]; default: the paper's MobileNetV3 widths
+    proj_hidden: int = 4096  # BYOL projector / predictor hidden size
+    proj_dim: int = 256  # BYOL projection size
+    channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
+    # DSPNet
+    num_subnets: int = 4  # n of the sandwich rule: largest, smallest, n-2 others (paper: 4)
+    full_only_epochs: float = 10.0  # train only the whole network at first (paper: the 10 warm-up epochs)
+    momentum: float = 0.996  # target EMA tau at the start, -> 1 by cosine (BYOL)
+    target_bn_momentum: float = 0.0  # > 0: momentum BN in the target, weight of each new batch (0: batch stats)
+    # optimization (paper: LARS, 0.2 x batch/256, 10 warm-up epochs, cosine, wd 1.5e-6, 300 epochs, batch 4096)
+    epochs: int = 300
+    batch_size: int = 256  # per process
+    base_lr: float = 0.2  # lr = base_lr * global batch / 256
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1.5e-6
+    optimizer: str = "lars"  # lars (biases and norms: no decay, no trust ratio) | sgd
+    sgd_momentum: float = 0.9
+    precision: str = "bf16"  # bf16 | fp16 | no
+    seed: int = 0
+    # run
+    out_dir: str = "out/dspnet"
+    max_steps: int = 0  # > 0: the run is this many steps (schedules compressed to it): smoke runs
+    log_every: int = 20  # steps; losses are synced (and checked for NaN) only then
+    save_every: int = 0  # > 0: also checkpoint every this many steps
+    save_every_min: float = 1.0  # checkpoint at least this often (minutes), and at every epoch end
+    eval_every: int = 0  # epochs between kNN monitors (0: before training and at the end only)
+    resume: str = "auto"  # auto (out_dir/checkpoints/last.pt if any) | none | PATH
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
+    knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
+    knn_batch_size: int = 128
+    tracker: str = ""  # tensorboard | wandb | "" (log.jsonl always)
+
+
+def parse_dns(cfg, backbone):
+    """[{"width": w, "depth": [..] or None}] of cfg.dns, checked against the backbone (bad widths or
+    depths are errors naming the DN), largest first by MACs at the training resolution."""
+    if not cfg.dns:
+        raise ValueError("config error: dns is empty: list the desired networks, e.g. [[1.0], [0.5]]")
+    size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
+    dns, macs = [], []
+    for dn in cfg.dns:
+        width, depth = float(dn[0]), ([int(d) for d in dn[1:]] or None)
+        if depth is not None and any(d != int(d) for d in dn[1:]):
+            raise ValueError(f"config error: dns entry {dn}: depths must be whole numbers")
+        try:
+            macs.append(profile(backbone, width, depth, input_size=size)[1])
+        except ValueError as e:
+            raise ValueError(f"config error: dns entry {dn} does not fit {cfg.arch}: {e}") from None
+        dns.append({"width": width, "depth": depth})
+    if len({(d["width"], tuple(d["depth"] or ())) for d in dns}) < len(dns):
+        raise ValueError(f"config error: dns lists a network twice: {cfg.dns}")
+    order = sorted(range(len(dns)), key=lambda i: -macs[i])
+    set_active(backbone, 1.0)
+    return [dns[i] for i in order], [macs[i] for i in order]
+
+
+def sample_dns(step, full_only_steps, num_dns, cfg):
+    """Indices into the MACs-sorted DN list for one step, largest first (sandwich rule): the largest
+    alone during the first full_only_steps, then the largest, num_subnets-2 distinct others and the
+    smallest. A generator seeded by (seed, step): identical on every process and after a resume."""
+    if step < full_only_steps or num_dns == 1 or cfg.num_subnets == 1:
+        return [0]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    others = (torch.randperm(num_dns - 2, generator=g)[:max(cfg.num_subnets - 2, 0)] + 1).tolist()
+    return [0] + sorted(others) + [num_dns - 1]
+
+
+def main(cfg):
+    for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no"),
+                         "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS)}.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+    if cfg.num_subnets < 1:
+        raise ValueError(f"config error: num_subnets={cfg.num_subnets} must be >= 1")
+    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None, project_dir=cfg.out_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    backbone = ARCHS[cfg.arch]()
+    dns, dn_macs = parse_dns(cfg, backbone)
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+        save_config(cfg, cfg.out_dir)
+        if cfg.tracker:
+            accelerator.init_trackers("dspnet", config=asdict(cfg))
+    accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}; {len(dns)} DNs (MMACs): "
+                      + ", ".join(f"{dn_name(d)} ({m / 1e6:.0f})" for d, m in zip(dns, dn_macs)))
+
+    # data: as train_us3l.py (augmentation a function of (seed, epoch, index), order of (seed, epoch))
+    if cfg.data_path == Config.data_path:
+        with accelerator.main_process_first():
+            prepare_cifar10(cfg.data_path, download=True)
+    size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
+    train_set = build_dataset(cfg.data_path, "train", pretrain_transform(cfg.dataset, size), subset=cfg.train_subset)
+    steps_per_epoch = len(train_set) // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"config error: batch_size={cfg.batch_size} x {world} processes exceeds the "
+                         f"{len(train_set)} training images")
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
+    # with max_steps the epoch-based phases shrink with the run, as the schedules do
+    scale = total / (cfg.epochs * steps_per_epoch)
+    full_only_steps = round(cfg.full_only_epochs * steps_per_epoch * scale)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch * scale)
+    bank_loader, test_loader = build_knn_loaders(
+        cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
+        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"))
+
+    # model: online = encoder + projector (first Linear takes any DN's width) + predictor;
+    # target = EMA of encoder + projector, always full width and depth, never prepared
+    online = nn.ModuleDict({"backbone": backbone,
+                            "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim),
+                            "predictor": projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)})
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    online = online.to(device, memory_format=fmt)
+    encoder = nn.ModuleDict({k: online[k] for k in ("backbone", "projector")})  # shares the online modules
+    target = copy.deepcopy(encoder).requires_grad_(False)
+    for m in target.modules():
+        if isinstance(m, SlimBatchNorm2d):
+            m.stats_momentum = cfg.target_bn_momentum
+    lr_peak = cfg.base_lr * cfg.batch_size * world / 256
+    groups = param_groups(online.parameters(), cfg.weight_decay)  # no decay / adaptation for p.ndim <= 1
+    optimizer = (LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum) if cfg.optimizer == "lars"
+                 else torch.optim.SGD(groups, lr=lr_peak, momentum=cfg.sgd_momentum))
+    accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; global batch "
+                      f"{cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, {total} steps "
+                      f"({full_only_steps} full-only, {warmup_steps} warm-up)")
+
+    step = 0
+    resume = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
+    if resume and os.path.isfile(resume):
+        ckpt = torch.load(resume, map_location=device, weights_only=True)
+        online.load_state_dict(ckpt["online"])
+        target.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        accelerator.print(f"resumed from {resume} at step {step}")
+    elif cfg.resume not in ("auto", "none"):
+        raise FileNotFoundError(f"config error: resume={cfg.resume}: no such checkpoint")
+
+    results_path = os.path.join(cfg.out_dir, "results.json")
+    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    if step >= total and "knn_top1" in results:
+        accelerator.print(f"{cfg.out_dir} is a finished run ({step} steps): nothing to do")
+        return results
+
+    def monitor(tag):  # weighted kNN on the online encoder at the largest and the smallest DN
+        t0, acc = time.time(), {}
+        calib = calibration_batches(bank_loader, 2000, cfg.seed)
+        for dn in sorted({0, len(dns) - 1}):
+            a = knn_eval(online["backbone"], bank_loader, test_loader, calib, [dns[dn]["width"]], device,
+                         k=cfg.knn_k, temperature=cfg.knn_temperature, depth=dns[dn]["depth"],
+                         autocast=cfg.precision == "bf16", all_reduce=world > 1)
+            acc[dn_name(dns[dn])] = round(a[dns[dn]["width"]], 4)
+        accelerator.print(f"kNN top-1 ({tag}, step {step}): {acc}  [{time.time() - t0:.0f} s]")
+        return acc
+
+    def write_results():
+        if accelerator.is_main_process:
+            with open(results_path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(results_path + ".tmp", results_path)
+
+    if "knn_top1_init" not in results and step == 0:
+        results["knn_top1_init"] = monitor("random init")
+        write_results()
+
+    params = list(online.parameters())
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    last_save, t_log, seen = time.time(), time.time(), 0
+    sums = torch.zeros(len(dns), device=device)  # loss sums per DN since the last log
+    counts = torch.zeros(len(dns), device=device)
+    pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler = EpochSampler(len(train_set), cfg.batch_size, epoch, step % steps_per_epoch, cfg.seed, rank, world)
+        loader = torch.utils.data.DataLoader(
+            SeededViews(train_set, cfg.seed), cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+        for (x1, x2), _ in loader:
+            if step >= total:
+                break
+            lr = warmup_cosine(step, total, warmup_steps, lr_peak)
+            tau = cosine(step, total, cfg.momentum, 1.0)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            picked = sample_dns(step, full_only_steps, len(dns), cfg)
+            x = torch.cat([x1, x2]).to(device, non_blocking=True).contiguous(memory_format=fmt)  # (2B, 3, H, W)
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+            step_losses, stats = train_step(online, target, x, [dns[i] for i in picked], accelerator.autocast, log_now)
+            sums[picked] += step_losses
+            counts[picked] += 1
+            all_reduce_grads_(params, world)  # once per step, not per backward
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update_(target, encoder, tau, buffers=cfg.target_bn_momentum <= 0)
+            step += 1
+            seen += x1.shape[0] * world
+            pbar.update(1)
+
+            save_due = step % steps_per_epoch == 0 or step == total or (cfg.save_every and step % cfg.save_every == 0)
+            if log_now or save_due:  # losses must be finite on every rank before anything is logged or saved
+                per_dn = check_finite({f"loss/{dn_name(d)}": s / c.clamp(min=1) for d, s, c in zip(dns, sums, counts)},
+                                      step, accelerator)
+            if log_now:
+                rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "dns": [dn_name(dns[i]) for i in picked],
+                       "img_per_s": seen / (time.time() - t_log), **stats,
+                       **{k: v for (k, v), c in zip(per_dn.items(), counts.tolist()) if c > 0}}  # DNs run
+                sums.zero_()
+                counts.zero_()
+                seen, t_log = 0, time.time()
+                pbar.set_postfix(loss=f"{rec[f'loss/{dn_name(dns[0])}']:.3f}", dns=len(picked),
+                                 ips=f"{rec['img_per_s']:.0f}")
+                if accelerator.is_main_process:
+                    log_jsonl(log_path, rec)
+                    if cfg.tracker:
+                        accelerator.log(rec, step=step)
+                due = torch.tensor([time.time() - last_save > 60 * cfg.save_every_min], device=device)
+                save_due = save_due or bool(broadcast(due).item())
+            if save_due:
+                if accelerator.is_main_process:
+                    atomic_save({"online": online.state_dict(), "target": target.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "step": step}, ckpt_path)
+                accelerator.wait_for_everyone()
+                last_save = time.time()
+            if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:
+                results.setdefault("knn_top1_history", {})[str(step)] = monitor(f"epoch {step // steps_per_epoch}")
+                write_results()
+    pbar.close()
+
+    if world > 1:  # every process must hold the same weights (DESIGN 6); fails loudly if not
+        sums = torch.stack([p.detach().double().sum() for p in online.parameters()])
+        gathered = accelerator.gather(sums[None])  # (world, P)
+        if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+            raise RuntimeError("parameters differ across processes at the end of training")
+    results["num_processes"] = world
+    results["knn_top1"] = monitor("end")
+    if accelerator.is_main_process:  # plain tensors and primitives: models.load_backbone reads it
+        atomic_save({"arch": cfg.arch, "backbone": online["backbone"].state_dict(),
+                     "teacher": target["backbone"].state_dict(), "dns": dns, "width_min": dns[-1]["width"],
+                     "widths": sorted({d["width"] for d in dns}, reverse=True), "step": step, "config": asdict(cfg)},
+                    os.path.join(cfg.out_dir, "backbone.pt"))
+    write_results()
+    accelerator.end_training()
+    return results
+
+
+def dn_name(dn):
+    """'1.0' for a width-only DN, '0.667_d2-2-2-2' with a depth: the keys of log.jsonl and results.json."""
+    return repr(round(dn["width"], 4)) + (f"_d{'-'.join(map(str, dn['depth']))}" if dn["depth"] else "")
+
+
+def train_step(online, target, x, dns, autocast, log=False):
+    """Gradients of one DSPNet iteration (Sec. 4) for the two views x = cat(v, v'): the target projects
+    both views once, shared by every DN; then each DN in turn (largest first) runs the online encoder,
+    projector and predictor on both views and back-propagates its symmetric BYOL loss (eq. 5 and its
+    mirror) on its own, so only one DN's activations are alive at a time; gradients accumulate
+    (the sum over DNs of the paper's total loss). Returns the per-DN losses (detached) and, when
+    log, the collapse monitor (std of the normalized projections) per DN."""
+    with torch.no_grad(), autocast():
+        z_t = target["projector"](target["backbone"](x)).float()  # (2B, D), full width and depth
+    t1, t2 = z_t.chunk(2)
+    out, stats = [], {}
+    for dn in dns:
+        with autocast():
+            set_active(online["backbone"], dn["width"], dn["depth"])
+            z = online["projector"](online["backbone"](x))
+            p1, p2 = online["predictor"](z).chunk(2)  # (2B, D) -> 2 x (B, D)
+            loss = losses.normalized_mse(p1, t2) + losses.normalized_mse(p2, t1)
+        loss.backward()
+        out.append(loss.detach())
+        if log:
+            stats[f"collapse_std/{dn_name(dn)}"] = losses.collapse_std(z).item()
+    set_active(online["backbone"], 1.0)
+    return torch.stack(out), stats
+
+
+if __name__ == "__main__":
+    run(main, Config)
