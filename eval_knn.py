@@ -91,8 +91,9 @@ def _all_gather_rows(t, n_max):
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, autocast=True):
-    """(features (N, D) float32 L2-normalized, labels (N,), indices (N,)), sorted by sample index.
+def extract_features(model, loader, device, autocast=True, normalize=True):
+    """(features (N, D) float32, L2-normalized unless normalize=False, labels (N,), indices (N,)),
+    sorted by sample index. Raw features (normalize=False) feed eval_linear's head.
 
     loader yields (x, y, idx): data.build_dataset(..., return_index=True). The model runs in eval
     mode (restored afterwards) under no_grad, with bf16 autocast if asked and supported, inputs in
@@ -114,7 +115,8 @@ def extract_features(model, loader, device, autocast=True):
     finally:
         model.train(was_training)
     if feats:
-        feats = F.normalize(torch.cat(feats), dim=1)
+        feats = torch.cat(feats)
+        feats = F.normalize(feats, dim=1) if normalize else feats
         labels, idxs = torch.cat(labels).to(device), torch.cat(idxs).to(device)
     else:  # an empty shard (more ranks than samples): its feature size comes from the others
         feats = torch.zeros(0, 0, device=device)
@@ -301,14 +303,22 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
 
 
 def fixed_calibration_batches(data_path, dataset_name, bank_subset, n_images, batch_size, seed=0, num_workers=0):
-    """The CLI's calibration set: the same n_images (a seeded draw from the bank split, as
-    calibration_batches draws on 1 process) in the same batches whatever the process count; rank r
-    forwards batches r, r + N, ... and calibrate_bn pools the statistics (all_reduce). Train-mode BN
-    depends on the batch composition, so this is what makes N processes give 1 process's numbers.
-    On 1 process it equals calibration_batches(bank_loader, n_images, seed)."""
-    rank, world = _world()
+    """The CLI's calibration set: calibration_shard of the bank split (with the eval transform)."""
     ds = build_dataset(data_path, "train", eval_transform(dataset_name), subset=bank_subset, subset_seed=seed)
-    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n_images].sort().values
+    return calibration_shard(ds, n_images, batch_size, seed, num_workers)
+
+
+def calibration_shard(ds, n_images, batch_size, seed=0, num_workers=0, pool=None):
+    """This rank's share of a calibration set that is the same whatever the process count: n_images
+    drawn at random (seeded) from ds, or from its indices `pool` (e.g. eval_linear's training pool),
+    cut into batches of batch_size in index order (the short one last); rank r forwards batches
+    r, r + N, ... and calibrate_bn pools the statistics (all_reduce). Train-mode BN depends on the
+    batch composition, so the same batches are what make N processes give 1 process's numbers.
+    On 1 process, without pool, it equals calibration_batches(loader of ds, n_images, seed)."""
+    rank, world = _world()
+    pool = torch.arange(len(ds)) if pool is None else torch.as_tensor(pool)
+    g = torch.Generator().manual_seed(seed)
+    pick = pool[torch.randperm(len(pool), generator=g)[:n_images]].sort().values
     batches = pick.split(batch_size)  # full batches, the short one last: re-batching a rank's share keeps them
     if len(batches) < world:  # the same on every rank: all raise, none hangs in all_reduce
         raise ValueError(f"calib_images={n_images} at batch_size={batch_size} makes {len(batches)} calibration "
@@ -343,19 +353,23 @@ class Config:
     out_dir: str = "out/knn"  # results.json, knn.png, config.yaml
 
 
+def net_name(width, depth=None):
+    """'1.0', '0.25', or '0.6667_d2-2-2-2' for a depth-slimmed DN: results.json keys (eval scripts and
+    train_dspnet.py's log and monitor)."""
+    return repr(round(float(width), 4)) + (f"_d{'-'.join(map(str, depth))}" if depth else "")
+
+
 def networks_to_eval(cfg, ckpt):
-    """[(name, width, depth)]: the configured widths, else the checkpoint's DSPNet `dns` list
-    ({"width": w, "depth": [...]}), else its `widths`, else 1.0, 0.75, 0.5, 0.25."""
+    """[(name, width, depth)]: the configured widths (at cfg.depth), else the checkpoint's DSPNet `dns`
+    list ({"width": w, "depth": [...] or None}), else its `widths`, else 1.0, 0.75, 0.5, 0.25."""
     if not cfg.widths and ckpt.get("dns"):
-        return [(f"w{dn['width']:.3g}_d{'-'.join(map(str, dn['depth']))}", float(dn["width"]), list(dn["depth"]))
+        return [(net_name(dn["width"], dn["depth"]), float(dn["width"]), dn["depth"] and list(dn["depth"]))
                 for dn in ckpt["dns"]]
-    if not cfg.k or min(cfg.k) < 1:
-        raise ConfigError(f"config error: k must list neighbour counts >= 1, got {cfg.k}")
     widths = cfg.widths or ckpt.get("widths") or [1.0, 0.75, 0.5, 0.25]
     bad = [w for w in widths if not 0.0 < w <= 1.0]
     if bad:
         raise ConfigError(f"config error: widths must lie in (0, 1], got {bad}")
-    return [(str(float(w)), float(w), cfg.depth) for w in widths]
+    return [(net_name(w, cfg.depth), float(w), cfg.depth) for w in widths]
 
 
 def load_network(cfg):
@@ -388,8 +402,8 @@ def load_network(cfg):
 class _Progress:
     """A re-iterable loader wrapper with a tqdm bar per pass (main process only)."""
 
-    def __init__(self, loader, disable):
-        self.loader, self.disable, self.desc = loader, disable, ""
+    def __init__(self, loader, disable, desc=""):
+        self.loader, self.disable, self.desc = loader, disable, desc
 
     def __iter__(self):
         return iter(tqdm(self.loader, desc=self.desc, disable=self.disable, leave=False, dynamic_ncols=True))
@@ -421,6 +435,8 @@ def plot(results, path, k):
 
 
 def main(cfg):
+    if not cfg.k or min(cfg.k) < 1:
+        raise ConfigError(f"config error: k must list neighbour counts >= 1, got {cfg.k}")
     model, ckpt = load_network(cfg)  # config errors before any process group or data
     nets = networks_to_eval(cfg, ckpt)
     dataset = cfg.dataset or ckpt.get("config", {}).get("dataset") or "cifar10"

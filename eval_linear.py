@@ -25,9 +25,12 @@ a path relative to the train split folder (`n01440764/n01440764_10026.JPEG`), a 
 (`n01440764_10026.JPEG`, SimCLR's ImageNet 1% / 10% lists) or an integer index into the train
 split. BN calibration uses training images with or without labels (it needs none).
 
-Under N processes the features are gathered and deduplicated by sample index, every rank trains
-the same head on the same data with the same seed, and rank 0's head is broadcast (bit-equal heads
-on every rank). The backbone's parameters are compared with a copy at the end: any change raises.
+Under N processes BN is calibrated on the same batches as on 1 process (eval_knn.calibration_shard:
+a seeded draw from the training pool, rank r forwarding batches r, r + N, ...), the features are
+gathered and deduplicated by sample index (eval_knn.extract_features), every rank trains the same
+head on the same data with the same seed, and rank 0's head is broadcast (bit-equal heads on every
+rank): N processes give 1 process's numbers (tested with 2 CPU processes, fp32). The backbone's
+parameters are compared with a copy at the end: any change raises.
 
     python eval_linear.py --ckpt=out/run/backbone.pt --widths=1.0,0.5,0.25 --out_dir=out/run/linear
     python eval_linear.py --ckpt=out/run/backbone.pt --teacher --label_fraction=0.1 --out_dir=out/run/lin10
@@ -44,7 +47,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +61,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
-from eval_knn import _autocast, _world, calibration_batches  # one definition of each, shared
+from eval_knn import (_all_gather_rows, _autocast, _Progress, _world, calibration_shard,  # shared
+                      extract_features, networks_to_eval)
 from models import ARCHS, calibrate_bn, load_backbone, profile, set_active
 from utils import run, save_config
 
@@ -70,7 +74,8 @@ class Config:
     arch: str = "resnet18_cifar"  # models.ARCHS key, used without --ckpt (a checkpoint names its own)
     data_path: str = "data/cifar10"  # see data.py; `python data.py extract-cifar10` makes this one
     dataset: str = ""  # cifar10 | cifar100 | imagenet (normalization, transforms); empty = the ckpt's, else cifar10
-    widths: list[float] | None = None  # evaluated widths; None = the ckpt's list, else [1.0, 0.5, 0.25]
+    widths: list[float] = field(default_factory=list)  # evaluated widths; empty = the ckpt's widths or DSPNet
+    # dns (every desired network), else 1.0, 0.75, 0.5, 0.25
     depth: list[int] | None = None  # per-stage blocks (DSPNet ResNets); None = full depth
     mode: str = "cached"  # cached: head on cached features (fast) | augment: on-the-fly augmentation (papers)
     label_fraction: float = 0.0  # semi-supervised: 0.01 or 0.1 of the training labels (class-balanced); 0 = all
@@ -82,51 +87,11 @@ class Config:
     base_lr: float = 0.1  # lr = base_lr * global batch / 256, cosine to 0; features are standardized by the head's BN
     momentum: float = 0.9  # SGD (Nesterov) momentum of the head
     weight_decay: float = 0.0  # head weight decay (MAE/MoCo v3 linear probes: 0); try 5e-4 with 1% labels
-    calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), from the training pool
+    calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), training pool, same for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
     autocast: bool = True  # bf16 autocast for the backbone where supported (CPU too); features stay fp32
     seed: int = 0  # subsets, label fractions, calibration images, head init and data order
     out_dir: str = "out/linear"  # config.yaml, results.json, linear.png
-
-
-def _gather(t):
-    """all_gather of a (n, ...) tensor whose n differs by rank, concatenated in rank order."""
-    if _world()[1] == 1:
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    ns = [torch.empty_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(ns, n)
-    ns = [int(k) for k in ns]
-    pad = torch.cat([t, t.new_zeros((max(ns) - t.shape[0], *t.shape[1:]))])
-    out = [torch.empty_like(pad) for _ in ns]
-    dist.all_gather(out, pad)
-    return torch.cat([o[:k] for o, k in zip(out, ns)])
-
-
-@torch.no_grad()
-def extract(model, loader, device, autocast=True, desc="extract"):
-    """(features (N, D) float32, labels (N,), indices (N,)) of the loader's (x, y, idx) batches,
-    gathered over processes and sorted by sample index (each sample once). Unlike
-    eval_knn.extract_features the features are raw, not L2-normalized. Every rank needs a non-empty
-    shard (the feature size comes from it)."""
-    was_training = model.training
-    model.eval()
-    feats, labels, idxs = [], [], []
-    try:
-        with _autocast(device, autocast):
-            for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=_world()[0] != 0):
-                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                feats.append(model(x).float())
-                labels.append(y.to(device))
-                idxs.append(idx.to(device))
-    finally:
-        model.train(was_training)
-    feats, labels, idxs = _gather(torch.cat(feats)), _gather(torch.cat(labels)), _gather(torch.cat(idxs))
-    order = torch.argsort(idxs, stable=True)
-    keep = torch.ones_like(order, dtype=torch.bool)
-    keep[1:] = idxs[order][1:] != idxs[order][:-1]  # padded duplicates are the same sample: keep one
-    order = order[keep]
-    return feats[order], labels[order], idxs[order]
 
 
 def make_head(dim, num_classes):
@@ -214,7 +179,9 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
         for x, y, _ in loader:
             with torch.no_grad(), _autocast(device, cfg.autocast):
                 f = backbone(x.to(device).contiguous(memory_format=torch.channels_last)).float()
-            f, y = _gather(f), _gather(y.to(device))  # (B, D) per rank -> (B * world, D), same on all ranks
+            y = y.to(device)
+            if world > 1:  # (B, D) per rank -> (B * world, D), the same on every rank (EpochSampler: equal B)
+                f, y = torch.cat(_all_gather_rows(f, len(f))), torch.cat(_all_gather_rows(y, len(y)))
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = F.cross_entropy(head(f), y)
@@ -297,19 +264,19 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ws = sorted(results, key=float)
-    top1 = [100 * results[w]["top1"] for w in ws]
+    ws = sorted(results, key=lambda n: results[n]["macs"])  # widths or DNs, smallest first
+    top1 = [100 * results[n]["top1"] for n in ws]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    mmacs = [results[w]["macs"] / 1e6 for w in ws]
+    mmacs = [results[n]["macs"] / 1e6 for n in ws]
     axes[0].plot(mmacs, top1, "o-")
     axes[0].set(xlabel="MMACs (log scale)", ylabel="linear top-1 (%)", xscale="log")
     axes[0].minorticks_off()
     axes[0].set_xticks(mmacs, [f"{m:.3g}" for m in mmacs])
     axes[0].margins(x=0.15, y=0.15)
-    axes[1].plot([float(w) for w in ws], top1, "o-")
+    axes[1].plot([results[n]["width"] for n in ws], top1, "o")
     axes[1].set(xlabel="width", ylabel="linear top-1 (%)")
-    for w, a in zip(ws, top1):
-        axes[0].annotate(f"{float(w):g}x", (results[w]["macs"] / 1e6, a), textcoords="offset points", xytext=(5, 5))
+    for n, a in zip(ws, top1):
+        axes[0].annotate(n, (results[n]["macs"] / 1e6, a), textcoords="offset points", xytext=(5, 5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -324,14 +291,13 @@ def main(cfg, backbone=None):
         raise ValueError(f"mode must be cached or augment, got {cfg.mode!r}")
     torch.manual_seed(cfg.seed)  # a random-init baseline must be the same network on every rank
     if backbone is not None:
-        arch, dataset, widths = type(backbone).__name__, cfg.dataset or "cifar10", cfg.widths or [1.0, 0.5, 0.25]
+        arch, dataset, ckpt = type(backbone).__name__, cfg.dataset or "cifar10", {}
     elif cfg.ckpt:
         backbone, ckpt = load_backbone(cfg.ckpt, teacher=cfg.teacher)
         arch, dataset = ckpt["arch"], cfg.dataset or ckpt.get("config", {}).get("dataset", "cifar10")
-        widths = cfg.widths or ckpt.get("widths") or [1.0, 0.5, 0.25]
     else:
-        backbone, arch, dataset, widths = ARCHS[cfg.arch](), cfg.arch, cfg.dataset or "cifar10", cfg.widths
-        widths = widths or [1.0, 0.5, 0.25]
+        backbone, arch, dataset, ckpt = ARCHS[cfg.arch](), cfg.arch, cfg.dataset or "cifar10", {}
+    nets = networks_to_eval(cfg, ckpt)  # widths, or every DN of a DSPNet checkpoint
     backbone = backbone.to(device).requires_grad_(False).eval()
     before = _params(backbone)
     if accelerator.is_main_process:
@@ -348,7 +314,9 @@ def main(cfg, backbone=None):
         return DataLoader(Subset(ds, np.asarray(idx)[rank::world].tolist()), batch_size=cfg.batch_size,
                           num_workers=cfg.num_workers)
 
-    calib = calibration_batches(shard(train, pool), cfg.calib_images, cfg.seed)
+    # NOTE: the same calibration batches for any process count (eval_knn.calibration_shard), drawn from
+    # the training pool (labels unused): with per-rank draws N processes would not give 1 process's numbers
+    calib = calibration_shard(train, cfg.calib_images, cfg.batch_size, cfg.seed, cfg.num_workers, pool=pool)
     train_loader, test_loader = shard(train, labeled), shard(test, np.arange(len(test)))
     counts = np.bincount(train.labels[labeled], minlength=num_classes)
     head_lr = cfg.base_lr * cfg.batch_size * (world if cfg.mode == "augment" else 1) / 256  # printed, not stored
@@ -358,15 +326,17 @@ def main(cfg, backbone=None):
                       f"{world} process(es); head lr {head_lr:g}")
 
     results, input_size = {}, 32 if dataset.startswith("cifar") else 224
-    for w in widths:
+    for name, w, depth in nets:
         t0 = time.perf_counter()
         with _autocast(device, cfg.autocast):  # statistics of the network as it will run
-            calibrate_bn(backbone, calib, w, cfg.depth, all_reduce=world > 1)
+            calibrate_bn(backbone, calib, w, depth, all_reduce=world > 1)
         backbone.eval()
         t1 = time.perf_counter()
-        test_x, test_y, _ = extract(backbone, test_loader, device, cfg.autocast, desc=f"test {w:g}x")
+        test_x, test_y, _ = extract_features(backbone, _Progress(test_loader, rank != 0, f"test {name}"), device,
+                                             cfg.autocast, normalize=False)
         if cfg.mode == "cached":
-            train_x, train_y, _ = extract(backbone, train_loader, device, cfg.autocast, desc=f"train {w:g}x")
+            train_x, train_y, _ = extract_features(backbone, _Progress(train_loader, rank != 0, f"train {name}"),
+                                                   device, cfg.autocast, normalize=False)
             t2 = time.perf_counter()
             head = train_head_cached(train_x, train_y, num_classes, cfg.epochs, cfg.batch_size, cfg.base_lr,
                                      cfg.momentum, cfg.weight_decay, cfg.seed)
@@ -380,18 +350,19 @@ def main(cfg, backbone=None):
                 dist.broadcast(t, 0)
         t3 = time.perf_counter()
         top1, top5 = accuracy(head, test_x, test_y)
-        params, macs = profile(backbone, w, cfg.depth, input_size)  # NOTE: resets the width to 1.0
-        results[f"{w}"] = {"top1": top1, "top5": top5, "params": params, "macs": macs, "dim": test_x.shape[1],
+        params, macs = profile(backbone, w, depth, input_size)  # NOTE: resets the width to 1.0
+        results[name] = {"top1": top1, "top5": top5, "params": params, "macs": macs, "dim": test_x.shape[1],
+                         "width": w, "depth": depth,
                            "seconds": {"calibrate": t1 - t0, "extract": t2 - t1, "train_head": t3 - t2}}
-        accelerator.print(f"width {w:g}: top-1 {100 * top1:.2f}%  seconds: calibrate {t1 - t0:.1f}, "
+        accelerator.print(f"{name}: top-1 {100 * top1:.2f}%  seconds: calibrate {t1 - t0:.1f}, "
                           f"extract {t2 - t1:.1f}, head {t3 - t2:.1f}")
     set_active(backbone, 1.0)
     if any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters())):
         raise RuntimeError("linear evaluation changed the backbone's parameters")
 
-    accelerator.print(f"\n{'width':>6} {'params (M)':>10} {'MMACs':>8} {'top-1':>7} {'top-5':>7}")
-    for w, r in results.items():
-        accelerator.print(f"{float(w):>6g} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>8.1f} "
+    accelerator.print(f"\n{'network':>16} {'params (M)':>10} {'MMACs':>8} {'top-1':>7} {'top-5':>7}")
+    for name, r in results.items():
+        accelerator.print(f"{name:>16} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>8.1f} "
                           f"{100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}%")
     if accelerator.is_main_process:
         os.makedirs(cfg.out_dir, exist_ok=True)

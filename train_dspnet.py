@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import losses
 from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
-from eval_knn import build_knn_loaders, calibration_batches, knn_eval
+from eval_knn import build_knn_loaders, calibration_batches, knn_eval, net_name
 from models import ARCHS, SlimBatchNorm2d, profile, projection_mlp, set_active
 from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups,
                    run, save_config, warmup_cosine)
@@ -301,8 +301,8 @@ def main(cfg):
 
 
 def dn_name(dn):
-    """'1.0' for a width-only DN, '0.667_d2-2-2-2' with a depth: the keys of log.jsonl and results.json."""
-    return repr(round(dn["width"], 4)) + (f"_d{'-'.join(map(str, dn['depth']))}" if dn["depth"] else "")
+    """'1.0' for a width-only DN, '0.6667_d2-2-2-2' with a depth: keys of log.jsonl and results.json."""
+    return net_name(dn["width"], dn["depth"])
 
 
 def train_step(online, target, x, dns, autocast, log=False):

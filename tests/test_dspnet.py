@@ -160,7 +160,13 @@ def test_smoke_run_backbone_and_eval_lists_every_dn(cifar_small, tmp_path):
     p = run([sys.executable, "eval_knn.py", f"--ckpt={out / 'backbone.pt'}", f"--data_path={cifar_small}",
              f"--out_dir={tmp_path / 'knn'}", "--bank_subset=100", "--test_subset=50", "--k=20", "--num_workers=0"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert len(json.loads((tmp_path / "knn" / "results.json").read_text())) == 4  # every DN
+    names = ["1.0", "0.5", "0.5_d1-1-1-1", "0.25_d1-1-1-1"]  # every DN, largest first
+    assert list(json.loads((tmp_path / "knn" / "results.json").read_text())) == names
+    p = run([sys.executable, "eval_linear.py", f"--ckpt={out / 'backbone.pt'}", f"--data_path={cifar_small}",
+             f"--out_dir={tmp_path / 'lin'}", "--train_subset=100", "--test_subset=50", "--calib_images=50",
+             "--batch_size=25", "--epochs=2"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(json.loads((tmp_path / "lin" / "results.json").read_text())) == names
     p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out)])
     assert p.returncode == 0 and "nothing to do" in p.stdout
 

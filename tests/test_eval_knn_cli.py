@@ -71,10 +71,11 @@ def test_checkpoint_widths_and_dns(cifar_small, tmp_path):
     main([f"--ckpt={tmp_path / 'backbone.pt'}", "--teacher", f"--data_path={cifar_small}",
           f"--out_dir={tmp_path / 'a'}", *FAST])
     check_results(tmp_path / "a", ["1.0", "0.5"])  # the checkpoint's default widths
-    make_ckpt(tmp_path / "dsp.pt", dns=[{"width": 2 / 3, "depth": [1, 1, 1, 1]}, {"width": 1.0, "depth": [2, 2, 2, 2]}])
+    make_ckpt(tmp_path / "dsp.pt", dns=[{"width": 1.0, "depth": None}, {"width": 1.0, "depth": [2, 1, 1, 1]},
+                                       {"width": 2 / 3, "depth": [1, 1, 1, 1]}])  # as train_dspnet.py saves them
     main([f"--ckpt={tmp_path / 'dsp.pt'}", f"--data_path={cifar_small}", f"--out_dir={tmp_path / 'b'}", *FAST])
-    res = check_results(tmp_path / "b", ["w0.667_d1-1-1-1", "w1_d2-2-2-2"])
-    assert res["w0.667_d1-1-1-1"]["macs"] < res["w1_d2-2-2-2"]["macs"]
+    res = check_results(tmp_path / "b", ["1.0", "1.0_d2-1-1-1", "0.6667_d1-1-1-1"])  # every DN, by default
+    assert res["0.6667_d1-1-1-1"]["macs"] < res["1.0_d2-1-1-1"]["macs"] < res["1.0"]["macs"]
 
 
 @pytest.mark.parametrize("args,message", [

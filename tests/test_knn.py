@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from eval_knn import (build_knn_loaders, calibration_batches, extract_features, knn_accuracy, knn_eval,
-                      knn_predict)
+import eval_knn
+from eval_knn import (build_knn_loaders, calibration_batches, calibration_shard, extract_features, knn_accuracy,
+                      knn_eval, knn_predict)
 from data import build_dataset, eval_transform
 from models import ARCHS, BasicBlock, ResNet, SlimConv2d, calibrate_bn
 
@@ -66,6 +67,9 @@ def test_knn_eval_tiny_resnet(cifar_small):
     assert feats.dtype == torch.float32 and feats.shape == (30, 512) and model.training
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(30))
     assert torch.equal(idx, torch.arange(30)) and torch.equal(labels, torch.as_tensor(test.dataset.labels))
+    raw, raw_labels, raw_idx = extract_features(model, test, torch.device("cpu"), normalize=False)  # eval_linear's
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(30)) and torch.equal(raw_idx, idx)
+    torch.testing.assert_close(F.normalize(raw, dim=1), feats)
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     details = {}
@@ -80,6 +84,40 @@ def test_knn_eval_tiny_resnet(cifar_small):
     model.eval()
     knn_eval(model, bank, test, iter(calib), [0.25, 0.5], torch.device("cpu"), k=20)  # a one-shot iterator
     assert not model.training
+
+
+class Indexed(Dataset):
+    """Sample i is the image tensor([i]): a calibration batch shows which samples it holds."""
+
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        return torch.tensor([i]), 0
+
+
+def test_calibration_shard_same_batches_for_any_process_count(monkeypatch):
+    """The calibration set of the CLIs: one seeded draw (within a pool of indices if given), cut into
+    batches; rank r of N takes batches r, r + N, ... so N processes forward 1 process's batches."""
+    pool = list(range(10, 40, 2))  # 15 indices
+    one = [b.flatten().tolist() for b in calibration_shard(Indexed(), 11, 3, seed=0, pool=pool)]
+    assert [len(b) for b in one] == [3, 3, 3, 2]
+    flat = sum(one, [])
+    assert flat == sorted(set(flat)) and set(flat) <= set(pool)  # 11 distinct pool indices, in order
+    assert flat != sum([b.flatten().tolist() for b in calibration_shard(Indexed(), 11, 3, seed=1, pool=pool)], [])
+    for world in (2, 3):
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(eval_knn, "_world", lambda rank=rank, world=world: (rank, world))
+            shares.append([b.flatten().tolist() for b in calibration_shard(Indexed(), 11, 3, seed=0, pool=pool)])
+        assert shares == [one[r::world] for r in range(world)]
+    monkeypatch.setattr(eval_knn, "_world", lambda: (0, 5))
+    with pytest.raises(ValueError, match="4 calibration batch"):  # every rank raises: none hangs
+        calibration_shard(Indexed(), 11, 3, pool=pool)
+    # without a pool: the whole dataset, as calibration_batches draws on 1 process
+    monkeypatch.setattr(eval_knn, "_world", lambda: (0, 1))
+    ref = calibration_batches(DataLoader(Indexed(), batch_size=8), 20, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(calibration_shard(Indexed(), 20, 8, seed=3), ref, strict=True))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -113,7 +151,9 @@ def run_all(data_path):
     ds = Synthetic()
     sampler = DistributedSampler(ds, shuffle=False) if dist.is_initialized() else None
     calibrate_bn(model, [torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))])
-    out["padded"] = extract_features(model, DataLoader(ds, batch_size=4, sampler=sampler), cpu, autocast=False)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler)
+    out["padded"] = extract_features(model, loader, cpu, autocast=False)
+    out["raw"] = extract_features(model, loader, cpu, autocast=False, normalize=False)  # eval_linear's features
     # build_knn_loaders' rank slices: 51 test images -> shards of 26 and 25
     bank, test = build_knn_loaders(data_path, "cifar10", 16, bank_subset=60, test_subset=51)
     out["test"] = extract_features(model, test, cpu, autocast=False)
@@ -149,7 +189,7 @@ def test_two_processes_equal_one(cifar_small, tmp_path):
     ranks = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     assert [got["shard"] for got in ranks] == [26, 25]  # unequal shards
     for got in ranks:
-        for key in ("padded", "test"):
+        for key in ("padded", "raw", "test"):
             feats, labels, idx = got[key]
             torch.testing.assert_close(feats, ref[key][0], rtol=0, atol=1e-6)
             assert torch.equal(labels, ref[key][1]) and torch.equal(idx, ref[key][2])

@@ -151,9 +151,11 @@ def test_linear_recipe_loads(name):
 
 def run_cli(data, out, launcher=(), env=None, **over):
     args = {"arch": "resnet18_cifar", "data_path": data, "out_dir": out, "widths": "1.0,0.25", "epochs": 5,
-            "batch_size": 100, "calib_images": 50, "test_subset": 50, **over}
+            "batch_size": 25, "calib_images": 60, "test_subset": 50, "train_subset": 100, "label_fraction": 0.5,
+            "autocast": "false", **over}
     cmd = [*launcher, "eval_linear.py", *[f"--{k}={v}" for k, v in args.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if launcher[1:] else "2", **(env or {})}
+    # NOTE: one thread in both runs, so that a thread count cannot change a floating-point sum order
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -166,21 +168,37 @@ def check_outputs(out, stdout, processes):
     assert res["1.0"]["macs"] > res["0.25"]["macs"] > 0 and res["1.0"]["params"] > res["0.25"]["params"]
     assert (out / "linear.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.yaml").is_file()
+    # semi-supervised in a train subset: half of a 100-image pool labeled, 50 test images
+    assert "50 labeled training images (5-5 per class), pool 100, 50 test images" in stdout
+    assert "top-1" in stdout and "MMACs" in stdout
     return res
 
 
-def test_cli_random_init(cifar_small, tmp_path):
-    p = run_cli(cifar_small, tmp_path / "run", launcher=[sys.executable], label_fraction=0.5)
+@pytest.fixture(scope="module")
+def one_process(cifar_small, tmp_path_factory):
+    """The 1-process CLI run, checked by one test and the reference of the 2-process one."""
+    out = tmp_path_factory.mktemp("linear_one") / "run"
+    return out, run_cli(cifar_small, out, launcher=[sys.executable])
+
+
+def test_cli_random_init(one_process):
+    out, p = one_process
     assert p.returncode == 0, p.stderr[-3000:]
-    check_outputs(tmp_path / "run", p.stdout, 1)
-    assert "100 labeled training images (10-10 per class)" in p.stdout
-    assert "top-1" in p.stdout and "MMACs" in p.stdout
+    check_outputs(out, p.stdout, 1)
 
 
-def test_cli_two_cpu_processes(cifar_small, tmp_path):
+def test_cli_two_cpu_processes_equal_one(cifar_small, one_process, tmp_path):
+    """2 processes: the same calibration batches (drawn from the pool), gathered features and head,
+    so every number of results.json but the timings equals the 1-process run's."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--main_process_port", "29531"]
     p = run_cli(cifar_small, tmp_path / "run", launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
     assert p.returncode == 0, p.stderr[-3000:]
-    check_outputs(tmp_path / "run", p.stdout, 2)
-    assert "200 labeled training images" in p.stdout and "50 test images" in p.stdout
+    got = check_outputs(tmp_path / "run", p.stdout, 2)
+    ref_out, ref_p = one_process
+    assert ref_p.returncode == 0, ref_p.stderr[-3000:]
+    ref = json.loads((ref_out / "results.json").read_text())
+    for res in (got, ref):
+        for r in res.values():
+            del r["seconds"]
+    assert got == ref

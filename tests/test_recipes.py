@@ -1,6 +1,7 @@
 """Every yaml recipe loads against its script's Config, and the README's commands run as written
 (with tiny overrides where the real command would take minutes)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import train_dspnet
+from models import ARCHS
 from train_us3l import Config, check_config
 from utils import parse_config
 
@@ -15,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
                 "vit_tiny_cifar10"]
 LINEAR_RECIPES = ["linear_cifar", "linear_in"]  # eval_linear.py; loaded in tests/test_linear.py
+DSPNET_RECIPES = ["dspnet_cifar10_quick", "mbv3_in", "resnet_dn9_in"]
 
 
 @pytest.mark.parametrize("name", US3L_RECIPES)
@@ -23,8 +27,16 @@ def test_us3l_recipe_loads(name):
     check_config(cfg)
 
 
+@pytest.mark.parametrize("name", DSPNET_RECIPES)
+def test_dspnet_recipe_loads(name):
+    cfg = parse_config(train_dspnet.Config, ["--config", str(REPO / "yaml" / f"{name}.yaml")])
+    dns, _ = train_dspnet.parse_dns(cfg, ARCHS[cfg.arch]())  # every DN fits the arch
+    assert dns[0]["width"] == 1.0 and len(dns) == len(cfg.dns)
+
+
 def test_every_recipe_has_a_test():
-    assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES + LINEAR_RECIPES)
+    assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES + LINEAR_RECIPES
+                                                                             + DSPNET_RECIPES)
 
 
 def readme_commands():
@@ -38,19 +50,31 @@ def test_readme_lists_the_two_setup_commands_first():
 
 
 def test_readme_commands_run(cifar_small, tmp_path):
-    """Each README command, as written, with overrides that make the training ones take seconds."""
+    """Each README command, as written, with overrides that make the training ones take seconds and
+    the evaluations run on a few images. The evaluations read the checkpoint of the tiny `make
+    quick` run (its out_dir stands in for out/cifar10_quick), which the README lists before them."""
     tiny = (f"--data_path={cifar_small} --out_dir={tmp_path}/run --max_steps=2 --batch_size=16 --log_every=1 "
             "--knn_bank_subset=50 --knn_test_subset=20 --proj_hidden=64 --proj_dim=32 --knn_k=10")
-    ran = 0
+    tiny_eval = {"eval_knn.py": "--bank_subset=60 --test_subset=30 --calib_images=40 --batch_size=20 --k=5,20",
+                 "eval_linear.py": "--test_subset=30 --calib_images=40 --batch_size=20 --epochs=2"}
+    ran, evals = 0, 0
     for cmd in readme_commands():
         if cmd in ("make test", "source .venv/bin/activate") or cmd.startswith("accelerate launch"):
             continue  # make test is this suite; activation is implicit; ImageNet needs a GPU node
+        is_eval = cmd.split()[:2] in (["python", "eval_knn.py"], ["python", "eval_linear.py"])
         if cmd.startswith("make quick"):
             cmd = f'make quick QUICK_ARGS="{tiny}"'
         elif cmd.startswith("python train_us3l.py"):
             cmd = f"{cmd} {tiny}"
+        elif is_eval:
+            cmd = cmd.replace("out/cifar10_quick/backbone.pt", f"{tmp_path}/run/backbone.pt")
+            cmd = f"{cmd} {tiny_eval[cmd.split()[1]]} --data_path={cifar_small} --out_dir={tmp_path}/eval{evals}"
+            evals += 1
         cmd = cmd.replace("python ", f"{sys.executable} ", 1) if cmd.startswith("python ") else cmd
         p = subprocess.run(cmd, shell=True, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README command failed: {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
         ran += 1
-    assert ran >= 3
+        if is_eval:  # a table and results.json for the 4 widths (the last --out_dir wins)
+            res = json.loads((tmp_path / f"eval{evals - 1}" / "results.json").read_text())
+            assert "MMACs" in p.stdout and sorted(float(w) for w in res) == [0.25, 0.5, 0.75, 1.0], p.stdout
+    assert ran >= 3 and evals >= 4
