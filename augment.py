@@ -26,6 +26,7 @@ as fast, the 224 px batched path is meant for GPUs.
 """
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import MEAN_STD
+from data import (MEAN_STD, EpochSampler, SeededViews, beton_labels, build_dataset, build_ffcv_loader,
+                  pretrain_transform, subset_indices)
 
 # The reference's constants (data.byol_view); tests/test_augment.py checks them against it.
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
@@ -375,3 +377,89 @@ class DeviceLoader:
                 seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + step) * 1_000_033 + self.rank
                 x = self.augment(x, self.generator.manual_seed(seed % 2**63))
             yield (x, y, idx) if self.return_index else (x, y)
+
+
+# -----------------------------------------------------------------------------
+# The trainers' choice (config key `loader`): every kind has set_epoch(epoch, start), steps() and
+# yields ((v1, v2), labels), the views normalized float (B, 3, size, size); same order per (seed, epoch).
+
+
+class TorchLoader:
+    """The reference path: PIL + torchvision per sample in DataLoader workers (data.SeededViews: the
+    views are a function of (seed, epoch, index), whatever the process count), a new DataLoader per
+    epoch over data.EpochSampler, batches copied to the device by the trainer."""
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world=1, num_workers=0, pin_memory=False):
+        self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.num_workers, self.pin_memory, self.epoch, self.start = num_workers, pin_memory, 0, 0
+        if self.steps() == 0:
+            raise ValueError(f"batch_size {batch_size} x {world} processes exceeds the {len(dataset)} images")
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def steps(self):
+        return len(self.dataset) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        sampler = EpochSampler(len(self.dataset), self.batch_size, self.epoch, self.start, self.seed, self.rank,
+                               self.world)
+        return iter(torch.utils.data.DataLoader(
+            SeededViews(self.dataset, self.seed), self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, drop_last=True, persistent_workers=False))
+
+
+class FFCVViews:
+    """data.build_ffcv_loader (decode + RandomResizedCrop + flip per view in FFCV, uint8 on the device)
+    followed by the rest of each BYOL view batched here (crop=False). The augmentation generator is
+    seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG (not reproducible)."""
+
+    def __init__(self, path, dataset, size, batch_size, seed, rank, world, device, num_workers=None, subset=0):
+        rows = None
+        if subset:
+            rows = subset_indices(beton_labels(path), subset)
+        self.loader = build_ffcv_loader(path, batch_size, size, seed=seed, rank=rank, world=world, device=device,
+                                        indices=rows, num_workers=num_workers)
+        self.n = len(rows) if rows is not None else len(beton_labels(path))
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.view1 = BatchAugment(dataset, size, 1, crop=False).to(device)
+        self.view2 = BatchAugment(dataset, size, 2, crop=False).to(device)
+        self.generator, self.epoch, self.start = torch.Generator(device), 0, 0
+        if self.steps() == 0:
+            raise ValueError(f"batch_size {batch_size} x {world} processes exceeds the {self.n} images of {path}")
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+        self.loader.set_epoch(epoch, start)
+
+    def steps(self):
+        return self.n // (self.batch_size * self.world)
+
+    def __iter__(self):
+        for k, ((v1, v2), y) in enumerate(self.loader, start=self.start):
+            seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + k) * 1_000_033 + self.rank
+            g = self.generator.manual_seed(seed % 2**63)
+            yield (self.view1(v1, g), self.view2(v2, g)), y
+
+
+def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, subset=0, seed=0, rank=0, world=1,
+                       device="cpu", num_workers=0):
+    """The two-view pretraining loader of config key `loader`:
+    torch:  TorchLoader over data_path (the reference; any source, per-sample CPU augmentation);
+    device: DeviceLoader, data_path's train split decoded once into device memory (CIFAR scale),
+            TwoViewAugment per batch on the device;
+    ffcv:   FFCVViews over ffcv_path/train.beton (written by `python data.py write-beton`)."""
+    if kind == "torch":
+        ds = build_dataset(data_path, "train", pretrain_transform(dataset, size), subset=subset)
+        return TorchLoader(ds, batch_size, seed, rank, world, num_workers, pin_memory=torch.device(device).type == "cuda")
+    if kind == "device":
+        aug = TwoViewAugment(dataset, size).to(device)
+        return DeviceLoader(build_dataset(data_path, "train", subset=subset), batch_size, device, aug, seed=seed,
+                            rank=rank, world=world, num_workers=num_workers)
+    if kind == "ffcv":
+        path = os.path.join(ffcv_path, "train.beton")
+        if not ffcv_path or not os.path.isfile(path):
+            raise FileNotFoundError(f"loader=ffcv needs ffcv_path, a folder with train.beton: {path!r} not found. "
+                                    f"Write it once: python data.py write-beton --data_path {data_path} --out DIR")
+        return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset)
+    raise ValueError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

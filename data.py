@@ -498,17 +498,19 @@ def build_ffcv_loader(path, batch_size, size, epoch=0, start=0, seed=0, rank=0, 
 
 
 def build_ffcv_eval_loader(path, batch_size, size, rank=0, world=1, device="cpu", crop_ratio=None,
-                           num_workers=None, batches_ahead=3):
+                           num_workers=None, batches_ahead=3, indices=None):
     """One center crop in file order, for features (kNN, linear): yields (x, y, idx), x uint8
     (B, 3, size, size), idx the rows. Rank r reads the r-th of `world` equal contiguous shares, the
     last padded with the first rows (as DistributedSampler): every rank runs the same batches; dedupe
     by idx after gathering. crop_ratio: crop side / shorter side, resized to size; None: 1.0 at size
-    <= 64 (CIFAR: the whole image, as eval_transform) else 224/256 (Resize + CenterCrop)."""
+    <= 64 (CIFAR: the whole image, as eval_transform) else 224/256 (Resize + CenterCrop).
+    indices: only these rows (e.g. a labeled subset), in the given order."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 
-    n = len(beton_labels(path))
+    rows = np.arange(len(beton_labels(path))) if indices is None else np.asarray(indices, dtype=np.int64)
+    n = len(rows)
     per = -(-n // world)  # ceil
-    order = np.arange(per * world)[rank * per:(rank + 1) * per] % n
+    order = rows[np.arange(per * world)[rank * per:(rank + 1) * per] % n]
     ratio = crop_ratio or (1.0 if size <= 64 else 224 / 256)
     pipes = {"image": [CenterCropRGBImageDecoder((size, size), ratio), *_to_device_image(device, flip=False)]}
     return FFCVLoader(path, batch_size, pipes, "eval", device, lambda epoch, start: order[start * batch_size:],

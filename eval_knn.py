@@ -279,14 +279,19 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
 
 
 def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_subset=0, num_workers=0,
-                      seed=0, cache=False):
+                      seed=0, cache=False, loader="torch", ffcv_path="", device="cpu", rows=None):
     """(bank_loader, test_loader): the train split (bank) and the test split with the eval
     transform, optionally class-balanced seeded subsets (0 = all), yielding (x, y, idx) in a fixed
     order. Under N processes (call it after the process group is up, e.g. after Accelerator())
     each rank loads samples rank, rank + N, ... (shards differ by at most one sample, no padding);
     extract_features gathers them back by idx. cache: decode and transform once, keep the
     (rank's) images in memory as tensors: for the training monitor on CIFAR-scale data (a 10k
-    bank is 123 MB), where JPEG decoding would otherwise cost about as much as a 0.25x forward."""
+    bank is 123 MB), where JPEG decoding would otherwise cost about as much as a 0.25x forward.
+    loader: torch (DataLoader, as above) | device (cached, and the tensors kept on `device`,
+    batches sliced there) | ffcv (ffcv_path/train.beton and test.beton, center crops decoded by
+    FFCV onto the device, normalized there; no subsets, but rows={"train"|"test": rows} picks rows)."""
+    if loader == "ffcv":
+        return _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows or {})
     rank, world = _world()
     loaders = []
     for split, subset in (("train", bank_subset), ("test", test_subset)):
@@ -294,12 +299,60 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
                            return_index=True)
         if world > 1:
             ds = Subset(ds, range(rank, len(ds), world))
-        if cache:
+        if cache or loader == "device":
             x, y, idx = zip(*DataLoader(ds, batch_size=256, num_workers=num_workers))
             ds, num_workers = TensorDataset(torch.cat(x), torch.cat(y), torch.cat(idx)), 0
+            if loader == "device":
+                loaders.append(_DeviceBatches([t.to(device) for t in ds.tensors], batch_size))
+                continue
         loaders.append(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0))
     return tuple(loaders)
+
+
+class _DeviceBatches:
+    """Re-iterable (x, y, idx) batches sliced from tensors already on the device; .dataset,
+    .batch_size and .num_workers as a DataLoader's (calibration_batches draws from it)."""
+
+    def __init__(self, tensors, batch_size):
+        self.tensors, self.batch_size, self.num_workers = tensors, batch_size, 0
+        self.dataset = TensorDataset(*tensors)
+
+    def __len__(self):
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.tensors[0]), self.batch_size):
+            yield tuple(t[i:i + self.batch_size] for t in self.tensors)
+
+
+def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows):
+    from data import MEAN_STD, build_ffcv_eval_loader
+
+    if bank_subset or test_subset:
+        raise ConfigError("config error: loader=ffcv reads whole .beton files: bank_subset and test_subset "
+                          "must be 0 (write a smaller .beton instead)")
+    paths = [os.path.join(ffcv_path, f"{split}.beton") for split in ("train", "test")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(f"config error: loader=ffcv: {', '.join(missing)} not found; write them with "
+                          "`python data.py write-beton --data_path DIR --out FFCV_PATH`")
+    rank, world = _world()
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset_name])
+    size = 32 if dataset_name.startswith("cifar") else 224
+
+    class Normalized:  # uint8 -> normalized float on the device, as eval_transform
+        def __init__(self, path, indices):
+            self.path, self.indices, self.loader = path, indices, None
+
+        def __iter__(self):  # the ffcv Loader is built on first use (each compiles its pipeline: seconds)
+            if self.loader is None:
+                self.loader = build_ffcv_eval_loader(self.path, batch_size, size, rank, world, device,
+                                                     indices=self.indices)
+            for x, y, idx in self.loader:
+                yield (x.float() / 255 - mean) / std, y.clone(), idx  # ffcv reuses its label buffers
+
+    return tuple(Normalized(p, rows.get(split)) for p, split in zip(paths, ("train", "test")))
 
 
 def fixed_calibration_batches(data_path, dataset_name, bank_subset, n_images, batch_size, seed=0, num_workers=0):
@@ -348,6 +401,9 @@ class Config:
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), same set for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
     cache: bool = False  # decode once, keep the eval images in memory (CIFAR scale; 10k images: 123 MB)
+    loader: str = "torch"  # torch | device (cached on the device) | ffcv (ffcv_path/{train,test}.beton; BN
+    # calibration images still come from data_path)
+    ffcv_path: str = ""  # loader=ffcv: the folder `python data.py write-beton` wrote
     autocast: bool = True  # bf16 autocast where supported (CPU too); features and search stay fp32
     seed: int = 0  # random-init weights, subsets and calibration images
     out_dir: str = "out/knn"  # results.json, knn.png, config.yaml
@@ -445,8 +501,11 @@ def main(cfg):
     if is_main:
         save_config(cfg, cfg.out_dir)
     model = model.to(device)
+    if cfg.loader not in ("torch", "device", "ffcv"):
+        raise ConfigError(f"config error: loader={cfg.loader!r}, allowed: torch, device, ffcv")
     bank_loader, test_loader = build_knn_loaders(cfg.data_path, dataset, cfg.batch_size, cfg.bank_subset,
-                                                 cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache)
+                                                 cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache,
+                                                 cfg.loader, cfg.ffcv_path, device)
     calib = fixed_calibration_batches(cfg.data_path, dataset, cfg.bank_subset, cfg.calib_images, cfg.batch_size,
                                       cfg.seed, cfg.num_workers)
     bank_p, test_p = _Progress(bank_loader, not is_main), _Progress(test_loader, not is_main)

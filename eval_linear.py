@@ -61,8 +61,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
-from eval_knn import (_all_gather_rows, _autocast, _Progress, _world, calibration_shard,  # shared
-                      extract_features, networks_to_eval)
+from eval_knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders,  # shared
+                      calibration_shard, extract_features, networks_to_eval)
 from models import ARCHS, calibrate_bn, load_backbone, profile, set_active
 from utils import run, save_config
 
@@ -89,6 +89,9 @@ class Config:
     weight_decay: float = 0.0  # head weight decay (MAE/MoCo v3 linear probes: 0); try 5e-4 with 1% labels
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), training pool, same for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
+    loader: str = "torch"  # feature extraction: torch | device (decoded once onto the device) | ffcv
+    # (ffcv_path/{train,test}.beton, rows = the same samples; calibration and augment mode read data_path)
+    ffcv_path: str = ""  # loader=ffcv: the folder `python data.py write-beton --data_path DATA_PATH` wrote
     autocast: bool = True  # bf16 autocast for the backbone where supported (CPU too); features stay fp32
     seed: int = 0  # subsets, label fractions, calibration images, head init and data order
     out_dir: str = "out/linear"  # config.yaml, results.json, linear.png
@@ -287,6 +290,8 @@ def main(cfg, backbone=None):
     (tests, notebooks); its parameters must come out unchanged."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
     device, (rank, world) = accelerator.device, _world()
+    if cfg.loader not in ("torch", "device", "ffcv"):
+        raise ValueError(f"loader must be torch, device or ffcv, got {cfg.loader!r}")
     if cfg.mode not in ("cached", "augment"):
         raise ValueError(f"mode must be cached or augment, got {cfg.mode!r}")
     torch.manual_seed(cfg.seed)  # a random-init baseline must be the same network on every rank
@@ -310,14 +315,21 @@ def main(cfg, backbone=None):
     pool, labeled = labeled_indices(train, cfg)
     num_classes = train.num_classes
 
-    def shard(ds, idx):
-        return DataLoader(Subset(ds, np.asarray(idx)[rank::world].tolist()), batch_size=cfg.batch_size,
-                          num_workers=cfg.num_workers)
+    def shard(ds, idx, split):  # this rank's share of the samples idx of ds, as (x, y, idx) batches
+        if cfg.loader == "ffcv":  # the same rows of the .beton (write_beton keeps build_dataset's order)
+            return build_knn_loaders("", dataset, cfg.batch_size, loader="ffcv", ffcv_path=cfg.ffcv_path,
+                                     device=device, rows={split: ds.indices[np.asarray(idx)]})[split == "test"]
+        loader = DataLoader(Subset(ds, np.asarray(idx)[rank::world].tolist()), batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers)
+        if cfg.loader == "device":  # decoded once, kept on the device (the features are extracted once anyway)
+            x, y, i = zip(*loader)
+            return _DeviceBatches([torch.cat(t).to(device) for t in (x, y, i)], cfg.batch_size)
+        return loader
 
     # NOTE: the same calibration batches for any process count (eval_knn.calibration_shard), drawn from
     # the training pool (labels unused): with per-rank draws N processes would not give 1 process's numbers
     calib = calibration_shard(train, cfg.calib_images, cfg.batch_size, cfg.seed, cfg.num_workers, pool=pool)
-    train_loader, test_loader = shard(train, labeled), shard(test, np.arange(len(test)))
+    train_loader, test_loader = shard(train, labeled, "train"), shard(test, np.arange(len(test)), "test")
     counts = np.bincount(train.labels[labeled], minlength=num_classes)
     head_lr = cfg.base_lr * cfg.batch_size * (world if cfg.mode == "augment" else 1) / 256  # printed, not stored
     accelerator.print(f"linear eval ({cfg.mode}) of {arch} {cfg.ckpt or '(random init)'}"

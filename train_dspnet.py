@@ -34,7 +34,8 @@ from accelerate.utils import broadcast
 from tqdm import tqdm
 
 import losses
-from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
+from augment import build_train_loader
+from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval, net_name
 from models import ARCHS, SlimBatchNorm2d, profile, projection_mlp, set_active
 from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups,
@@ -48,7 +49,10 @@ class Config:
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
-    num_workers: int = 2  # DataLoader workers per process
+    num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
+    loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
+    # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
+    ffcv_path: str = ""  # loader=ffcv: folder written by `python data.py write-beton` (the kNN monitor reads data_path)
     # model
     arch: str = "resnet18_cifar"  # a key of models.ARCHS; the whole online encoder (= the largest DN)
     dns: list[list[float]] = field(default_factory=lambda: [[1.0], [0.875], [0.75], [0.625], [0.5]])  # the
@@ -68,6 +72,7 @@ class Config:
     warmup_epochs: float = 10.0
     weight_decay: float = 1.5e-6
     optimizer: str = "lars"  # lars (biases and norms: no decay, no trust ratio) | sgd
+    lars_eta: float = 0.001  # LARS trust coefficient: a weight moves ~lr*eta of its norm per step (BYOL: 0.001)
     sgd_momentum: float = 0.9
     precision: str = "bf16"  # bf16 | fp16 | no
     seed: int = 0
@@ -123,7 +128,8 @@ def sample_dns(step, full_only_steps, num_dns, cfg):
 
 def main(cfg):
     for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no"),
-                         "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS)}.items():
+                         "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
+                         "loader": ("torch", "device", "ffcv")}.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if cfg.num_subnets < 1:
@@ -147,11 +153,9 @@ def main(cfg):
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
-    train_set = build_dataset(cfg.data_path, "train", pretrain_transform(cfg.dataset, size), subset=cfg.train_subset)
-    steps_per_epoch = len(train_set) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"config error: batch_size={cfg.batch_size} x {world} processes exceeds the "
-                         f"{len(train_set)} training images")
+    train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
+                                      cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers)
+    steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
     # with max_steps the epoch-based phases shrink with the run, as the schedules do
     scale = total / (cfg.epochs * steps_per_epoch)
@@ -159,7 +163,8 @@ def main(cfg):
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch * scale)
     bank_loader, test_loader = build_knn_loaders(
         cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
-        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"))
+        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
+        loader="device" if cfg.loader == "device" else "torch", device=device)
 
     # model: online = encoder + projector (first Linear takes any DN's width) + predictor;
     # target = EMA of encoder + projector, always full width and depth, never prepared
@@ -175,7 +180,7 @@ def main(cfg):
             m.stats_momentum = cfg.target_bn_momentum
     lr_peak = cfg.base_lr * cfg.batch_size * world / 256
     groups = param_groups(online.parameters(), cfg.weight_decay)  # no decay / adaptation for p.ndim <= 1
-    optimizer = (LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum) if cfg.optimizer == "lars"
+    optimizer = (LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum, eta=cfg.lars_eta) if cfg.optimizer == "lars"
                  else torch.optim.SGD(groups, lr=lr_peak, momentum=cfg.sgd_momentum))
     accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; global batch "
                       f"{cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, {total} steps "
@@ -228,11 +233,8 @@ def main(cfg):
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < total:
         epoch = step // steps_per_epoch
-        sampler = EpochSampler(len(train_set), cfg.batch_size, epoch, step % steps_per_epoch, cfg.seed, rank, world)
-        loader = torch.utils.data.DataLoader(
-            SeededViews(train_set, cfg.seed), cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
-        for (x1, x2), _ in loader:
+        train_loader.set_epoch(epoch, step % steps_per_epoch)
+        for (x1, x2), _ in train_loader:
             if step >= total:
                 break
             lr = warmup_cosine(step, total, warmup_steps, lr_peak)

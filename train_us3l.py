@@ -34,7 +34,8 @@ from accelerate.utils import broadcast
 from tqdm import tqdm
 
 import losses
-from data import EpochSampler, SeededViews, build_dataset, prepare_cifar10, pretrain_transform
+from augment import build_train_loader
+from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, projection_mlp, set_active
 from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, run, save_config,
@@ -48,7 +49,10 @@ class Config:
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs)
-    num_workers: int = 2  # DataLoader workers per process
+    num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
+    loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
+    # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
+    ffcv_path: str = ""  # loader=ffcv: folder written by `python data.py write-beton` (the kNN monitor reads data_path)
     # model
     arch: str = "resnet18_cifar"  # a key of models.ARCHS
     proj_hidden: int = 2048  # projector / heads hidden size
@@ -96,7 +100,8 @@ class Config:
 def check_config(cfg):
     choices = {"base_loss": ("infonce", "mse"), "distill_loss": ("mse", "infonce", "none"),
                "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no"),
-               "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS)}
+               "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
+               "loader": ("torch", "device", "ffcv")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
@@ -142,15 +147,14 @@ def main(cfg):
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
-    train_set = build_dataset(cfg.data_path, "train", pretrain_transform(cfg.dataset, size), subset=cfg.train_subset)
-    steps_per_epoch = len(train_set) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        raise ValueError(f"config error: batch_size={cfg.batch_size} x {world} processes exceeds the "
-                         f"{len(train_set)} training images")
+    train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
+                                      cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers)
+    steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
     bank_loader, test_loader = build_knn_loaders(  # CIFAR-size banks are decoded once and kept in memory
         cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
-        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"))
+        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
+        loader="device" if cfg.loader == "device" else "torch", device=device)
 
     # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
     # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
@@ -233,11 +237,8 @@ def main(cfg):
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < total:
         epoch = step // steps_per_epoch
-        sampler = EpochSampler(len(train_set), cfg.batch_size, epoch, step % steps_per_epoch, cfg.seed, rank, world)
-        loader = torch.utils.data.DataLoader(
-            SeededViews(train_set, cfg.seed), cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
-        for (x1, x2), _ in loader:
+        train_loader.set_epoch(epoch, step % steps_per_epoch)
+        for (x1, x2), _ in train_loader:
             if step >= total:
                 break
             lr = warmup_cosine(step, total, int(cfg.warmup_epochs * steps_per_epoch), lr_peak)

@@ -103,3 +103,23 @@ def test_two_processes_equal_one(cifar_small, tmp_path):
     assert "2 process(es)" in two.stdout
     ref, got = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert got == ref
+
+
+def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
+    """loader=device (tensors on the device) and loader=ffcv (a raw .beton: the same pixels) give the
+    torch path's accuracies on the whole (small) splits; subsets with ffcv are a clear error."""
+    import data
+    pytest.importorskip("ffcv")
+    data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
+    common = ["--arch=resnet18_cifar", "--widths=1.0,0.25", f"--data_path={cifar_small}", "--calib_images=40",
+              "--batch_size=50", "--k=5,20", "--autocast=false"]
+    res = {}
+    for kind in ("torch", "device", "ffcv"):
+        main([*common, f"--loader={kind}", f"--ffcv_path={tmp_path / 'beton'}", f"--out_dir={tmp_path / kind}"])
+        res[kind] = json.loads((tmp_path / kind / "results.json").read_text())
+    for kind in ("device", "ffcv"):
+        for w in ("1.0", "0.25"):
+            assert res[kind][w]["top1_k"] == pytest.approx(res["torch"][w]["top1_k"], abs=0.011), (kind, w)
+    with pytest.raises(ConfigError, match="bank_subset"):
+        main([*common, "--loader=ffcv", f"--ffcv_path={tmp_path / 'beton'}", "--bank_subset=50",
+              f"--out_dir={tmp_path / 'x'}"])

@@ -202,3 +202,20 @@ def test_cli_two_cpu_processes_equal_one(cifar_small, one_process, tmp_path):
         for r in res.values():
             del r["seconds"]
     assert got == ref
+
+
+def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
+    """Features through loader=device and loader=ffcv (a raw .beton: the same pixels, the same rows)
+    train the same heads as the torch path: the same accuracies, labeled subset and test subset too."""
+    import data
+    pytest.importorskip("ffcv")
+    data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
+    res = {}
+    for kind in ("torch", "device", "ffcv"):
+        cfg = tiny_cfg(cifar_small, tmp_path / kind, loader=kind, ffcv_path=str(tmp_path / "beton"),
+                       label_fraction=0.5, test_subset=50)
+        res[kind] = eval_linear.main(cfg, backbone=tiny_resnet())
+    for kind in ("device", "ffcv"):
+        for w in ("1.0", "0.5"):
+            assert res[kind][w]["top1"] == pytest.approx(res["torch"][w]["top1"], abs=0.021), (kind, w)
+            assert res[kind][w]["top5"] == pytest.approx(res["torch"][w]["top5"], abs=0.021), (kind, w)

@@ -66,6 +66,8 @@ def test_readme_commands_run(cifar_small, tmp_path):
             cmd = f'make quick QUICK_ARGS="{tiny}"'
         elif cmd.startswith("python train_us3l.py"):
             cmd = f"{cmd} {tiny}"
+        elif cmd.startswith("python train_dspnet.py"):  # its own out_dir (the last --out_dir wins)
+            cmd = f"{cmd} {tiny} --out_dir={tmp_path}/dspnet"
         elif is_eval:
             cmd = cmd.replace("out/cifar10_quick/backbone.pt", f"{tmp_path}/run/backbone.pt")
             cmd = f"{cmd} {tiny_eval[cmd.split()[1]]} --data_path={cifar_small} --out_dir={tmp_path}/eval{evals}"
@@ -77,4 +79,4 @@ def test_readme_commands_run(cifar_small, tmp_path):
         if is_eval:  # a table and results.json for the 4 widths (the last --out_dir wins)
             res = json.loads((tmp_path / f"eval{evals - 1}" / "results.json").read_text())
             assert "MMACs" in p.stdout and sorted(float(w) for w in res) == [0.25, 0.5, 0.75, 1.0], p.stdout
-    assert ran >= 3 and evals >= 4
+    assert ran >= 4 and evals >= 4

@@ -129,3 +129,22 @@ def test_clear_errors(cifar_small, tmp_path):
     assert p.returncode != 0 and str(tmp_path / "nope") in p.stderr
     p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "o2", distill_loss="kl")])
     assert p.returncode != 0 and "distill_loss" in p.stderr and "infonce" in p.stderr
+
+
+def test_device_and_ffcv_loaders(cifar_small, tmp_path):
+    """loader=device (the split on the device, batched augmentation) and loader=ffcv (a small .beton)
+    train, log and finish like the torch path; a missing .beton is a clear error."""
+    beton = tmp_path / "beton"
+    p = run([sys.executable, "data.py", "write-beton", f"--data_path={cifar_small}", f"--out={beton}", "--raw",
+             "--splits=train", "--num_workers=1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    for kind, extra in (("device", {}), ("ffcv", {"ffcv_path": beton})):
+        out = tmp_path / kind
+        p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out, loader=kind, max_steps=4, **extra)])
+        assert p.returncode == 0, p.stderr[-3000:]
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [2, 4] and all(r["loss/1.0"] > 0 for r in log)
+        assert set(json.loads((out / "results.json").read_text())["knn_top1"]) == {"1.0", "0.25"}
+    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "x", loader="ffcv",
+                                                         ffcv_path=tmp_path / "none")])
+    assert p.returncode != 0 and "train.beton" in p.stderr and "write-beton" in p.stderr
