@@ -38,8 +38,8 @@ from augment import build_train_loader
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, projection_mlp, set_active
-from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, run, save_config,
-                   warmup_cosine)
+from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes, cosine,
+                   ema_update_, log_jsonl, param_groups, run, save_config, warmup_cosine)
 
 
 @dataclass
@@ -294,11 +294,7 @@ def main(cfg):
                 write_results()
     pbar.close()
 
-    if world > 1:  # every process must hold the same weights (DESIGN 6); fails loudly if not
-        sums = torch.stack([p.detach().double().sum() for p in student.parameters()])
-        gathered = accelerator.gather(sums[None])  # (world, P)
-        if not torch.equal(gathered.min(0).values, gathered.max(0).values):
-            raise RuntimeError("parameters differ across processes at the end of training")
+    check_same_across_processes(student, accelerator)  # fails loudly if any process diverged
     results["num_processes"] = world
     results["knn_top1"] = monitor("end")
     if accelerator.is_main_process:

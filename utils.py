@@ -356,6 +356,18 @@ def all_reduce_grads_(params, world: int) -> None:
 
 
 @torch.no_grad()
+def check_same_across_processes(module: torch.nn.Module, accelerator) -> None:
+    """Raise unless every process holds the same parameters (DESIGN 6): one gather of per-tensor
+    float64 sums. The trainers call it at the end of a run with more than one process."""
+    if accelerator.num_processes <= 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    gathered = accelerator.gather(sums[None])  # (world, P)
+    if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+        raise RuntimeError("parameters differ across processes at the end of training")
+
+
+@torch.no_grad()
 def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, tau: float, buffers: bool = True) -> None:
     """teacher = tau*teacher + (1-tau)*student, parameter by parameter (fp32 teacher), and buffers
     (BN running stats) copied from the student unless buffers=False (a teacher with momentum BN keeps
