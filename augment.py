@@ -36,6 +36,7 @@ from PIL import Image
 
 from data import (MEAN_STD, EpochSampler, SeededViews, beton_labels, build_dataset, build_ffcv_loader,
                   pretrain_transform, subset_indices)
+from utils import ConfigError
 
 # The reference's constants (data.byol_view); tests/test_augment.py checks them against it.
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
@@ -352,7 +353,8 @@ class DeviceLoader:
         self.n, self.batch_size, self.augment = len(self.images), batch_size, augment
         self.seed, self.rank, self.world, self.return_index = seed, rank, world, return_index
         if self.steps() == 0:
-            raise ValueError(f"batch_size {batch_size} x {world} processes exceeds the {self.n} images")
+            raise ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {self.n} "
+                              "training images: lower batch_size (drop_last leaves no batch)")
         self.generator = torch.Generator(self.device)
         self.set_epoch(epoch, start)
 
@@ -393,7 +395,8 @@ class TorchLoader:
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.num_workers, self.pin_memory, self.epoch, self.start = num_workers, pin_memory, 0, 0
         if self.steps() == 0:
-            raise ValueError(f"batch_size {batch_size} x {world} processes exceeds the {len(dataset)} images")
+            raise ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {len(dataset)} "
+                              "training images: lower batch_size (drop_last leaves no batch)")
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -426,7 +429,8 @@ class FFCVViews:
         self.view2 = BatchAugment(dataset, size, 2, crop=False).to(device)
         self.generator, self.epoch, self.start = torch.Generator(device), 0, 0
         if self.steps() == 0:
-            raise ValueError(f"batch_size {batch_size} x {world} processes exceeds the {self.n} images of {path}")
+            raise ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {self.n} "
+                              f"images of {path}: lower batch_size (drop_last leaves no batch)")
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -462,4 +466,4 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
             raise FileNotFoundError(f"loader=ffcv needs ffcv_path, a folder with train.beton: {path!r} not found. "
                                     f"Write it once: python data.py write-beton --data_path {data_path} --out DIR")
         return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset)
-    raise ValueError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")
+    raise ConfigError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

@@ -26,6 +26,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,12 @@ SPLITS = {"train": ["train"], "test": ["test", "val", "validation"], "val": ["va
 HOW_TO = ("For CIFAR-10 run `python data.py extract-cifar10` (shared tarball -> data/cifar10), or pass "
           "--data_path=DIR holding train/ and test/ (or val/) class folders or a cifar-10-batches-py / "
           "cifar-100-python folder, or --data_path=hf:PATH for a HuggingFace dataset.")
+# What datasets do with an image that does not decode (corrupt, truncated, not an image though named
+# .jpg) and with an empty class folder: "fail" raises an error naming the file or folder; "skip"
+# warns, naming it with a running count, serves the next readable image in a bad one's place and
+# keeps an empty class (its label index stays, so train and test labels still agree). The scripts
+# set it from their config key `bad_images`; each dataset keeps the value it was built with.
+BAD_IMAGES = "fail"
 
 # -----------------------------------------------------------------------------
 # Sources
@@ -58,21 +65,46 @@ class ImageDataset(Dataset):
         # numpy, not lists: forked workers touching Python lists copy them page by page (refcounts)
         self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.labels = labels[self.indices]
+        self.bad_images, self.skipped = BAD_IMAGES, set()  # an attribute: travels to spawned workers
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
-        j = int(self.indices[i])
-        row = self.base[j]  # torchvision: (PIL, int); HF: a dict of columns
-        img, y = row if self.keys is None else (row[self.keys[0]], row[self.keys[1]])
-        if not isinstance(img, Image.Image):  # HF column of raw arrays (H, W, C) uint8
-            img = Image.fromarray(np.asarray(img, dtype=np.uint8))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        # bad_images=skip: the next readable image (and its label) stands in for an unreadable one
+        for k in range(len(self)):
+            j = int(self.indices[(i + k) % len(self)])
+            try:
+                img, y = self._load(j)
+                break
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated, broken files
+                if self.bad_images != "skip":
+                    raise BadImageError(f"unreadable image {self.where(j)} ({type(e).__name__}: {e}): fix or "
+                                        "remove it, or set bad_images=skip to go on without it") from None
+                self.skipped.add(j)
+                warnings.warn(f"bad_images=skip: skipped unreadable image {self.where(j)} ({type(e).__name__}: "
+                              f"{e}); {len(self.skipped)} skipped so far by this process", stacklevel=2)
+        else:
+            raise BadImageError(f"no readable image among the {len(self)} of this dataset")
         if self.transform is not None:
             img = self.transform(img)
         return (img, int(y), i) if self.return_index else (img, int(y))
+
+    def _load(self, j):
+        row = self.base[j]  # torchvision: (PIL, int), decoded by its loader; HF: a dict of columns
+        img, y = row if self.keys is None else (row[self.keys[0]], row[self.keys[1]])
+        if not isinstance(img, Image.Image):  # HF column of raw arrays (H, W, C) uint8
+            img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+        img.load()  # decode now (lazy for HF columns): a truncated file fails here, not in a transform
+        return (img if img.mode == "RGB" else img.convert("RGB")), y  # grayscale, RGBA, CMYK, palette -> RGB
+
+    def where(self, j):
+        samples = getattr(self.base, "samples", None)  # ImageFolder: (path, class) per image
+        return samples[j][0] if samples is not None else f"row {j} of {type(self.base).__name__}"
+
+
+class BadImageError(RuntimeError):
+    """An image that does not decode, under bad_images=fail (the default)."""
 
 
 def subset_indices(labels, n, seed=0):
@@ -97,7 +129,24 @@ def build_imagefolder(root, split):
     folder = next((p for p in tried if p.is_dir()), None)
     if folder is None:
         raise FileNotFoundError(f"no {split} split: tried {', '.join(map(str, tried))}. {HOW_TO}")
-    ds = torchvision.datasets.ImageFolder(folder)
+    ignored = []  # files without an image extension (notes, .DS_Store): never read, counted
+
+    def is_image(path):
+        if torchvision.datasets.folder.has_file_allowed_extension(path, torchvision.datasets.folder.IMG_EXTENSIONS):
+            return True
+        ignored.append(path)
+        return False
+
+    try:
+        ds = torchvision.datasets.ImageFolder(folder, is_valid_file=is_image, allow_empty=BAD_IMAGES == "skip")
+    except FileNotFoundError as e:  # "Found no valid file for the classes ...": an empty class folder
+        raise FileNotFoundError(f"{folder}: {e} (set bad_images=skip to keep the class without images)") from None
+    empty = [c for c, n in zip(ds.classes, np.bincount(ds.targets, minlength=len(ds.classes))) if n == 0]
+    if empty:
+        warnings.warn(f"bad_images=skip: {len(empty)} empty class folder(s) in {folder}: {empty[:5]}", stacklevel=2)
+    if ignored:
+        warnings.warn(f"{folder}: ignored {len(ignored)} file(s) without an image extension, e.g. {ignored[0]}",
+                      stacklevel=2)
     # ImageFolder numbers classes by sorted folder name: a class missing from test/ would silently
     # shift every label after it, so insist that test/ and train/ agree.
     if split != "train" and (root / "train").is_dir():
@@ -535,9 +584,12 @@ if __name__ == "__main__":
     p.add_argument("--overwrite", action="store_true", help="replace existing .beton files")
     p.add_argument("--image_key", default=None, help="HuggingFace image column (default img/image)")
     p.add_argument("--label_key", default=None, help="HuggingFace label column (default label/fine_label/labels)")
+    p.add_argument("--bad_images", choices=("fail", "skip"), default="fail",
+                   help="an image that does not decode: fail (error naming it) or skip (warn, write the next)")
     args = parser.parse_args()
     try:
         if args.cmd == "write-beton":
+            BAD_IMAGES = args.bad_images  # the module default, read by the datasets write_beton builds
             paths = write_beton(args.data_path, args.out, args.splits.split(","), args.max_resolution,
                                 args.jpeg_quality, args.raw, args.num_workers, args.overwrite, args.image_key,
                                 args.label_key)
@@ -545,5 +597,5 @@ if __name__ == "__main__":
         else:
             out = prepare_cifar10(args.out, args.tar, args.download)
             print(f"CIFAR-10 ready in {out}: use --data_path={out}")
-    except (OSError, KeyError) as e:  # missing data, an existing output, a foreign folder in the way
+    except (OSError, KeyError, BadImageError) as e:  # missing data, an existing output, a foreign folder, a bad image
         raise SystemExit(f"error: {e}")

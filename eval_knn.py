@@ -62,6 +62,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
+import data
 from data import build_dataset, eval_transform
 from models import ARCHS, SlimBatchNorm2d, calibrate_bn, profile, set_active
 from utils import ConfigError, run, save_config
@@ -400,6 +401,7 @@ class Config:
     test_subset: int = 0  # class-balanced subset of the test split, 0 = all
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), same set for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
+    bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     cache: bool = False  # decode once, keep the eval images in memory (CIFAR scale; 10k images: 123 MB)
     loader: str = "torch"  # torch | device (cached on the device) | ffcv (ffcv_path/{train,test}.beton; BN
     # calibration images still come from data_path)
@@ -415,9 +417,11 @@ def net_name(width, depth=None):
     return repr(round(float(width), 4)) + (f"_d{'-'.join(map(str, depth))}" if depth else "")
 
 
-def networks_to_eval(cfg, ckpt):
+def networks_to_eval(cfg, ckpt, model):
     """[(name, width, depth)]: the configured widths (at cfg.depth), else the checkpoint's DSPNet `dns`
-    list ({"width": w, "depth": [...] or None}), else its `widths`, else 1.0, 0.75, 0.5, 0.25."""
+    list ({"width": w, "depth": [...] or None}), else its `widths`, else 1.0, 0.75, 0.5, 0.25.
+    Widths must lie in (0, 1] and not below the smallest width the checkpoint was trained at (US3L's
+    width_min, DSPNet's smallest DN): a slice never trained is not a pretrained network."""
     if not cfg.widths and ckpt.get("dns"):
         return [(net_name(dn["width"], dn["depth"]), float(dn["width"]), dn["depth"] and list(dn["depth"]))
                 for dn in ckpt["dns"]]
@@ -425,6 +429,17 @@ def networks_to_eval(cfg, ckpt):
     bad = [w for w in widths if not 0.0 < w <= 1.0]
     if bad:
         raise ConfigError(f"config error: widths must lie in (0, 1], got {bad}")
+    trained = ckpt.get("width_min") or min((dn["width"] for dn in ckpt.get("dns") or []), default=0.0)
+    bad = [w for w in widths if w < trained - 1e-6]
+    if bad:
+        raise ConfigError(f"config error: widths {bad} lie below {trained}, the smallest width {cfg.ckpt} was "
+                          f"trained at; allowed: [{trained}, 1]")
+    if cfg.depth is not None:
+        try:
+            set_active(model, 1.0, cfg.depth)
+        except ValueError as e:
+            raise ConfigError(f"config error: depth={cfg.depth}: {e}") from None
+        set_active(model, 1.0)
     return [(net_name(w, cfg.depth), float(w), cfg.depth) for w in widths]
 
 
@@ -433,24 +448,24 @@ def load_network(cfg):
     rank) without ckpt, with an empty checkpoint dict."""
     if cfg.ckpt:
         if not os.path.isfile(cfg.ckpt):
-            raise ConfigError(f"eval_knn: checkpoint not found: {cfg.ckpt}")
+            raise ConfigError(f"config error: checkpoint not found: {cfg.ckpt}")
         ckpt = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
         arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
         if arch not in ARCHS:
-            raise ConfigError(f"eval_knn: {cfg.ckpt} has arch {arch!r}, not one of models.ARCHS: {', '.join(ARCHS)}")
+            raise ConfigError(f"config error: {cfg.ckpt} has arch {arch!r}, not one of models.ARCHS: {', '.join(ARCHS)}")
         if cfg.arch and cfg.arch != arch:
-            raise ConfigError(f"eval_knn: --arch={cfg.arch} but {cfg.ckpt} holds a {arch}")
+            raise ConfigError(f"config error: --arch={cfg.arch} but {cfg.ckpt} holds a {arch}")
         key = "teacher" if cfg.teacher else "backbone"
         if key not in ckpt:
-            raise ConfigError(f"eval_knn: {cfg.ckpt} holds no {key!r} weights (keys: {sorted(ckpt)})")
+            raise ConfigError(f"config error: {cfg.ckpt} holds no {key!r} weights (keys: {sorted(ckpt)})")
         model = ARCHS[arch]()
         model.load_state_dict(ckpt[key])
         return model, ckpt
     if cfg.arch not in ARCHS:
-        raise ConfigError(f"eval_knn: give --ckpt, or --arch (one of {', '.join(ARCHS)}) for a random-init "
+        raise ConfigError(f"config error: give --ckpt, or --arch (one of {', '.join(ARCHS)}) for a random-init "
                           f"baseline; got arch={cfg.arch!r}")
     if cfg.teacher:
-        raise ConfigError("eval_knn: --teacher needs --ckpt")
+        raise ConfigError("config error: teacher=true needs ckpt")
     torch.manual_seed(cfg.seed)
     return ARCHS[cfg.arch](), {"arch": cfg.arch}
 
@@ -469,7 +484,6 @@ def plot(results, path, k):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -493,16 +507,18 @@ def plot(results, path, k):
 def main(cfg):
     if not cfg.k or min(cfg.k) < 1:
         raise ConfigError(f"config error: k must list neighbour counts >= 1, got {cfg.k}")
+    for key, allowed in (("loader", ("torch", "device", "ffcv")), ("bad_images", ("fail", "skip"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+    data.BAD_IMAGES = cfg.bad_images
     model, ckpt = load_network(cfg)  # config errors before any process group or data
-    nets = networks_to_eval(cfg, ckpt)
+    nets = networks_to_eval(cfg, ckpt, model)
     dataset = cfg.dataset or ckpt.get("config", {}).get("dataset") or "cifar10"
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         save_config(cfg, cfg.out_dir)
     model = model.to(device)
-    if cfg.loader not in ("torch", "device", "ffcv"):
-        raise ConfigError(f"config error: loader={cfg.loader!r}, allowed: torch, device, ffcv")
     bank_loader, test_loader = build_knn_loaders(cfg.data_path, dataset, cfg.batch_size, cfg.bank_subset,
                                                  cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache,
                                                  cfg.loader, cfg.ffcv_path, device)

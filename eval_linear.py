@@ -47,7 +47,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +60,12 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import data
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
 from eval_knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders,  # shared
-                      calibration_shard, extract_features, networks_to_eval)
-from models import ARCHS, calibrate_bn, load_backbone, profile, set_active
-from utils import run, save_config
+                      calibration_shard, extract_features, load_network, networks_to_eval)
+from models import calibrate_bn, profile, set_active
+from utils import ConfigError, run, save_config
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Config:
     weight_decay: float = 0.0  # head weight decay (MAE/MoCo v3 linear probes: 0); try 5e-4 with 1% labels
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), training pool, same for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
+    bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # feature extraction: torch | device (decoded once onto the device) | ffcv
     # (ffcv_path/{train,test}.beton, rows = the same samples; calibration and augment mode read data_path)
     ffcv_path: str = ""  # loader=ffcv: the folder `python data.py write-beton --data_path DATA_PATH` wrote
@@ -170,8 +172,8 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
     n = len(dataset)
     steps_per_epoch = EpochSampler(n, cfg.batch_size, 0, world=world).steps()
     if steps_per_epoch == 0:
-        raise ValueError(f"augment mode: {n} labeled images make no full global batch of "
-                         f"{cfg.batch_size} x {world}: lower --batch_size")
+        raise ConfigError(f"config error: batch_size={cfg.batch_size} x {world} process(es) exceeds the {n} "
+                          "labeled images (mode=augment drops the last partial batch): lower batch_size")
     total, lr = cfg.epochs * steps_per_epoch, cfg.base_lr * cfg.batch_size * world / 256
     opt = _sgd(head, lr, cfg.momentum, cfg.weight_decay)
     views, step = SeededViews(dataset, cfg.seed), 0
@@ -246,12 +248,12 @@ def labeled_indices(ds, cfg):
     whose labels the head sees."""
     pool = subset_indices(ds.labels, cfg.train_subset, cfg.seed) if cfg.train_subset else np.arange(len(ds))
     if cfg.label_list and (cfg.label_fraction or cfg.train_subset):
-        raise ValueError("--label_list excludes --label_fraction and --train_subset")
+        raise ConfigError("config error: label_list excludes label_fraction and train_subset")
     if cfg.label_list:
         return pool, read_label_list(cfg.label_list, ds)
     if cfg.label_fraction:
         if not 0 < cfg.label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {cfg.label_fraction}")
+            raise ConfigError(f"config error: label_fraction={cfg.label_fraction}, allowed: (0, 1]")
         n = max(1, round(cfg.label_fraction * len(pool)))
         return pool, pool[subset_indices(ds.labels[pool], n, cfg.seed)]
     return pool, pool
@@ -290,19 +292,17 @@ def main(cfg, backbone=None):
     (tests, notebooks); its parameters must come out unchanged."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
     device, (rank, world) = accelerator.device, _world()
-    if cfg.loader not in ("torch", "device", "ffcv"):
-        raise ValueError(f"loader must be torch, device or ffcv, got {cfg.loader!r}")
-    if cfg.mode not in ("cached", "augment"):
-        raise ValueError(f"mode must be cached or augment, got {cfg.mode!r}")
-    torch.manual_seed(cfg.seed)  # a random-init baseline must be the same network on every rank
+    for key, allowed in (("loader", ("torch", "device", "ffcv")), ("mode", ("cached", "augment")),
+                         ("bad_images", ("fail", "skip"))):
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+    data.BAD_IMAGES = cfg.bad_images
     if backbone is not None:
         arch, dataset, ckpt = type(backbone).__name__, cfg.dataset or "cifar10", {}
-    elif cfg.ckpt:
-        backbone, ckpt = load_backbone(cfg.ckpt, teacher=cfg.teacher)
+    else:  # the checkpoint's own arch (cfg.arch is for a random-init baseline, seeded: equal on every rank)
+        backbone, ckpt = load_network(replace(cfg, arch="") if cfg.ckpt else cfg)
         arch, dataset = ckpt["arch"], cfg.dataset or ckpt.get("config", {}).get("dataset", "cifar10")
-    else:
-        backbone, arch, dataset, ckpt = ARCHS[cfg.arch](), cfg.arch, cfg.dataset or "cifar10", {}
-    nets = networks_to_eval(cfg, ckpt)  # widths, or every DN of a DSPNet checkpoint
+    nets = networks_to_eval(cfg, ckpt, backbone)  # widths, or every DN of a DSPNet checkpoint
     backbone = backbone.to(device).requires_grad_(False).eval()
     before = _params(backbone)
     if accelerator.is_main_process:

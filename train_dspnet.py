@@ -33,13 +33,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm import tqdm
 
+import data
 import losses
 from augment import build_train_loader
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval, net_name
 from models import ARCHS, SlimBatchNorm2d, profile, projection_mlp, set_active
-from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes, cosine,
-                   ema_update_, log_jsonl, param_groups, run, save_config, warmup_cosine)
+from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes,
+                   cosine, ema_update_, load_resume, log_jsonl, param_groups, run, save_config, trim_jsonl,
+                   warmup_cosine)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Config:
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
     num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
+    bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
     ffcv_path: str = ""  # loader=ffcv: folder written by `python data.py write-beton` (the kNN monitor reads data_path)
@@ -96,20 +99,20 @@ def parse_dns(cfg, backbone):
     """[{"width": w, "depth": [..] or None}] of cfg.dns, checked against the backbone (bad widths or
     depths are errors naming the DN), largest first by MACs at the training resolution."""
     if not cfg.dns:
-        raise ValueError("config error: dns is empty: list the desired networks, e.g. [[1.0], [0.5]]")
+        raise ConfigError("config error: dns is empty: list the desired networks, e.g. [[1.0], [0.5]]")
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
     dns, macs = [], []
     for dn in cfg.dns:
         width, depth = float(dn[0]), ([int(d) for d in dn[1:]] or None)
         if depth is not None and any(d != int(d) for d in dn[1:]):
-            raise ValueError(f"config error: dns entry {dn}: depths must be whole numbers")
+            raise ConfigError(f"config error: dns entry {dn}: depths must be whole numbers")
         try:
             macs.append(profile(backbone, width, depth, input_size=size)[1])
         except ValueError as e:
-            raise ValueError(f"config error: dns entry {dn} does not fit {cfg.arch}: {e}") from None
+            raise ConfigError(f"config error: dns entry {dn} does not fit {cfg.arch}: {e}") from None
         dns.append({"width": width, "depth": depth})
     if len({(d["width"], tuple(d["depth"] or ())) for d in dns}) < len(dns):
-        raise ValueError(f"config error: dns lists a network twice: {cfg.dns}")
+        raise ConfigError(f"config error: dns lists a network twice: {cfg.dns}")
     order = sorted(range(len(dns)), key=lambda i: -macs[i])
     set_active(backbone, 1.0)
     return [dns[i] for i in order], [macs[i] for i in order]
@@ -129,11 +132,12 @@ def sample_dns(step, full_only_steps, num_dns, cfg):
 def main(cfg):
     for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no"),
                          "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
-                         "loader": ("torch", "device", "ffcv")}.items():
+                         "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}.items():
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+            raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if cfg.num_subnets < 1:
-        raise ValueError(f"config error: num_subnets={cfg.num_subnets} must be >= 1")
+        raise ConfigError(f"config error: num_subnets={cfg.num_subnets} must be >= 1")
+    data.BAD_IMAGES = cfg.bad_images
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)  # same initial weights on every process
@@ -186,17 +190,10 @@ def main(cfg):
                       f"{cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, {total} steps "
                       f"({full_only_steps} full-only, {warmup_steps} warm-up)")
 
-    step = 0
-    resume = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
-    if resume and os.path.isfile(resume):
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
-        online.load_state_dict(ckpt["online"])
-        target.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        accelerator.print(f"resumed from {resume} at step {step}")
-    elif cfg.resume not in ("auto", "none"):
-        raise FileNotFoundError(f"config error: resume={cfg.resume}: no such checkpoint")
+    step, _ = load_resume(cfg, ckpt_path, {"online": online, "target": target, "optimizer": optimizer}, accelerator)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if accelerator.is_main_process:
+        trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again
 
     results_path = os.path.join(cfg.out_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
@@ -226,7 +223,6 @@ def main(cfg):
         write_results()
 
     params = list(online.parameters())
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
     last_save, t_log, seen = time.time(), time.time(), 0
     sums = torch.zeros(len(dns), device=device)  # loss sums per DN since the last log
     counts = torch.zeros(len(dns), device=device)
@@ -277,7 +273,7 @@ def main(cfg):
             if save_due:
                 if accelerator.is_main_process:
                     atomic_save({"online": online.state_dict(), "target": target.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "step": step}, ckpt_path)
+                                 "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
                 accelerator.wait_for_everyone()
                 last_save = time.time()
             if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:

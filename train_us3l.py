@@ -33,13 +33,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm import tqdm
 
+import data
 import losses
 from augment import build_train_loader
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, projection_mlp, set_active
-from utils import (LARS, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes, cosine,
-                   ema_update_, log_jsonl, param_groups, run, save_config, warmup_cosine)
+from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes,
+                   cosine, ema_update_, load_resume, log_jsonl, param_groups, run, save_config, trim_jsonl,
+                   warmup_cosine)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Config:
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs)
     num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
+    bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
     ffcv_path: str = ""  # loader=ffcv: folder written by `python data.py write-beton` (the kNN monitor reads data_path)
@@ -101,14 +104,14 @@ def check_config(cfg):
     choices = {"base_loss": ("infonce", "mse"), "distill_loss": ("mse", "infonce", "none"),
                "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no"),
                "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
-               "loader": ("torch", "device", "ffcv")}
+               "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise ValueError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+            raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if not 0 < cfg.width_min <= 1:
-        raise ValueError(f"config error: width_min={cfg.width_min} must be in (0, 1]")
+        raise ConfigError(f"config error: width_min={cfg.width_min} must be in (0, 1]")
     if cfg.num_widths < 2:
-        raise ValueError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)")
+        raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)")
 
 
 def sample_widths(step, total, cfg):
@@ -130,6 +133,7 @@ def sample_widths(step, total, cfg):
 
 def main(cfg):
     check_config(cfg)
+    data.BAD_IMAGES = cfg.bad_images
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None,
                               project_dir=cfg.out_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -190,17 +194,10 @@ def main(cfg):
                       f"global batch {cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, "
                       f"{total} steps")
 
-    step = 0
-    resume = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
-    if resume and os.path.isfile(resume):
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        accelerator.print(f"resumed from {resume} at step {step}")
-    elif cfg.resume not in ("auto", "none"):
-        raise FileNotFoundError(f"config error: resume={cfg.resume}: no such checkpoint")
+    step, _ = load_resume(cfg, ckpt_path, {"student": student, "teacher": teacher, "optimizer": optimizer}, accelerator)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if accelerator.is_main_process:
+        trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again
 
     results_path = os.path.join(cfg.out_dir, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
@@ -231,7 +228,6 @@ def main(cfg):
     # one step = the full-width base network and the sub-networks of sample_widths, each with its
     # own backward (activations of one width are freed before the next), one optimizer step
     params = [p for p in student.parameters()]
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
     last_save, t_log, seen = time.time(), time.time(), 0
     sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -286,7 +282,7 @@ def main(cfg):
             if save_due:
                 if accelerator.is_main_process:
                     atomic_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "step": step}, ckpt_path)
+                                 "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
                 accelerator.wait_for_everyone()
                 last_save = time.time()
             if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:

@@ -22,8 +22,8 @@ log_jsonl and check_finite.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import difflib
+import gc
 import inspect
 import io
 import json
@@ -41,6 +41,7 @@ import typing
 from pathlib import Path
 
 import torch
+
 import yaml
 
 # ------------------------------------------------------------------------------------------------
@@ -76,6 +77,8 @@ def run(main, cls: type) -> None:
     code = 0
     try:
         main(parse_config(cls))
+    except SystemExit as e:  # --help (code 0), ConfigError (its one-line message, exit 1)
+        code = e.code
     except (Exception, KeyboardInterrupt) as e:
         traceback.print_exc()
         code = 130 if isinstance(e, KeyboardInterrupt) else 1
@@ -419,6 +422,8 @@ def _atomic_write(path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write (SIGKILL)
+        stale.unlink(missing_ok=True)
 
 
 def _fsync(path) -> None:
@@ -433,11 +438,58 @@ def _fsync(path) -> None:
 # Logging and divergence checks
 
 
+def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> tuple[int, dict | None]:
+    """Resume per cfg.resume: auto (ckpt_path if it exists) | none | PATH. Loads {key: module or
+    optimizer} from the checkpoint and returns (its step, the checkpoint), or (0, None) for a fresh
+    start. A checkpoint written under another config (the trainers store it as "config") that does
+    not load, or of another arch, is a one-line ConfigError naming the keys that differ; keys that
+    differ but load (log_every, epochs, ...) are printed and taken from this config."""
+    path = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
+    if path is None or (cfg.resume == "auto" and not os.path.isfile(path)):
+        return 0, None
+    if not os.path.isfile(path):
+        raise ConfigError(f"config error: resume={cfg.resume}: no such checkpoint (allowed: auto, none, a file)")
+    ckpt = torch.load(path, map_location=accelerator.device, weights_only=True)
+    now, then = dataclasses.asdict(cfg), ckpt.get("config", {})
+    changed = [k for k in now if k in then and then[k] != now[k] and k not in ("resume", "out_dir")]
+    how = ("; use another out_dir or --resume=none to start afresh" if cfg.resume == "auto"
+           else "; resume from a checkpoint of this config")
+    said = ", ".join(f"{k}={then[k]!r} there, {now[k]!r} here" for k in changed)
+    if "arch" in changed:
+        raise ConfigError(f"config error: {path} was written by a run with another arch ({said}){how}")
+    try:
+        for key, m in modules.items():
+            m.load_state_dict(ckpt[key])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise ConfigError(f"config error: {path} does not fit this config ({said or first}){how}") from None
+    if changed:
+        accelerator.print(f"resuming {path} with changed keys: {said}")
+    accelerator.print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt
+
+
 def log_jsonl(path, record: dict) -> None:
     """Append `record` as one JSON line; tensors and numpy values become Python numbers or lists.
     Main process only (the caller's job). A CUDA tensor here is a host sync: pass floats you have."""
     with open(path, "a") as f:
         f.write(json.dumps(record, default=_to_json) + "\n")
+
+
+def trim_jsonl(path, step: int) -> None:
+    """On resume from `step`: drop the records a killed run logged after its last checkpoint (the
+    resumed run logs those steps again) and a last line cut short by the kill. Main process only."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line + "\n")
+    _atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
 def _to_json(x):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import augment as A
 import data
+from utils import ConfigError
 
 N = 20_000  # batched draws per distribution test (cheap); torchvision's per-sample draws: 5,000
 
@@ -327,7 +328,7 @@ def test_device_loader_order_and_sharding():
             seen += idx.tolist()
         assert len(seen) == len(set(seen)) == 96  # disjoint, every rank equal, drop_last
         assert seen != list(range(96))
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ConfigError, match="exceeds"):
         A.DeviceLoader((images, labels), 64, "cpu", world=2)
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from models import ARCHS, BasicBlock, ResNet, SlimBatchNorm2d, calibrate_bn, export, load_backbone, projection_mlp, set_active
 from tests.test_train_us3l import REPO, run
 from train_dspnet import Config, dn_name, parse_dns, sample_dns, train_step
-from utils import ema_update_
+from utils import ConfigError, ema_update_
 
 DN9 = [[w, *d] for w in (2 / 3, 5 / 6, 1.0) for d in ([2, 2, 2, 2], [2, 3, 4, 3], [3, 4, 6, 3])]
 
@@ -33,11 +33,11 @@ def test_parse_dns_orders_by_macs_and_rejects_bad_entries():
     mbv3 = replace(Config(), arch="mobilenetv3_large", dns=[[0.5], [1.0], [0.75]], dataset="imagenet", image_size=64)
     assert [d["width"] for d in parse_dns(mbv3, ARCHS[mbv3.arch]())[0]] == [1.0, 0.75, 0.5]
     for bad, words in (([[1.5]], "1.5"), ([[1.0, 3, 4, 6, 9]], "depth"), ([[1.0], [1.0]], "twice"), ([], "empty")):
-        with pytest.raises(ValueError, match="dns"):
+        with pytest.raises(ConfigError, match="dns"):
             parse_dns(replace(cfg, dns=bad), ARCHS[cfg.arch]())
-        with pytest.raises(ValueError, match=words):
+        with pytest.raises(ConfigError, match=words):
             parse_dns(replace(cfg, dns=bad), ARCHS[cfg.arch]())
-    with pytest.raises(ValueError, match="ResNets"):
+    with pytest.raises(ConfigError, match="ResNets"):
         parse_dns(replace(mbv3, dns=[[1.0, 2, 2]]), ARCHS[mbv3.arch]())
 
 

@@ -18,7 +18,7 @@ import eval_linear
 from data import build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
-from utils import parse_config
+from utils import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_label_fraction_balanced_and_reproducible():
     pool, lab = labeled_indices(ds, replace(cfg, label_fraction=0.1, train_subset=1000))
     assert len(pool) == 1000 and len(lab) == 100 and set(lab) <= set(pool)
     assert np.bincount(ds.labels[lab]).tolist() == [10] * 10
-    with pytest.raises(ValueError, match="label_fraction"):
+    with pytest.raises(ConfigError, match="label_fraction"):
         labeled_indices(ds, replace(cfg, label_fraction=1.5))
 
 
@@ -125,7 +125,7 @@ def test_label_list(cifar_small, tmp_path):
     f.write_text("0\n1\n2\n")
     pool, lab = labeled_indices(ds, Config(label_list=str(f)))
     assert lab.tolist() == [0, 1, 2] and len(pool) == len(ds)
-    with pytest.raises(ValueError, match="excludes"):
+    with pytest.raises(ConfigError, match="excludes"):
         labeled_indices(ds, Config(label_list=str(f), label_fraction=0.1))
 
 

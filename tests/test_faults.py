@@ -1,0 +1,238 @@
+"""Faults (issue 7, DESIGN 9): SIGKILL at random points then the same command, a checkpoint never
+read half-written, a NaN injected into one process, bad images and bad config: each ends with a
+clear message and nothing lost."""
+
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from models import ARCHS
+from tests.test_dspnet import tiny_args as dspnet_args
+from tests.test_train_us3l import REPO, run
+from tests.test_train_us3l import tiny_args as us3l_args
+
+TRAINERS = {"train_us3l.py": us3l_args, "train_dspnet.py": dspnet_args}
+
+
+def steps_logged(out):
+    steps = []
+    for line in (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return steps
+
+
+# --- kill and resume -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", TRAINERS)
+def test_killed_at_random_points_resumes_exactly(script, cifar_small, tmp_path):
+    """SIGKILL three times at random moments (a checkpoint is written every step, so some kills land
+    mid-write), then the same command finishes: weights, kNN and log equal an uninterrupted run's."""
+    args = lambda out: TRAINERS[script](cifar_small, out, max_steps=12, log_every=1, save_every=1)  # noqa: E731
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p = run([sys.executable, script, *args(ref)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, script, *args(out)]
+    rng, kills = random.Random(0), 0
+    for _ in range(3):
+        before = len(steps_logged(out))
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while proc.poll() is None and len(steps_logged(out)) <= before and time.time() < deadline:
+            time.sleep(0.02)  # until this attempt has trained a step past what was logged
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        ckpt = out / "checkpoints" / "last.pt"
+        if ckpt.exists():  # whatever the moment of the kill, the checkpoint on disk is a whole one
+            assert torch.load(ckpt, weights_only=True)["step"] >= 1
+    assert kills >= 2, "the run finished before it could be killed"
+    p = run(cmd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (torch.load(d / "backbone.pt", weights_only=True) for d in (ref, out))
+    for key in ("backbone", "teacher"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+    res_a, res_b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
+    assert res_a["knn_top1"] == res_b["knn_top1"]
+    assert steps_logged(out) == steps_logged(ref) == list(range(1, 13))  # no step twice, none missing
+    assert not list((out / "checkpoints").glob("*.tmp"))  # a killed write's temp file is cleaned up
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from utils import atomic_save
+    for i in range(10_000):
+        atomic_save({"i": i, "w": torch.full((4_000_000,), float(i))}, sys.argv[1])  # 16 MB
+        print(i, flush=True)
+""")
+
+
+def test_checkpoint_never_read_half_written(tmp_path):
+    path, script = tmp_path / "last.pt", tmp_path / "child.py"
+    script.write_text(CHILD)
+    rng = random.Random(0)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        proc.stdout.readline()  # one save done
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(path, weights_only=True)
+        assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["i"])))
+
+
+# --- non-finite loss -------------------------------------------------------------------------------
+
+POISON = textwrap.dedent("""
+    import os, sys
+    import {module} as trainer
+    from utils import run
+
+    step_fn, calls = trainer.{fn}, [0]
+
+    def poisoned(model, target, x, *args, **kw):  # rank 1's 5th step sees NaN images: NaN loss and weights
+        calls[0] += 1
+        if calls[0] == 5 and os.environ.get("RANK") == "1":
+            x = x * float("nan")
+        return step_fn(model, target, x, *args, **kw)
+
+    trainer.{fn} = poisoned
+    run(trainer.main, trainer.Config)
+""")
+
+
+@pytest.mark.parametrize("script,fn", [("train_us3l.py", "forward_backward"), ("train_dspnet.py", "train_step")])
+def test_nan_in_one_process_stops_all_and_keeps_the_last_good_checkpoint(script, fn, cifar_small, tmp_path):
+    wrapper, out = tmp_path / "poisoned.py", tmp_path / "run"
+    wrapper.write_text(POISON.format(module=script[:-3], fn=fn))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29533", str(wrapper),
+           *TRAINERS[script](cifar_small, out, batch_size=8, log_every=2, save_every=2, max_steps=8)]
+    p = run(cmd, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)})
+    out_text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "terminate called" not in out_text and "SIGABRT" not in out_text, out_text[-3000:]
+    msgs = re.findall(r"FloatingPointError: non-finite loss at step 6: .*loss/1\.0=nan", out_text)
+    assert len(msgs) == 2, out_text[-3000:]  # both processes, the same step and per-width losses
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4  # the last good one, untouched by the diverged steps 5 and 6
+    for part in ckpt.values():
+        if isinstance(part, dict) and all(isinstance(t, torch.Tensor) for t in part.values()):
+            assert all(torch.isfinite(t).all() for t in part.values() if t.is_floating_point())
+    assert not (out / "backbone.pt").exists()
+    assert steps_logged(out) == [2, 4]
+
+
+# --- bad images ------------------------------------------------------------------------------------
+
+def bad_folder(cifar_small, root):
+    """The train split of cifar_small plus every kind of bad input; test/ as it is."""
+    shutil.copytree(cifar_small, root)
+    train = root / "train"
+    rgb = next((train / "cat").glob("*.jpg")).read_bytes()
+    (train / "cat" / "truncated.jpg").write_bytes(rgb[: len(rgb) // 2])
+    (train / "dog" / "not_an_image.jpg").write_text("<html>404</html>")
+    (train / "dog" / "notes.txt").write_text("a stray file")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(train / "frog" / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8)).save(train / "frog" / "rgba.png")
+    return root
+
+
+def test_bad_images_fail_or_skip(cifar_small, tmp_path, monkeypatch):
+    root = bad_folder(cifar_small, tmp_path / "bad")
+    ds = data.build_dataset(root, "train")  # fail (the default)
+    names = [p.split("/")[-1] for p, _ in ds.base.samples]
+    assert "notes.txt" not in names and len(ds) == 200 + 4
+    for name in ("gray.png", "rgba.png"):  # converted, not refused
+        img, _ = ds[names.index(name)]
+        assert img.mode == "RGB" and img.size == (32, 32)
+    for name in ("truncated.jpg", "not_an_image.jpg"):
+        with pytest.raises(data.BadImageError, match=f"unreadable image .*{name}.*bad_images=skip"):
+            ds[names.index(name)]
+    monkeypatch.setattr(data, "BAD_IMAGES", "skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.build_dataset(root, "train")
+        labels = [ds[i][1] for i in range(len(ds))]
+    said = [str(w.message) for w in caught]
+    assert any("ignored 1 file(s) without an image extension" in m and "notes.txt" in m for m in said)
+    skipped = [m for m in said if m.startswith("bad_images=skip: skipped unreadable image")]
+    assert len(skipped) == 2 and "2 skipped so far" in skipped[-1]
+    i = names.index("truncated.jpg")  # stands in: the next readable image, with its own label
+    assert labels[i] == ds.labels[i + 1]
+
+
+def test_empty_class_folder(cifar_small, tmp_path, monkeypatch):
+    root = tmp_path / "empty"
+    shutil.copytree(cifar_small, root)
+    for f in (root / "train" / "ship").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="ship.*bad_images=skip"):
+        data.build_dataset(root, "train")
+    monkeypatch.setattr(data, "BAD_IMAGES", "skip")
+    with pytest.warns(UserWarning, match=r"1 empty class folder\(s\).*ship"):
+        ds = data.build_dataset(root, "train")
+    assert ds.num_classes == 10 and len(ds) == 180  # labels keep their indices: train and test agree
+
+
+def test_trainer_on_bad_images(cifar_small, tmp_path):
+    root = bad_folder(cifar_small, tmp_path / "bad")
+    args = us3l_args(root, tmp_path / "o", max_steps=2, batch_size=102)  # 204 images, 2 steps: every one read
+    p = run([sys.executable, "train_us3l.py", *args])
+    assert p.returncode == 1 and "BadImageError: unreadable image" in p.stderr, p.stderr[-3000:]
+    assert "not_an_image.jpg" in p.stderr or "truncated.jpg" in p.stderr
+    p = run([sys.executable, "train_us3l.py", *args, "--bad_images=skip"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "skipped unreadable image" in p.stderr and "2 skipped so far" in p.stderr
+
+
+# --- bad config and arguments: one line naming the key and what is allowed -------------------------
+
+def fake_checkpoint(path, arch):
+    torch.save({"student": {}, "step": 3, "config": {"arch": arch}}, path)
+    return path
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train_us3l.py", ["--width_min=1.5"], "config error: width_min=1.5 must be in (0, 1]"),
+    ("train_us3l.py", ["--num_widths=1"], "config error: num_widths=1: the sandwich needs >= 2"),
+    ("train_us3l.py", ["--batch_size=300"], "config error: batch_size=300 x 1 process(es) exceeds the 200 training"),
+    ("train_us3l.py", ["--resume={tmp}/nope.pt"], "config error: resume={tmp}/nope.pt: no such checkpoint"),
+    ("train_us3l.py", ["--resume={tmp}/r50.pt"], "another arch (arch='resnet50' there, 'resnet18_cifar' here)"),
+    ("train_dspnet.py", ["--dns=[[1.0],[0.5,1,1]]"], "config error: dns entry [0.5, 1.0, 1.0] does not fit"),
+    ("eval_knn.py", ["--ckpt={tmp}/ck.pt", "--widths=1.0,0.2"], "widths [0.2] lie below 0.5, the smallest width"),
+    ("eval_knn.py", ["--arch=resnet18_cifar", "--depth=[1,1]"], "config error: depth=[1, 1]: depth must list 4"),
+    ("eval_linear.py", ["--ckpt={tmp}/missing.pt"], "config error: checkpoint not found"),
+    ("eval_linear.py", ["--arch=resnet18_cifar", "--mode=full"], "config error: mode='full', allowed: cached, augment"),
+])
+def test_config_errors_are_one_line(script, args, message, cifar_small, tmp_path):
+    fake_checkpoint(tmp_path / "r50.pt", "resnet50")
+    torch.save({"arch": "resnet18_cifar", "backbone": ARCHS["resnet18_cifar"]().state_dict(), "width_min": 0.5},
+               tmp_path / "ck.pt")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = TRAINERS[script](cifar_small, tmp_path / "o") if script in TRAINERS else \
+        [f"--data_path={cifar_small}", f"--out_dir={tmp_path / 'o'}"]
+    p = run([sys.executable, script, *base, *args])
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and lines, p.stderr[-3000:]
+    assert message.replace("{tmp}", str(tmp_path)) in lines[-1] and "Traceback" not in p.stderr, p.stderr[-3000:]
