@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 import data
 from data import build_dataset, eval_transform
-from models import ARCHS, SlimBatchNorm2d, calibrate_bn, profile, set_active
+from models import ARCHS, SlimBatchNorm2d, calibrate_bn, min_width, profile, set_active
 from utils import ConfigError, run, save_config
 
 
@@ -434,6 +434,10 @@ def networks_to_eval(cfg, ckpt, model):
     if bad:
         raise ConfigError(f"config error: widths {bad} lie below {trained}, the smallest width {cfg.ckpt} was "
                           f"trained at; allowed: [{trained}, 1]")
+    floor, arch = min_width(model), ckpt.get("arch", type(model).__name__)
+    if any(w < floor for w in widths):
+        raise ConfigError(f"config error: widths {[w for w in widths if w < floor]} lie below {arch}'s minimum width "
+                          f"{floor:.4g} (every layer at its channel floor); allowed: [{floor:.4g}, 1]")
     if cfg.depth is not None:
         try:
             set_active(model, 1.0, cfg.depth)

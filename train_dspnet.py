@@ -38,7 +38,7 @@ import losses
 from augment import build_train_loader
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval, net_name
-from models import ARCHS, SlimBatchNorm2d, profile, projection_mlp, set_active
+from models import ARCHS, SlimBatchNorm2d, min_width, profile, projection_mlp, set_active
 from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes,
                    cosine, ema_update_, load_resume, log_jsonl, param_groups, run, save_config, trim_jsonl,
                    warmup_cosine)
@@ -101,11 +101,14 @@ def parse_dns(cfg, backbone):
     if not cfg.dns:
         raise ConfigError("config error: dns is empty: list the desired networks, e.g. [[1.0], [0.5]]")
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
-    dns, macs = [], []
+    dns, macs, floor = [], [], min_width(backbone)
     for dn in cfg.dns:
         width, depth = float(dn[0]), ([int(d) for d in dn[1:]] or None)
         if depth is not None and any(d != int(d) for d in dn[1:]):
             raise ConfigError(f"config error: dns entry {dn}: depths must be whole numbers")
+        if width < floor:
+            raise ConfigError(f"config error: dns entry {dn}: width {width} is below {cfg.arch}'s minimum width "
+                              f"{floor:.4g}; allowed: [{floor:.4g}, 1]")
         try:
             macs.append(profile(backbone, width, depth, input_size=size)[1])
         except ValueError as e:

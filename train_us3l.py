@@ -38,7 +38,7 @@ import losses
 from augment import build_train_loader
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
-from models import ARCHS, projection_mlp, set_active
+from models import ARCHS, min_width, projection_mlp, set_active
 from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes,
                    cosine, ema_update_, load_resume, log_jsonl, param_groups, run, save_config, trim_jsonl,
                    warmup_cosine)
@@ -110,6 +110,10 @@ def check_config(cfg):
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if not 0 < cfg.width_min <= 1:
         raise ConfigError(f"config error: width_min={cfg.width_min} must be in (0, 1]")
+    floor = min_width(ARCHS[cfg.arch]())
+    if cfg.width_min < floor:
+        raise ConfigError(f"config error: width_min={cfg.width_min} is below {cfg.arch}'s minimum width {floor:.4g} "
+                          f"(every layer at its channel floor); allowed: [{floor:.4g}, 1]")
     if cfg.num_widths < 2:
         raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)")
 

@@ -216,12 +216,15 @@ def fake_checkpoint(path, arch):
 @pytest.mark.parametrize("script,args,message", [
     ("train_us3l.py", ["--width_min=1.5"], "config error: width_min=1.5 must be in (0, 1]"),
     ("train_us3l.py", ["--num_widths=1"], "config error: num_widths=1: the sandwich needs >= 2"),
+    ("train_us3l.py", ["--width_min=0.01"], "width_min=0.01 is below resnet18_cifar's minimum width 0.01562"),
+    ("train_dspnet.py", ["--dns=[[1.0],[0.01]]"], "width 0.01 is below resnet18_cifar's minimum width 0.01562"),
     ("train_us3l.py", ["--batch_size=300"], "config error: batch_size=300 x 1 process(es) exceeds the 200 training"),
     ("train_us3l.py", ["--resume={tmp}/nope.pt"], "config error: resume={tmp}/nope.pt: no such checkpoint"),
     ("train_us3l.py", ["--resume={tmp}/r50.pt"], "another arch (arch='resnet50' there, 'resnet18_cifar' here)"),
     ("train_dspnet.py", ["--dns=[[1.0],[0.5,1,1]]"], "config error: dns entry [0.5, 1.0, 1.0] does not fit"),
     ("eval_knn.py", ["--ckpt={tmp}/ck.pt", "--widths=1.0,0.2"], "widths [0.2] lie below 0.5, the smallest width"),
     ("eval_knn.py", ["--arch=resnet18_cifar", "--depth=[1,1]"], "config error: depth=[1, 1]: depth must list 4"),
+    ("eval_knn.py", ["--arch=resnet18_cifar", "--widths=1.0,0.01"], "widths [0.01] lie below resnet18_cifar's minimum"),
     ("eval_linear.py", ["--ckpt={tmp}/missing.pt"], "config error: checkpoint not found"),
     ("eval_linear.py", ["--arch=resnet18_cifar", "--mode=full"], "config error: mode='full', allowed: cached, augment"),
 ])
