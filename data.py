@@ -445,15 +445,43 @@ def write_beton(data_path, out, splits=("train", "test"), max_resolution=None, j
     for s, ds in sources.items():
         tmp = targets[s].with_name(f".{s}.beton.tmp")
         print(f"{s}: {len(ds)} images from {data_path} -> {targets[s]}")
+        errors = tmp.with_suffix(".errors")
+        errors.unlink(missing_ok=True)
         try:  # DatasetWriter forks num_workers processes, each reading (PIL RGB image, int) from ds
             writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()},
                                    num_workers=num_workers or min(8, os.cpu_count() or 1))
-            writer.from_indexed_dataset(ds)
+            writer.from_indexed_dataset(_NoteErrors(ds, errors))
+            if errors.exists():
+                said = errors.read_text().splitlines()
+                raise BadImageError(f"{len(said)} image(s) of {data_path} ({s}) could not be written; the first: "
+                                    f"{said[0]}")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            errors.unlink(missing_ok=True)
         os.replace(tmp, targets[s])
     return targets
+
+
+class _NoteErrors(Dataset):
+    """ds for FFCV's writer processes, which hang when one raises: an image that fails is noted in
+    the file `errors` (one line each, appended by any process) and written as an 8x8 placeholder;
+    write_beton then raises, naming it, and deletes the partial file."""
+
+    def __init__(self, ds, errors):
+        self.ds, self.errors = ds, errors
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds[i]
+        except Exception as e:
+            with open(self.errors, "a") as f:
+                f.write(f"{type(e).__name__}: {e}".replace("\n", " ") + "\n")
+            return Image.new("RGB", (8, 8)), 0
 
 
 def beton_labels(path):

@@ -207,6 +207,17 @@ def test_trainer_on_bad_images(cifar_small, tmp_path):
     assert "skipped unreadable image" in p.stderr and "2 skipped so far" in p.stderr
 
 
+def test_write_beton_on_bad_images(cifar_small, tmp_path, monkeypatch):
+    """FFCV's writer processes hang when one raises: the bad image must still end the write, named."""
+    root = bad_folder(cifar_small, tmp_path / "bad")
+    with pytest.raises(data.BadImageError, match=r"2 image\(s\) .* could not be written; the first: .*\.jpg"):
+        data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)
+    assert not list((tmp_path / "b").iterdir())  # no partial .beton
+    monkeypatch.setattr(data, "BAD_IMAGES", "skip")
+    path = data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
+    assert len(data.beton_labels(path)) == 204
+
+
 # --- bad config and arguments: one line naming the key and what is allowed -------------------------
 
 def fake_checkpoint(path, arch):
