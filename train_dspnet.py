@@ -255,6 +255,11 @@ def main(cfg):
             pbar.update(1)
 
             save_due = step % steps_per_epoch == 0 or step == total or (cfg.save_every and step % cfg.save_every == 0)
+            if world == 1 or log_now:  # minutes-based cadence: each step in one process; with several, the
+                late = time.time() - last_save > 60 * cfg.save_every_min  # main one decides for all at log steps
+                if world > 1:
+                    late = bool(broadcast(torch.tensor([late], device=device)).item())
+                save_due = save_due or late
             if log_now or save_due:  # losses must be finite on every rank before anything is logged or saved
                 per_dn = check_finite({f"loss/{dn_name(d)}": s / c.clamp(min=1) for d, s, c in zip(dns, sums, counts)},
                                       step, accelerator)
@@ -271,8 +276,6 @@ def main(cfg):
                     log_jsonl(log_path, rec)
                     if cfg.tracker:
                         accelerator.log(rec, step=step)
-                due = torch.tensor([time.time() - last_save > 60 * cfg.save_every_min], device=device)
-                save_due = save_due or bool(broadcast(due).item())
             if save_due:
                 if accelerator.is_main_process:
                     atomic_save({"online": online.state_dict(), "target": target.state_dict(),

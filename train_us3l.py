@@ -266,6 +266,11 @@ def main(cfg):
             pbar.update(1)
 
             save_due = step % steps_per_epoch == 0 or step == total or (cfg.save_every and step % cfg.save_every == 0)
+            if world == 1 or log_now:  # minutes-based cadence: each step in one process; with several, the
+                late = time.time() - last_save > 60 * cfg.save_every_min  # main one decides for all at log steps
+                if world > 1:
+                    late = bool(broadcast(torch.tensor([late], device=device)).item())
+                save_due = save_due or late
             if log_now or save_due:  # losses must be finite on every rank before anything is logged or saved
                 names = ["loss/1.0"] + [f"loss/rand{j}" for j in range(len(widths) - 2)] + ["loss/min"] * (len(widths) > 1)
                 per_width = check_finite(dict(zip(names, sums)), step, accelerator)
@@ -280,9 +285,6 @@ def main(cfg):
                     log_jsonl(log_path, rec)
                     if cfg.tracker:
                         accelerator.log(rec, step=step)
-                # the minutes-based cadence is decided by the main process for all (log steps are in sync)
-                due = torch.tensor([time.time() - last_save > 60 * cfg.save_every_min], device=device)
-                save_due = save_due or bool(broadcast(due).item())
             if save_due:
                 if accelerator.is_main_process:
                     atomic_save({"student": student.state_dict(), "teacher": teacher.state_dict(),

@@ -43,8 +43,10 @@ def steps_logged(out):
 def test_killed_at_random_points_resumes_exactly(script, cifar_small, tmp_path):
     """SIGKILL three times at random moments (a checkpoint is written every step, so some kills land
     mid-write), then the same command finishes: weights, kNN and log equal an uninterrupted run's."""
-    extra = {"target_bn_momentum": 0.1} if script == "train_dspnet.py" else {}  # momentum BN stats survive too
-    args = lambda out: TRAINERS[script](cifar_small, out, max_steps=12, log_every=1, save_every=1, **extra)  # noqa: E731
+    # a checkpoint every step: by step count for DSPNet (with momentum-BN target statistics, which must
+    # survive too), by the minutes-based cadence (0 minutes: every step) for US3L
+    extra = {"target_bn_momentum": 0.1, "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
+    args = lambda out: TRAINERS[script](cifar_small, out, max_steps=12, log_every=1, **extra)  # noqa: E731
     ref, out = tmp_path / "ref", tmp_path / "killed"
     p = run([sys.executable, script, *args(ref)])
     assert p.returncode == 0, p.stderr[-3000:]
