@@ -332,6 +332,11 @@ def decode_dataset(dataset, num_workers=0, batch_size=500):
     return images.contiguous(), torch.from_numpy(np.concatenate([p[1] for p in parts]))
 
 
+def no_batch(batch_size, world, n, what="training images"):  # every loader drops the last partial batch
+    return ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {n} {what}: "
+                       "lower batch_size (drop_last leaves no batch)")
+
+
 class DeviceLoader:
     """The torch path's contract (data.EpochSampler + SeededViews) with everything on the device:
     the split decoded once (decode_dataset) into uint8 device memory, the same seeded permutation
@@ -353,8 +358,7 @@ class DeviceLoader:
         self.n, self.batch_size, self.augment = len(self.images), batch_size, augment
         self.seed, self.rank, self.world, self.return_index = seed, rank, world, return_index
         if self.steps() == 0:
-            raise ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {self.n} "
-                              "training images: lower batch_size (drop_last leaves no batch)")
+            raise no_batch(batch_size, world, self.n)
         self.generator = torch.Generator(self.device)
         self.set_epoch(epoch, start)
 
@@ -395,8 +399,7 @@ class TorchLoader:
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
         self.num_workers, self.pin_memory, self.epoch, self.start = num_workers, pin_memory, 0, 0
         if self.steps() == 0:
-            raise ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {len(dataset)} "
-                              "training images: lower batch_size (drop_last leaves no batch)")
+            raise no_batch(batch_size, world, len(dataset))
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -429,8 +432,7 @@ class FFCVViews:
         self.view2 = BatchAugment(dataset, size, 2, crop=False).to(device)
         self.generator, self.epoch, self.start = torch.Generator(device), 0, 0
         if self.steps() == 0:
-            raise ConfigError(f"config error: batch_size={batch_size} x {world} process(es) exceeds the {self.n} "
-                              f"images of {path}: lower batch_size (drop_last leaves no batch)")
+            raise no_batch(batch_size, world, self.n, f"images of {path}")
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start

@@ -193,7 +193,7 @@ def main(cfg):
                       f"{cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, {total} steps "
                       f"({full_only_steps} full-only, {warmup_steps} warm-up)")
 
-    step, _ = load_resume(cfg, ckpt_path, {"online": online, "target": target, "optimizer": optimizer}, accelerator)
+    step = load_resume(cfg, ckpt_path, {"online": online, "target": target, "optimizer": optimizer}, accelerator)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:
         trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again

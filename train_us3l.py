@@ -198,7 +198,7 @@ def main(cfg):
                       f"global batch {cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, "
                       f"{total} steps")
 
-    step, _ = load_resume(cfg, ckpt_path, {"student": student, "teacher": teacher, "optimizer": optimizer}, accelerator)
+    step = load_resume(cfg, ckpt_path, {"student": student, "teacher": teacher, "optimizer": optimizer}, accelerator)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:
         trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again

@@ -41,7 +41,6 @@ import typing
 from pathlib import Path
 
 import torch
-
 import yaml
 
 # ------------------------------------------------------------------------------------------------
@@ -438,15 +437,14 @@ def _fsync(path) -> None:
 # Logging and divergence checks
 
 
-def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> tuple[int, dict | None]:
+def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> int:
     """Resume per cfg.resume: auto (ckpt_path if it exists) | none | PATH. Loads {key: module or
-    optimizer} from the checkpoint and returns (its step, the checkpoint), or (0, None) for a fresh
-    start. A checkpoint written under another config (the trainers store it as "config") that does
+    optimizer} from the checkpoint and returns its step, or 0 for a fresh start. A checkpoint written under another config (the trainers store it as "config") that does
     not load, or of another arch, is a one-line ConfigError naming the keys that differ; keys that
     differ but load (log_every, epochs, ...) are printed and taken from this config."""
     path = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
     if path is None or (cfg.resume == "auto" and not os.path.isfile(path)):
-        return 0, None
+        return 0
     if not os.path.isfile(path):
         raise ConfigError(f"config error: resume={cfg.resume}: no such checkpoint (allowed: auto, none, a file)")
     ckpt = torch.load(path, map_location=accelerator.device, weights_only=True)
@@ -466,7 +464,7 @@ def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> tuple[int, dict |
     if changed:
         accelerator.print(f"resuming {path} with changed keys: {said}")
     accelerator.print(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"], ckpt
+    return ckpt["step"]
 
 
 def log_jsonl(path, record: dict) -> None:
