@@ -143,8 +143,14 @@ def main(cfg):
     data.BAD_IMAGES = cfg.bad_images
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # model: online = encoder + projector (first Linear takes any DN's width) + predictor. Seeded and built
+    # before the data: building loaders may draw from the global RNG (each DataLoader iterator takes
+    # a base seed), which would make the initial weights depend on `loader`
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     backbone = ARCHS[cfg.arch]()
+    online = nn.ModuleDict({"backbone": backbone,
+                            "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim),
+                            "predictor": projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)})
     dns, dn_macs = parse_dns(cfg, backbone)
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if accelerator.is_main_process:
@@ -173,11 +179,7 @@ def main(cfg):
         cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
         loader="device" if cfg.loader == "device" else "torch", device=device)
 
-    # model: online = encoder + projector (first Linear takes any DN's width) + predictor;
     # target = EMA of encoder + projector, always full width and depth, never prepared
-    online = nn.ModuleDict({"backbone": backbone,
-                            "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim),
-                            "predictor": projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)})
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     online = online.to(device, memory_format=fmt)
     encoder = nn.ModuleDict({k: online[k] for k in ("backbone", "projector")})  # shares the online modules
@@ -227,6 +229,7 @@ def main(cfg):
 
     params = list(online.parameters())
     last_save, t_log, seen = time.time(), time.time(), 0
+    t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(len(dns), device=device)  # loss sums per DN since the last log
     counts = torch.zeros(len(dns), device=device)
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -234,6 +237,7 @@ def main(cfg):
         epoch = step // steps_per_epoch
         train_loader.set_epoch(epoch, step % steps_per_epoch)
         for (x1, x2), _ in train_loader:
+            wait += time.time() - t_next
             if step >= total:
                 break
             lr = warmup_cosine(step, total, warmup_steps, lr_peak)
@@ -263,13 +267,14 @@ def main(cfg):
             if log_now or save_due:  # losses must be finite on every rank before anything is logged or saved
                 per_dn = check_finite({f"loss/{dn_name(d)}": s / c.clamp(min=1) for d, s, c in zip(dns, sums, counts)},
                                       step, accelerator)
-            if log_now:
+            if log_now:  # data_wait: the share of the time spent waiting for the loader (host side)
+                dt = time.time() - t_log
                 rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "dns": [dn_name(dns[i]) for i in picked],
-                       "img_per_s": seen / (time.time() - t_log), **stats,
+                       "img_per_s": seen / dt, "data_wait": wait / dt, **stats,
                        **{k: v for (k, v), c in zip(per_dn.items(), counts.tolist()) if c > 0}}  # DNs run
                 sums.zero_()
                 counts.zero_()
-                seen, t_log = 0, time.time()
+                seen, t_log, wait = 0, time.time(), 0.0
                 pbar.set_postfix(loss=f"{rec[f'loss/{dn_name(dns[0])}']:.3f}", dns=len(picked),
                                  ips=f"{rec['img_per_s']:.0f}")
                 if accelerator.is_main_process:
@@ -285,6 +290,7 @@ def main(cfg):
             if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:
                 results.setdefault("knn_top1_history", {})[str(step)] = monitor(f"epoch {step // steps_per_epoch}")
                 write_results()
+            t_next = time.time()
     pbar.close()
 
     check_same_across_processes(online, accelerator)  # fails loudly if any process diverged

@@ -141,7 +141,6 @@ def main(cfg):
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None,
                               project_dir=cfg.out_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(cfg.seed)  # same initial weights on every process
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
@@ -166,6 +165,9 @@ def main(cfg):
 
     # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
     # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
+    # seeded here, after the data: building loaders may draw from the global RNG (each DataLoader
+    # iterator takes a base seed), which would make the initial weights depend on `loader`
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
     backbone = ARCHS[cfg.arch]()
     student = nn.ModuleDict({"backbone": backbone,
                              "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim)})
@@ -233,12 +235,14 @@ def main(cfg):
     # own backward (activations of one width are freed before the next), one optimizer step
     params = [p for p in student.parameters()]
     last_save, t_log, seen = time.time(), time.time(), 0
+    t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < total:
         epoch = step // steps_per_epoch
         train_loader.set_epoch(epoch, step % steps_per_epoch)
         for (x1, x2), _ in train_loader:
+            wait += time.time() - t_next
             if step >= total:
                 break
             lr = warmup_cosine(step, total, int(cfg.warmup_epochs * steps_per_epoch), lr_peak)
@@ -274,12 +278,13 @@ def main(cfg):
             if log_now or save_due:  # losses must be finite on every rank before anything is logged or saved
                 names = ["loss/1.0"] + [f"loss/rand{j}" for j in range(len(widths) - 2)] + ["loss/min"] * (len(widths) > 1)
                 per_width = check_finite(dict(zip(names, sums)), step, accelerator)
-            if log_now:
+            if log_now:  # data_wait: the share of the time spent waiting for the loader (host side)
+                dt = time.time() - t_log
                 rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "widths": widths,
-                       "img_per_s": seen / (time.time() - t_log), **stats,
+                       "img_per_s": seen / dt, "data_wait": wait / dt, **stats,
                        **{k: v / cfg.log_every for k, v in per_width.items()}}  # mean per sandwich position
                 sums.zero_()
-                seen, t_log = 0, time.time()
+                seen, t_log, wait = 0, time.time(), 0.0
                 pbar.set_postfix(loss=f"{rec['loss/1.0']:.3f}", widths=len(widths), ips=f"{rec['img_per_s']:.0f}")
                 if accelerator.is_main_process:
                     log_jsonl(log_path, rec)
@@ -294,6 +299,7 @@ def main(cfg):
             if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:
                 results.setdefault("knn_top1_history", {})[str(step)] = monitor(f"epoch {step // steps_per_epoch}")
                 write_results()
+            t_next = time.time()
     pbar.close()
 
     check_same_across_processes(student, accelerator)  # fails loudly if any process diverged

@@ -106,18 +106,23 @@ def test_clear_errors(cifar_small, tmp_path):
 
 def test_device_and_ffcv_loaders(cifar_small, tmp_path):
     """loader=device (the split on the device, batched augmentation) and loader=ffcv (a small .beton)
-    train, log and finish like the torch path; a missing .beton is a clear error."""
+    train, log and finish like the torch path, from the same initial weights (the kNN of the random
+    init is the same: the loaders are built before the seeded model); a missing .beton is a clear error."""
     beton = tmp_path / "beton"
     p = run([sys.executable, "data.py", "write-beton", f"--data_path={cifar_small}", f"--out={beton}", "--raw",
              "--splits=train", "--num_workers=1"])
     assert p.returncode == 0, p.stderr[-3000:]
+    init = {}
     for kind, extra in (("device", {}), ("ffcv", {"ffcv_path": beton})):
         out = tmp_path / kind
         p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out, loader=kind, max_steps=4, **extra)])
         assert p.returncode == 0, p.stderr[-3000:]
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in log] == [2, 4] and all(r["loss/1.0"] > 0 for r in log)
-        assert set(json.loads((out / "results.json").read_text())["knn_top1"]) == {"1.0", "0.25"}
+        assert [r["step"] for r in log] == [2, 4] and all(r["loss/1.0"] > 0 and 0 <= r["data_wait"] < 1 for r in log)
+        results = json.loads((out / "results.json").read_text())
+        assert set(results["knn_top1"]) == {"1.0", "0.25"}
+        init[kind] = results["knn_top1_init"]
+    assert init["device"] == init["ffcv"]  # the ffcv run's monitor reads data_path with the torch loader
     p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "x", loader="ffcv",
                                                          ffcv_path=tmp_path / "none")])
     assert p.returncode != 0 and "train.beton" in p.stderr and "write-beton" in p.stderr
