@@ -4,11 +4,20 @@ P2: peak memory of a US3L step with 3 widths (a backward after each width) over 
     full-width step; target <= 1.10. Also shown: the same 3 widths with ONE backward of the summed
     loss, which keeps every width's activations alive. Memory = peak bytes of tensors saved for
     backward (exact, any device) and, on CUDA, torch.cuda.max_memory_allocated.
-P3: time of a US3L stage-2 step (3 widths: full, U(R_min, 1), R_min) over a naive sandwich step
-    (4 widths: full, two U(0.25, 1), 0.25, every step); target <= 0.80. Reported per stage
-    (R_min = 0.75, 0.5, 0.25) and over the whole run (stage 1 trains the full width only).
+P3: expected time of a US3L stage-2 step (3 widths: full, U(R_min, 1), R_min) over a naive
+    sandwich step (4 widths: full, two U(0.25, 1), 0.25, every step); target <= 0.80. Reported
+    per phase (R_min = 0.75, 0.5, 0.25), over the second stage (the three phases, equally long),
+    and over the whole run (stage 1, the first quarter, trains the full width only).
 
-    python bench/bench_us3l_step.py [--batch_size 128] [--repeats 6]
+The random widths make a step's time a random variable: P3 compares expectations. Every variant
+draws its random widths from the same stratified quantiles (repeat r uses the r-th of `repeats`
+equal slices of U(0, 1), in a seeded order per width slot), and times are means over the repeats,
+so the estimate does not hinge on a few lucky draws. Next to the times, the same ratios in
+training MACs (teacher forward 1x, each width forward + backward 3x the forward MACs, from
+models.profile at 32 px) say what a compute-bound device gets; the paper counts cost in sampled
+widths instead ("we do not consider the effect of model size"), 3 against 4.
+
+    python bench/bench_us3l_step.py [--batch_size 128] [--repeats 8]
 """
 
 import argparse
@@ -22,7 +31,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from models import ARCHS, projection_mlp  # noqa: E402
+from models import ARCHS, profile, projection_mlp  # noqa: E402
 from train_us3l import Config, forward_backward  # noqa: E402
 
 
@@ -95,7 +104,7 @@ def peak_memory(fn, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch_size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -119,20 +128,20 @@ def main():
     if single_cuda:
         print(f"P2 (CUDA max_memory_allocated) = {per_width_cuda / single_cuda:.3f}; summed {summed_cuda / single_cuda:.2f}")
 
-    # P3: step time, interleaved so that machine noise hits every variant alike. Widths are drawn
-    # fresh each repeat from a seeded generator (as in training).
+    # P3: step time, interleaved so that machine noise hits every variant alike
+    n = args.repeats
     g = torch.Generator().manual_seed(0)
-    def u(lo):  # noqa: E306
-        return lo + (1 - lo) * torch.rand((), generator=g).item()
-    variants = {"naive n=4": lambda: [1.0, u(0.25), u(0.25), 0.25],
-                "stage 1 (full only)": lambda: [1.0],
-                "stage 2 (R_min 0.75)": lambda: [1.0, u(0.75), 0.75],
-                "stage 3 (R_min 0.5)": lambda: [1.0, u(0.5), 0.5],
-                "stage 4 (R_min 0.25)": lambda: [1.0, u(0.25), 0.25]}
+    quantiles = [((torch.randperm(n, generator=g) + 0.5) / n).tolist() for _ in range(2)]  # 2 random slots
+    variants = {"naive n=4": lambda q: [1.0, u(0.25, q[0]), u(0.25, q[1]), 0.25],
+                "stage 1 (full only)": lambda q: [1.0],
+                "R_min 0.75": lambda q: [1.0, u(0.75, q[0]), 0.75],
+                "R_min 0.5": lambda q: [1.0, u(0.5, q[0]), 0.5],
+                "R_min 0.25": lambda q: [1.0, u(0.25, q[0]), 0.25]}
     times = {k: [] for k in variants}
-    for r in range(args.repeats + 1):  # round 0 warms up
+    for r in range(-1, n):  # r = -1 warms up
+        q = [quantiles[0][max(r, 0)], quantiles[1][max(r, 0)]]
         for name, draw in variants.items():
-            widths = draw()
+            widths = draw(q)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -140,15 +149,39 @@ def main():
             student.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if r:
+            if r >= 0:
                 times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    naive = med["naive n=4"]
-    for name, t in med.items():
-        print(f"  {name:<22} {t * 1e3:8.0f} ms/step  ratio to naive {t / naive:5.3f}")
-    stages = [med[k] for k in variants if k.startswith("stage")]
-    print(f"P3 = {statistics.mean(stages[1:]) / naive:.3f} over US3L's second stage (R_min 0.75 -> 0.25, target <= 0.80); "
-          f"{statistics.mean(stages) / naive:.3f} over the whole run (with the full-width-only first quarter)")
+
+    # the same expectations in training MACs, over the same width draws
+    macs_cache = {}
+    def macs(w):  # noqa: E306
+        if w not in macs_cache:
+            macs_cache[w] = profile(student["backbone"], w, input_size=32)[1]
+        return macs_cache[w]
+    def step_macs(widths):  # noqa: E306
+        return macs(1.0) + sum(3 * macs(w) for w in widths)
+    cost = {name: statistics.mean(step_macs(draw([quantiles[0][r], quantiles[1][r]])) for r in range(n))
+            for name, draw in variants.items()}
+    mean = {k: statistics.mean(v) for k, v in times.items()}
+    naive, naive_macs = mean["naive n=4"], cost["naive n=4"]
+    print(f"P3 step time (mean of {n} stratified width draws) and training MACs, relative to the naive step:")
+    for name in variants:
+        print(f"  {name:<20} {mean[name] * 1e3:7.0f} ms/step  time {mean[name] / naive:5.3f}  "
+              f"MACs {cost[name] / naive_macs:5.3f}")
+    phases = ["R_min 0.75", "R_min 0.5", "R_min 0.25"]
+    stage2 = statistics.mean(mean[k] for k in phases) / naive
+    stage2_macs = statistics.mean(cost[k] for k in phases) / naive_macs
+    run = (mean["stage 1 (full only)"] / naive + 3 * stage2) / 4
+    run_macs = (cost["stage 1 (full only)"] / naive_macs + 3 * stage2_macs) / 4
+    print(f"P3 = {stage2:.3f} over US3L's second stage (R_min 0.75 -> 0.25; target <= 0.80), MACs {stage2_macs:.3f}")
+    print(f"     {mean['R_min 0.25'] / naive:.3f} at R_min = width_min (3 widths vs 4 over the same range), "
+          f"MACs {cost['R_min 0.25'] / naive_macs:.3f}")
+    print(f"     {run:.3f} over the whole run (with the full-width-only first quarter), MACs {run_macs:.3f}; "
+          f"in sampled widths 3/4 = 0.75 and 2.5/4 = 0.625")
+
+
+def u(lo, q):  # the q-quantile of U(lo, 1)
+    return lo + (1 - lo) * q
 
 
 if __name__ == "__main__":
