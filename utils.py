@@ -439,9 +439,10 @@ def _fsync(path) -> None:
 
 def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> int:
     """Resume per cfg.resume: auto (ckpt_path if it exists) | none | PATH. Loads {key: module or
-    optimizer} from the checkpoint and returns its step, or 0 for a fresh start. A checkpoint written under another config (the trainers store it as "config") that does
-    not load, or of another arch, is a one-line ConfigError naming the keys that differ; keys that
-    differ but load (log_every, epochs, ...) are printed and taken from this config."""
+    optimizer} from the checkpoint and returns its step, or 0 for a fresh start. A checkpoint
+    written under another config (the trainers store it as "config") that does not load, or of
+    another arch, is a one-line ConfigError naming the keys that differ; keys that differ but load
+    (log_every, epochs, ...) are printed and taken from this config."""
     path = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
     if path is None or (cfg.resume == "auto" and not os.path.isfile(path)):
         return 0

@@ -131,7 +131,8 @@ def main():
     # P3: step time, interleaved so that machine noise hits every variant alike
     n = args.repeats
     g = torch.Generator().manual_seed(0)
-    quantiles = [((torch.randperm(n, generator=g) + 0.5) / n).tolist() for _ in range(2)]  # 2 random slots
+    slots = [((torch.randperm(n, generator=g) + 0.5) / n).tolist() for _ in range(2)]  # 2 random widths
+    draws = list(zip(*slots))  # draws[r]: the quantiles of repeat r's random widths
     variants = {"naive n=4": lambda q: [1.0, u(0.25, q[0]), u(0.25, q[1]), 0.25],
                 "stage 1 (full only)": lambda q: [1.0],
                 "R_min 0.75": lambda q: [1.0, u(0.75, q[0]), 0.75],
@@ -139,9 +140,8 @@ def main():
                 "R_min 0.25": lambda q: [1.0, u(0.25, q[0]), 0.25]}
     times = {k: [] for k in variants}
     for r in range(-1, n):  # r = -1 warms up
-        q = [quantiles[0][max(r, 0)], quantiles[1][max(r, 0)]]
         for name, draw in variants.items():
-            widths = draw(q)
+            widths = draw(draws[max(r, 0)])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -160,8 +160,7 @@ def main():
         return macs_cache[w]
     def step_macs(widths):  # noqa: E306
         return macs(1.0) + sum(3 * macs(w) for w in widths)
-    cost = {name: statistics.mean(step_macs(draw([quantiles[0][r], quantiles[1][r]])) for r in range(n))
-            for name, draw in variants.items()}
+    cost = {name: statistics.mean(step_macs(draw(q)) for q in draws) for name, draw in variants.items()}
     mean = {k: statistics.mean(v) for k, v in times.items()}
     naive, naive_macs = mean["naive n=4"], cost["naive n=4"]
     print(f"P3 step time (mean of {n} stratified width draws) and training MACs, relative to the naive step:")
