@@ -1,7 +1,8 @@
-"""Batched on-device BYOL two-view augmentation and an on-device CIFAR loader (DESIGN 7, fast paths
-(a) and (c)). The CPU reference is data.byol_view (PIL + torchvision per sample); this module draws
-the same distributions with per-sample random parameters, vectorized over the batch, on whatever
-device the uint8 batch lives on (CPU or CUDA).
+"""Batched on-device BYOL two-view augmentation and an on-device CIFAR loader: `loader=device`,
+and the batched part of `loader=ffcv` (docs/design.md, The three loaders). The CPU reference is
+data.byol_view (PIL + torchvision per sample); this module draws the same distributions with
+per-sample random parameters, vectorized over the batch, on whatever device the uint8 batch lives
+on (CPU or CUDA).
 
     aug = TwoViewAugment("cifar10").to(device)            # 32 px, no blur; "imagenet": 224 px, blur
     g = torch.Generator(device).manual_seed(0)
@@ -19,7 +20,7 @@ tests compare them with torchvision's functional ops.
 
 NOTE: float32 throughout, where PIL rounds to 8 bits after each op. Crop + resize is PIL's
 algorithm (bicubic a = -0.5, antialiased when shrinking; torchvision's antialias=True), not
-grid_sample, so it matches the reference at any scale. Measured on the 2-core CPU of DESIGN 11 under
+grid_sample, so it matches the reference at any scale. Measured on a 2-core CPU (AVX512-BF16) under
 load, 1 thread, batch 256 at 32 px: about 6k pairs/s (10k with glibc's MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_ raised, see bench/bench_data.py). At 224 px the batched path is meant for
 GPUs: on that CPU PIL's uint8 path is faster (0.64x), and the dense crop + resize matmuls alone take
@@ -448,6 +449,25 @@ class FFCVViews:
             seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + k) * 1_000_033 + self.rank
             g = self.generator.manual_seed(seed % 2**63)
             yield (self.view1(v1, g), self.view2(v2, g)), y
+
+
+def to_device(batches, device):
+    """The ((v1, v2), y) batches of a training loader with both views on `device`, the copy of the next
+    batch issued before the current one is handed out: from pinned host memory (TorchLoader pins on
+    CUDA) the copy then runs while the step computes. Each view is copied as it is (no concatenated
+    host copy); the trainer concatenates them on the device. Views already there (device, ffcv) pass."""
+    def copy(batch):
+        (v1, v2), y = batch
+        return (v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)), y
+
+    it = iter(batches)
+    batch = next(it, None)
+    cur = None if batch is None else copy(batch)
+    while cur is not None:
+        batch = next(it, None)
+        nxt = None if batch is None else copy(batch)  # issued now: overlaps the step on cur
+        yield cur
+        cur = nxt
 
 
 def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, subset=0, seed=0, rank=0, world=1,

@@ -2,7 +2,7 @@
 augmentation, loaders. Knows no network and no trainer. The torch reference path (PIL + torchvision
 per sample in DataLoader workers) comes first; the fast paths (FFCV, batched on-device) follow it.
 
-    python data.py extract-cifar10        # ../shared/data/cifar10-jpg.tar.gz -> data/cifar10, once
+    python data.py extract-cifar10        # the CIFAR-10 tarball -> data/cifar10 of this repository, once
     python data.py extract-cifar10 --tar T --out DIR      # or CIFAR10_TAR=T DATA_DIR=D (-> D/cifar10)
 
     ds = build_dataset("data/cifar10", "train", pretrain_transform("cifar10"), subset=5000)
@@ -15,8 +15,17 @@ per sample in DataLoader workers) comes first; the fast paths (FFCV, batched on-
 
 data_path: DIR with train/ and test/ (or val/) class folders; DIR/cifar-10-batches-py or
 DIR/cifar-100-python (or that folder itself) for torchvision's CIFAR; `hf:PATH_OR_NAME` for
-HuggingFace `datasets` (build_hf). Nothing downloads implicitly: a missing dataset raises
-FileNotFoundError naming what was tried.
+HuggingFace `datasets` (build_hf). build_dataset never downloads (a missing dataset raises
+FileNotFoundError naming what was tried), except that `datasets` fetches a hub dataset named by
+hf:NAME that is not in its cache, where the environment allows it (HF_HUB_OFFLINE=1 forbids it).
+
+The one exception is the trainers' default, data_path=data/cifar10, relative to the current
+directory: if that folder is missing, train_us3l.py and train_dspnet.py call prepare_cifar10, which
+extracts the CIFAR-10 JPEG tarball into it ($CIFAR10_TAR, else ../shared/data/cifar10-jpg.tar.gz
+beside this repository) or, without a tarball, downloads CIFAR-10 there with torchvision (about
+170 MB, internet needed), and prints one line saying which and where. `python data.py
+extract-cifar10` does the same on demand: into --out, else $DATA_DIR/cifar10, else data/cifar10
+inside this repository; it downloads only with --download.
 """
 
 import argparse
@@ -38,6 +47,10 @@ from torch.utils.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parent
 SPLITS = {"train": ["train"], "test": ["test", "val", "validation"], "val": ["val", "validation", "test"]}
+# HuggingFace datasets: a held-out split is looked for as validation first. The hub's imagenet-1k
+# has train / validation / test with every test label -1 (the test labels were never released), so
+# "test" must not win there; a split with negative labels is an error anyway (build_hf).
+HF_SPLITS = {"train": ["train"], "test": ["validation", "val", "test"], "val": ["validation", "val", "test"]}
 HOW_TO = ("For CIFAR-10 run `python data.py extract-cifar10` (shared tarball -> data/cifar10), or pass "
           "--data_path=DIR holding train/ and test/ (or val/) class folders or a cifar-10-batches-py / "
           "cifar-100-python folder, or --data_path=hf:PATH for a HuggingFace dataset.")
@@ -74,10 +87,12 @@ class ImageDataset(Dataset):
         # bad_images=skip: the next readable image (and its label) stands in for an unreadable one
         for k in range(len(self)):
             j = int(self.indices[(i + k) % len(self)])
-            try:
+            try:  # any failure to decode this one image counts: PIL raises OSError (unidentified,
+                # truncated), SyntaxError, ValueError, EOFError, DecompressionBombError (past 2x
+                # Image.MAX_IMAGE_PIXELS; an Exception, not an OSError) and more from its format plugins
                 img, y = self._load(j)
                 break
-            except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated, broken files
+            except Exception as e:
                 if self.bad_images != "skip":
                     raise BadImageError(f"unreadable image {self.where(j)} ({type(e).__name__}: {e}): fix or "
                                         "remove it, or set bad_images=skip to go on without it") from None
@@ -178,9 +193,9 @@ def build_hf(spec, split, image_key=None, label_key=None):
         raise FileNotFoundError(f"HuggingFace dataset {name!r}: not a local folder, not cached ({e}). {HOW_TO}")
     if isinstance(dd, datasets.Dataset):  # never serve a split-less Dataset as test data
         dd = {str(dd.split or "train"): dd}
-    split_name = next((s for s in SPLITS[split] if s in dd), None)
+    split_name = next((s for s in HF_SPLITS[split] if s in dd), None)
     if split_name is None:
-        raise FileNotFoundError(f"{spec}: no split among {SPLITS[split]}; it has {list(dd)}")
+        raise FileNotFoundError(f"{spec}: no split among {HF_SPLITS[split]}; it has {list(dd)}")
     ds = dd[split_name]
     cols = ds.column_names
     image_key = image_key or next((c for c in ("img", "image") if c in cols), None)
@@ -190,6 +205,11 @@ def build_hf(spec, split, image_key=None, label_key=None):
                        "pass image_key=, label_key=")
     ds = ds.select_columns([image_key, label_key])  # do not decode columns we drop anyway
     labels = np.asarray(ds[label_key])
+    if len(labels) and labels.min() < 0:  # e.g. -1 for "no label": every score would be silently wrong
+        unlabeled = int((labels < 0).sum())
+        raise ValueError(f"{spec}: split {split_name!r} has {'no labels' if unlabeled == len(labels) else 'negative labels'} "
+                         f"({unlabeled} of {len(labels)} rows have {label_key!r} < 0); evaluate on a labelled split "
+                         f"(splits: {list(dd)})")
     feature = ds.features[label_key]
     # NOTE: without a ClassLabel feature the classes are 0..max(label) of this split only
     classes = feature.names if hasattr(feature, "names") else [str(c) for c in range(int(labels.max()) + 1)]
@@ -230,10 +250,12 @@ def build_dataset(data_path, split="train", transform=None, subset=0, subset_see
 
 
 def prepare_cifar10(dest=None, tar=None, download=False):
-    """Extract the shared CIFAR-10 tarball into dest (default $DATA_DIR/cifar10 or data/cifar10),
-    giving dest/train and dest/test. Idempotent (a marker file) and atomic (extract into a temp
-    folder beside dest, then rename), so concurrent processes are safe. Without the tarball,
-    download=True falls back to torchvision's CIFAR10 download (dest/cifar-10-batches-py)."""
+    """Extract the CIFAR-10 tarball (tar, else $CIFAR10_TAR, else ../shared/data beside this repo)
+    into dest (default $DATA_DIR/cifar10, else data/cifar10 inside this repo; a relative dest is
+    relative to the current directory), giving dest/train and dest/test. Idempotent (a marker file)
+    and atomic (extract into a temp folder beside dest, then rename), so concurrent processes are
+    safe. Without the tarball, download=True falls back to torchvision's CIFAR10 download
+    (dest/cifar-10-batches-py). Prints one line when it extracts or downloads, none when dest is ready."""
     dest = Path(dest or Path(os.environ.get("DATA_DIR", REPO / "data")) / "cifar10").expanduser()
     # the shared data is reached relative to the repo (or via CIFAR10_TAR), never by an absolute path
     tar = Path(tar or os.environ.get("CIFAR10_TAR", REPO / ".." / "shared/data/cifar10-jpg.tar.gz")).expanduser()
@@ -247,6 +269,8 @@ def prepare_cifar10(dest=None, tar=None, download=False):
             raise FileNotFoundError(
                 f"CIFAR-10 tarball not found at {tar}. Set CIFAR10_TAR=PATH (or --tar PATH), pass "
                 f"--download to fetch it with torchvision (needs internet), or put CIFAR-10 in {dest}. {HOW_TO}")
+        print(f"CIFAR-10: no tarball at {tar}: downloading it with torchvision into {dest.resolve()} (once)",
+              flush=True)
         try:
             torchvision.datasets.CIFAR10(dest, download=True)  # one archive holds both splits
         except Exception as e:  # no internet (these machines), a proxy, a broken mirror
@@ -255,6 +279,7 @@ def prepare_cifar10(dest=None, tar=None, download=False):
                 f"Put CIFAR-10 there (train/ and test/ class folders, or torchvision's cifar-10-batches-py), "
                 f"or pass --data_path=DIR") from e
         return dest
+    print(f"CIFAR-10: extracting {tar} into {dest.resolve()} (once)", flush=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
     try:
@@ -272,7 +297,7 @@ def prepare_cifar10(dest=None, tar=None, download=False):
 
 
 # -----------------------------------------------------------------------------
-# Augmentation: BYOL (Grill et al. 2020, Table 6) two asymmetric views; DESIGN section 7
+# Augmentation: BYOL (Grill et al. 2020, Table 6) two asymmetric views; docs/design.md, Augmentation
 
 # Each training set's own per-channel mean/std (over all pixels; the often copied CIFAR std (0.2023,
 # 0.1994, 0.2010) is a mean of per-image stds). The shared JPEG CIFAR-10 measures (0.4913, 0.4821,
@@ -301,8 +326,8 @@ class GaussianBlur:
 
 def byol_view(view, size, dataset, min_scale=0.08):
     """One BYOL view: view 1 blur p=1.0, solarize p=0; view 2 blur p=0.1, solarize p=0.2. CIFAR
-    (32 px) drops the blur (DESIGN 7) and keeps the solarize. min_scale: BYOL's 0.08, for CIFAR too
-    (DESIGN 7); SimSiam-style CIFAR code often uses 0.2. torchvision v1 on PIL, as it is the fastest
+    (32 px) drops the blur, as the usual CIFAR variants do, and keeps the solarize. min_scale: BYOL's
+    0.08, for CIFAR too; SimSiam-style CIFAR code often uses 0.2. torchvision v1 on PIL, as it is the fastest
     at 32 px on 1 core here: 3.9k img/s vs 2.0k (v2 on tensors) and 3.1k (v2 on PIL)."""
     mean, std = MEAN_STD[dataset]
     cifar = dataset.startswith("cifar")
@@ -598,8 +623,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="data.py utilities")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("extract-cifar10", help="once")
-    p.add_argument("--tar", default=None, help="default: $CIFAR10_TAR or ../shared/data/cifar10-jpg.tar.gz")
-    p.add_argument("--out", default=None, help="default: $DATA_DIR/cifar10 or data/cifar10")
+    p.add_argument("--tar", default=None, help="default: $CIFAR10_TAR, else ../shared/data/cifar10-jpg.tar.gz "
+                   "beside this repository")
+    p.add_argument("--out", default=None, help="default: $DATA_DIR/cifar10, else data/cifar10 in this repository")
     p.add_argument("--download", action="store_true", help="no tarball: download with torchvision (internet)")
     p = sub.add_parser("write-beton", help="FFCV .beton files (OUT/<split>.beton) from any data_path")
     p.add_argument("--data_path", required=True, help="image folder, CIFAR folder or hf:PATH_OR_NAME")

@@ -1,4 +1,4 @@
-"""Weighted kNN evaluation of a slimmable backbone at every requested width (DESIGN section 8).
+"""Weighted kNN evaluation of a slimmable backbone at every requested width; docs/design.md, Evaluation.
 
 The protocol of InstDisc (Wu et al. 2018) as used by DINO's eval_knn.py: L2-normalized backbone
 features of the training set form the bank; each test image votes with its k nearest bank images
@@ -23,7 +23,10 @@ The command evaluates every width of a checkpoint (its `widths` list, or each DS
 `dns` list with its depth), or of a seeded random-init network (the baseline), and writes a table to
 stdout, out_dir/results.json ({"<width or DN>": {"top1", "top5", "params", "macs", "top1_k"}, ...},
 accuracies in [0, 1], top1/top5 at the last k given) and out_dir/knn.png (top-1 against MACs and
-against width). MACs are counted at the eval image size (32 px CIFAR, 224 px ImageNet).
+against width). MACs are counted at the eval image size (32 px CIFAR, 224 px ImageNet). out_dir
+defaults to a folder beside the checkpoint (default_out_dir: <ckpt dir>/knn, <ckpt dir>/knn_teacher;
+out/random_init/<arch>/knn without one), so evaluations of different runs never share one.
+--tracker=tensorboard|wandb also logs each network's top-1, top-5, MMACs and params there.
 
     python eval_knn.py --ckpt=out/run/backbone.pt --data_path=data/cifar10 --out_dir=out/run/knn   # CPU or 1 GPU
     python eval_knn.py --arch=resnet18_cifar --widths=1.0,0.75,0.5,0.25 --bank_subset=10000 --test_subset=2000
@@ -53,7 +56,7 @@ the 30.1% above is a stale figure from an earlier state of the code.
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -65,7 +68,7 @@ from tqdm import tqdm
 import data
 from data import build_dataset, eval_transform
 from models import ARCHS, SlimBatchNorm2d, calibrate_bn, min_width, profile, set_active
-from utils import ConfigError, run, save_config
+from utils import ConfigError, check_tracker, init_tracker, run, save_config, tracker_log
 
 
 def _world():
@@ -92,7 +95,7 @@ def _all_gather_rows(t, n_max):
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, autocast=True, normalize=True):
+def extract_features(model, loader, device, autocast=True, normalize=True, gather=True):
     """(features (N, D) float32, L2-normalized unless normalize=False, labels (N,), indices (N,)),
     sorted by sample index. Raw features (normalize=False) feed eval_linear's head.
 
@@ -100,14 +103,18 @@ def extract_features(model, loader, device, autocast=True, normalize=True):
     mode (restored afterwards) under no_grad, with bf16 autocast if asked and supported, inputs in
     channels_last. Under N processes each rank extracts its shard; the shards (of any sizes) are
     all-gathered and deduplicated by index, so every rank returns each sample exactly once, even
-    when a DistributedSampler padded a shard with repeated samples."""
+    when a DistributedSampler padded a shard with repeated samples. gather=False: each rank returns
+    its own shard only (only the indices are gathered, to drop a sample that a lower rank also
+    holds), so the shards partition the dataset: the kNN bank at ImageNet size (1.28M x 2048 fp32 is
+    10 GB) then costs each process 1/N of it."""
     was_training = model.training
     model.eval()
     feats, labels, idxs = [], [], []
     try:
         with _autocast(device, autocast):
+            dtype = next(model.parameters()).dtype  # fp32, or a trainer's precision=fp64
             for x, y, idx in loader:
-                x = x.to(device, non_blocking=True)
+                x = x.to(device, dtype, non_blocking=True)
                 if x.ndim == 4:  # NOTE: 10-25% faster on CPU (oneDNN), the weights may stay NCHW
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats.append(model(x).float())
@@ -122,7 +129,9 @@ def extract_features(model, loader, device, autocast=True, normalize=True):
     else:  # an empty shard (more ranks than samples): its feature size comes from the others
         feats = torch.zeros(0, 0, device=device)
         labels = idxs = torch.zeros(0, dtype=torch.long, device=device)
-    _, world = _world()
+    rank, world = _world()
+    if world > 1 and not gather:
+        return _own_shard(feats, labels, idxs, rank)
     if world > 1:
         sizes = torch.tensor([feats.shape[0], feats.shape[1]], device=device)
         all_sizes = [torch.empty_like(sizes) for _ in range(world)]
@@ -143,15 +152,54 @@ def extract_features(model, loader, device, autocast=True, normalize=True):
     return feats[order], labels[order], idxs[keep]
 
 
-def _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk):
+def _own_shard(feats, labels, idxs, rank):
+    """This rank's rows sorted by index, minus those a lower rank holds too (sampler padding)."""
+    order = torch.argsort(idxs, stable=True)
+    feats, labels, idxs = feats[order], labels[order], idxs[order]
+    keep = torch.ones_like(idxs, dtype=torch.bool)
+    keep[1:] = idxs[1:] != idxs[:-1]
+    n = torch.tensor([idxs.numel()], device=idxs.device)
+    all_n = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_n, n)
+    n = [int(v) for v in all_n]
+    lower = torch.cat([f[:k] for f, k in zip(_all_gather_rows(idxs, max(n)), n)][:rank] + [idxs[:0]])
+    keep &= ~torch.isin(idxs, lower)
+    return feats[keep], labels[keep], idxs[keep]
+
+
+def merge_topk(sims, labels, k):
+    """The k largest of several candidate lists: sims, labels (P, c, k_p) -> (c, k) each, largest
+    first. The top k of a union of shards is the top k of the shards' top k's, so a bank split over
+    processes gives the neighbours of the whole bank."""
+    sim, pos = torch.cat(list(sims), 1).topk(k, dim=1)  # (c, P * k_p) -> (c, k)
+    return sim, torch.cat(list(labels), 1).gather(1, pos)
+
+
+def _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk, sharded=False):
     """Yield (start, {k: scores (chunk, num_classes)}) per chunk of test rows: one (chunk x N)
-    matmul and one topk with the largest k; smaller k are the leading columns (topk sorts)."""
-    k_max = min(max(ks), train_feats.shape[0])
+    matmul and one topk with the largest k; smaller k are the leading columns (topk sorts).
+    sharded: each process holds a shard of the bank (extract_features(gather=False)) and the same
+    test rows; every rank searches its shard and the candidates are merged (all_gather of c x k)."""
+    n_bank, world = train_feats.shape[0], _world()[1]
+    sharded = sharded and world > 1
+    if sharded:
+        n = torch.tensor(n_bank, device=test_feats.device)
+        dist.all_reduce(n)
+        n_bank = int(n)
+    k_max = min(max(ks), n_bank)
     for start in range(0, test_feats.shape[0], chunk):
         sim = test_feats[start:start + chunk] @ train_feats.T  # (c, D) x (D, N) -> (c, N) cosine
-        sim, nn_idx = sim.topk(k_max, dim=1)  # (c, k_max), largest first
-        weight = (sim / temperature).exp_()  # InstDisc/DINO vote weight exp(sim / T)
+        sim, nn_idx = sim.topk(min(k_max, sim.shape[1]), dim=1)  # (c, k_max), largest first
         nn_labels = train_labels[nn_idx]
+        if sharded:  # pad a short shard with -inf, then the top k_max of every rank's candidates
+            pad = k_max - sim.shape[1]
+            sim = F.pad(sim, (0, pad), value=float("-inf"))
+            nn_labels = F.pad(nn_labels, (0, pad))
+            sims, labs = [torch.empty_like(sim) for _ in range(world)], [torch.empty_like(nn_labels) for _ in range(world)]
+            dist.all_gather(sims, sim)
+            dist.all_gather(labs, nn_labels)
+            sim, nn_labels = merge_topk(sims, labs, k_max)
+        weight = (sim / temperature).exp_()  # InstDisc/DINO vote weight exp(sim / T)
         out = {}
         for k in ks:
             kk = min(k, k_max)  # k beyond the bank size: every bank row votes
@@ -171,11 +219,13 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, tempe
 
 
 @torch.no_grad()
-def _knn_correct(train_feats, train_labels, test_feats, test_labels, num_classes, ks, temperature, chunk):
+def _knn_correct(train_feats, train_labels, test_feats, test_labels, num_classes, ks, temperature, chunk,
+                 sharded=False):
     """(len(ks), 2) counts of top-1 and top-5 hits, for each k."""
     correct = torch.zeros(len(ks), 2, dtype=torch.long, device=test_feats.device)
     top = min(5, num_classes)
-    for start, out in _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk):
+    for start, out in _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk,
+                                sharded):
         y = test_labels[start:start + chunk, None]
         for i, k in enumerate(ks):
             hit = out[k].topk(top, dim=1).indices == y  # (c, top)
@@ -221,7 +271,8 @@ def _bn_state(model):
 
 @torch.no_grad()
 def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, k=200, temperature=0.1,
-             depth=None, autocast=True, all_reduce=None, chunk=1024, timings=None, ks=(), details=None):
+             depth=None, autocast=True, all_reduce=None, chunk=1024, timings=None, ks=(), details=None,
+             progress=False):
     """{width: kNN top-1 in [0, 1]} of the backbone, each width BN-calibrated first.
 
     calib_batches: re-iterable batches of training images with the eval transform (see
@@ -234,8 +285,12 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     dict, filled with seconds spent in calibration, extraction and search (summed over widths).
     ks, details: more neighbour counts searched at no extra cost (one topk of the largest k); an
     optional dict filled with {width: {"top1_k": {k: acc}, "top5_k": {k: acc}}} for k and ks.
+    progress: tqdm bars over the bank and test passes (pass accelerator.is_main_process).
+    Under N processes the bank stays sharded (each rank holds 1/N of it, ImageNet's 1.28M x 2048 fp32
+    is 10 GB) and the test features are gathered: every rank searches its shard for every test row
+    and the top k of the merged candidates are the whole bank's (equal to 1 process, tested).
     """
-    rank, world = _world()
+    world = _world()[1]
     if all_reduce is None:
         all_reduce = world > 1
     if iter(calib_batches) is calib_batches:  # a generator would be empty at the second width
@@ -251,16 +306,17 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
             with _autocast(device, autocast):  # statistics of the network as it will run
                 calibrate_bn(backbone, calib_batches, w, depth, all_reduce=all_reduce)
             t1 = time.perf_counter()
-            bank, bank_y, _ = extract_features(backbone, bank_loader, device, autocast)
-            test, test_y, _ = extract_features(backbone, test_loader, device, autocast)
+            bank, bank_y, _ = extract_features(backbone, _Progress(bank_loader, not progress, f"kNN {w:g} bank"), device,
+                                               autocast, gather=False)
+            test, test_y, _ = extract_features(backbone, _Progress(test_loader, not progress, f"kNN {w:g} test"), device,
+                                               autocast)
             t2 = time.perf_counter()
-            num_classes = int(max(bank_y.max(), test_y.max())) + 1
-            # every rank holds all features: each searches a slice of the test rows, counts summed
-            sl = slice(rank, None, world)
-            all_k = list(dict.fromkeys([k, *ks]))  # k first: results[w] reads row 0
-            correct = _knn_correct(bank, bank_y, test[sl], test_y[sl], num_classes, all_k, temperature, chunk)
+            num_classes = torch.stack([bank_y.max() if len(bank_y) else test_y.max(), test_y.max()]).max()
             if world > 1:
-                dist.all_reduce(correct)
+                dist.all_reduce(num_classes, op=dist.ReduceOp.MAX)
+            all_k = list(dict.fromkeys([k, *ks]))  # k first: results[w] reads row 0
+            correct = _knn_correct(bank, bank_y, test, test_y, int(num_classes) + 1, all_k, temperature, chunk,
+                                   sharded=True)  # the same counts on every rank
             c, n = correct.tolist(), max(test.shape[0], 1)
             results[w] = c[0][0] / n
             if details is not None:
@@ -277,6 +333,16 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
         set_active(backbone, 1.0)
         backbone.train(was_training)
     return results
+
+
+class _Progress:
+    """A re-iterable loader wrapper with a tqdm bar per pass (main process only)."""
+
+    def __init__(self, loader, disable, desc=""):
+        self.loader, self.disable, self.desc = loader, disable, desc
+
+    def __iter__(self):
+        return iter(tqdm(self.loader, desc=self.desc, disable=self.disable, leave=False, dynamic_ncols=True))
 
 
 def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_subset=0, num_workers=0,
@@ -408,7 +474,8 @@ class Config:
     ffcv_path: str = ""  # loader=ffcv: the folder `python data.py write-beton` wrote
     autocast: bool = True  # bf16 autocast where supported (CPU too); features and search stay fp32
     seed: int = 0  # random-init weights, subsets and calibration images
-    out_dir: str = "out/knn"  # results.json, knn.png, config.yaml
+    out_dir: str = ""  # results.json, knn.png, config.yaml; empty = beside the checkpoint (default_out_dir)
+    tracker: str = ""  # tensorboard | wandb (optional package): per-network results logged there too
 
 
 def net_name(width, depth=None):
@@ -447,6 +514,16 @@ def networks_to_eval(cfg, ckpt, model):
     return [(net_name(w, cfg.depth), float(w), cfg.depth) for w in widths]
 
 
+def default_out_dir(cfg, kind):
+    """Where an evaluation writes when out_dir is empty: beside the checkpoint it evaluates, so two
+    runs never overwrite each other's results: <ckpt dir>/<kind>, '_teacher' appended for the EMA
+    weights; without a checkpoint out/random_init/<arch>/<kind> ('_seed<N>' for a seed other than 0).
+    kind: 'knn', or eval_linear.py's 'linear', 'linear_1pct', ... (one folder per protocol)."""
+    if cfg.ckpt:
+        return os.path.join(os.path.dirname(cfg.ckpt) or ".", kind + ("_teacher" if cfg.teacher else ""))
+    return os.path.join("out", "random_init", cfg.arch or "unknown", kind + (f"_seed{cfg.seed}" if cfg.seed else ""))
+
+
 def load_network(cfg):
     """(backbone, checkpoint dict) on the CPU; a random-init network (seeded, the same on every
     rank) without ckpt, with an empty checkpoint dict."""
@@ -472,16 +549,6 @@ def load_network(cfg):
         raise ConfigError("config error: teacher=true needs ckpt")
     torch.manual_seed(cfg.seed)
     return ARCHS[cfg.arch](), {"arch": cfg.arch}
-
-
-class _Progress:
-    """A re-iterable loader wrapper with a tqdm bar per pass (main process only)."""
-
-    def __init__(self, loader, disable, desc=""):
-        self.loader, self.disable, self.desc = loader, disable, desc
-
-    def __iter__(self):
-        return iter(tqdm(self.loader, desc=self.desc, disable=self.disable, leave=False, dynamic_ncols=True))
 
 
 def plot(results, path, k):
@@ -514,31 +581,33 @@ def main(cfg):
     for key, allowed in (("loader", ("torch", "device", "ffcv")), ("bad_images", ("fail", "skip"))):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
+    check_tracker(cfg.tracker)
     data.BAD_IMAGES = cfg.bad_images
     model, ckpt = load_network(cfg)  # config errors before any process group or data
     nets = networks_to_eval(cfg, ckpt, model)
     dataset = cfg.dataset or ckpt.get("config", {}).get("dataset") or "cifar10"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
+    cfg = replace(cfg, out_dir=cfg.out_dir or default_out_dir(cfg, "knn"))  # config.yaml records where
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # sets up torch.distributed if launched
+                              log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         save_config(cfg, cfg.out_dir)
+    init_tracker(accelerator, cfg, "eval_knn")
     model = model.to(device)
     bank_loader, test_loader = build_knn_loaders(cfg.data_path, dataset, cfg.batch_size, cfg.bank_subset,
                                                  cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache,
                                                  cfg.loader, cfg.ffcv_path, device)
     calib = fixed_calibration_batches(cfg.data_path, dataset, cfg.bank_subset, cfg.calib_images, cfg.batch_size,
                                       cfg.seed, cfg.num_workers)
-    bank_p, test_p = _Progress(bank_loader, not is_main), _Progress(test_loader, not is_main)
     accelerator.print(f"kNN T={cfg.temperature} k={cfg.k} on {dataset} ({cfg.data_path}): "
                       f"{ckpt['arch']} {cfg.ckpt + (' (teacher)' if cfg.teacher else '') or '(random init, seed %d)' % cfg.seed}, "
                       f"{accelerator.num_processes} process(es)")
     main_k, size = cfg.k[-1], 32 if dataset.startswith("cifar") else 224
     results, timings = {}, {}
     for name, w, depth in nets:
-        bank_p.desc, test_p.desc = f"{name} bank", f"{name} test"
         details = {}
-        knn_eval(model, bank_p, test_p, calib, [w], device, k=main_k, temperature=cfg.temperature, depth=depth,
-                 autocast=cfg.autocast, timings=timings, ks=cfg.k, details=details)
+        knn_eval(model, bank_loader, test_loader, calib, [w], device, k=main_k, temperature=cfg.temperature, depth=depth,
+                 autocast=cfg.autocast, timings=timings, ks=cfg.k, details=details, progress=is_main)
         params, macs = profile(model, w, depth, input_size=size)
         d = details[w]
         results[name] = {"top1": d["top1_k"][main_k], "top5": d["top5_k"][main_k], "params": params, "macs": macs,
@@ -555,8 +624,19 @@ def main(cfg):
             json.dump(results, f, indent=2)
         plot(results, os.path.join(cfg.out_dir, "knn.png"), main_k)
         print(f"wrote {cfg.out_dir}/results.json, knn.png")
+    log_results(accelerator, results, "knn", ckpt.get("step", 0))
     accelerator.end_training()
     return results
+
+
+def log_results(accelerator, results, prefix, step):
+    """Each evaluated network's top-1, top-5, MMACs and params (M) to the tracker (if any), at the
+    training step of the checkpoint: e.g. knn/top1/0.25 next to knn/mmacs/0.25."""
+    rec = {}
+    for name, r in results.items():
+        rec.update({f"{prefix}/top1/{name}": r["top1"], f"{prefix}/top5/{name}": r["top5"],
+                    f"{prefix}/mmacs/{name}": r["macs"] / 1e6, f"{prefix}/mparams/{name}": r["params"] / 1e6})
+    tracker_log(accelerator, rec, int(step))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Linear evaluation of a slimmable backbone at every requested width (DESIGN section 8), and the
-semi-supervised protocol (1% / 10% of the training labels).
+"""Linear evaluation of a slimmable backbone at every requested width, and the semi-supervised
+protocol (1% / 10% of the training labels); docs/design.md, Evaluation.
 
 Per width: BN statistics are recalibrated exactly for that sub-network (models.calibrate_bn) on
 training images with the eval transform, the backbone stays frozen and in eval mode, and a linear
@@ -41,6 +41,9 @@ parameters are compared with a copy at the end: any change raises.
 
 Outputs in out_dir: config.yaml, results.json {"<width>": {"top1", "top5", "params", "macs"}}
 (accuracies in [0, 1]; params / MACs of the backbone sub-network, head excluded), linear.png.
+out_dir defaults to a folder beside the checkpoint, one per protocol (linear_kind): <ckpt dir>/linear,
+linear_1pct, linear_list_<file stem>, ..._augment, ..._teacher; out/random_init/<arch>/... without one.
+--tracker=tensorboard|wandb also logs each network's top-1, top-5, MMACs and params there.
 """
 
 import json
@@ -63,9 +66,10 @@ from tqdm import tqdm
 import data
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
 from eval_knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders,  # shared
-                      calibration_shard, extract_features, load_network, networks_to_eval)
+                      calibration_shard, default_out_dir, extract_features, load_network, log_results,
+                      networks_to_eval)
 from models import calibrate_bn, profile, set_active
-from utils import ConfigError, run, save_config
+from utils import ConfigError, check_tracker, init_tracker, run, save_config
 
 
 @dataclass
@@ -96,7 +100,20 @@ class Config:
     ffcv_path: str = ""  # loader=ffcv: the folder `python data.py write-beton --data_path DATA_PATH` wrote
     autocast: bool = True  # bf16 autocast for the backbone where supported (CPU too); features stay fp32
     seed: int = 0  # subsets, label fractions, calibration images, head init and data order
-    out_dir: str = "out/linear"  # config.yaml, results.json, linear.png
+    out_dir: str = ""  # config.yaml, results.json, linear.png; empty = beside the checkpoint (see linear_kind)
+    tracker: str = ""  # tensorboard | wandb (optional package): per-network results logged there too
+
+
+def linear_kind(cfg):
+    """The default out_dir's name, one per protocol (eval_knn.default_out_dir puts it beside the
+    checkpoint): linear, linear_1pct (label_fraction=0.01), linear_list_<file stem> (label_list), with
+    _augment for mode=augment: e.g. <ckpt dir>/linear_10pct_augment."""
+    kind = "linear"
+    if cfg.label_list:
+        kind += f"_list_{Path(cfg.label_list).stem}"
+    elif cfg.label_fraction:
+        kind += f"_{100 * cfg.label_fraction:g}pct"
+    return kind + ("_augment" if cfg.mode == "augment" else "")
 
 
 def make_head(dim, num_classes):
@@ -290,7 +307,12 @@ def plot(results, path):
 def main(cfg, backbone=None):
     """results {"<width>": {...}}. backbone: evaluate this module instead of loading --ckpt / --arch
     (tests, notebooks); its parameters must come out unchanged."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # sets up torch.distributed if launched
+    check_tracker(cfg.tracker)
+    if not cfg.out_dir:  # derived from the checkpoint (or the arch); config.yaml records where
+        named = cfg if backbone is None else replace(cfg, arch=type(backbone).__name__)
+        cfg = replace(cfg, out_dir=default_out_dir(named, linear_kind(cfg)))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # sets up torch.distributed if launched
+                              log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, (rank, world) = accelerator.device, _world()
     for key, allowed in (("loader", ("torch", "device", "ffcv")), ("mode", ("cached", "augment")),
                          ("bad_images", ("fail", "skip"))):
@@ -307,6 +329,7 @@ def main(cfg, backbone=None):
     before = _params(backbone)
     if accelerator.is_main_process:
         save_config(cfg, cfg.out_dir)
+    init_tracker(accelerator, cfg, "eval_linear")
 
     # data: the train split with the eval transform (features, calibration), sharded by rank
     train = build_dataset(cfg.data_path, "train", eval_transform(dataset), return_index=True)
@@ -381,7 +404,10 @@ def main(cfg, backbone=None):
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         plot(results, os.path.join(cfg.out_dir, "linear.png"))
+        print(f"wrote {cfg.out_dir}/results.json, linear.png")
+    log_results(accelerator, results, "linear", ckpt.get("step", 0))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the tracker
     return results
 
 

@@ -1,12 +1,15 @@
 """Losses for slimmable self-supervised pretraining.
 
-Papers (in papers/):
-  DSPNet  "Slimmable Pretrained Networks based on Discriminative SSL": BYOL normalized MSE.
-  US3L    "Universally Slimmable Self-Supervised Learning": InfoNCE base loss (eq. 2),
-          distillation losses (eqs. 6-7), group regularization (eqs. 4-5).
+Papers (references in CITATION.cff):
+  DSPNet  "DSPNet: Towards Slimmable Pretrained Networks based on Discriminative Self-supervised
+          Learning" (Wang et al., arXiv:2207.06075): BYOL normalized MSE.
+  US3L    "Three Guidelines You Should Know for Universally Slimmable Self-Supervised Learning"
+          (Cao et al., CVPR 2023): InfoNCE base loss (eq. 2), distillation losses (eqs. 6-7),
+          group regularization (eqs. 4-5).
 
 This file knows no network and no trainer. Conventions shared by every loss here:
-  - inputs may be bf16 under autocast; everything is computed in fp32 and returns an fp32 scalar.
+  - inputs may be bf16 under autocast; everything is computed in fp32 (fp64 for fp64 inputs, the
+    trainers' precision=fp64 for exactness tests) and returns a scalar of that type.
   - the batch reduction is a mean (the papers write sums over i; a mean keeps the lr independent
     of the batch size).
   - targets (the second argument) are detached here, so a caller cannot leak gradient into a
@@ -25,6 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+def f32(x):
+    """x in fp32 at least: bf16/fp16 -> fp32, fp32 and fp64 unchanged."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # -----------------------------------------------------------------------------
 # BYOL / DSPNet
 
@@ -34,8 +42,8 @@ def normalized_mse(p, z):
     DSPNet Sec. 4 uses exactly this form (range [0, 4]). Its gradient is 2x that of the
     negative cosine D(p, z) of US3L eq. (1); use mse_distill for the eq. (1)/(6) scale.
     """
-    p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)  # target: stop-gradient (BYOL, SimSiam)
+    p = F.normalize(f32(p), dim=1)
+    z = F.normalize(f32(z.detach()), dim=1)  # target: stop-gradient (BYOL, SimSiam)
     return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
@@ -45,7 +53,7 @@ def normalized_mse(p, z):
 def gather_keys(k):
     """All-gather no-grad keys from every process. (B, D) -> (world*B, D), rank.
 
-    A plain all_gather is correct because keys carry no gradient (DESIGN sec. 6). Every rank
+    A plain all_gather is correct because keys carry no gradient. Every rank
     must hold the same B (drop_last=True), as all_gather needs equal shapes.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -68,11 +76,11 @@ def info_nce(q, k, temperature):
     MoCo v3 recipe by scaling its lr, not by changing this function.
     """
     assert q.shape == k.shape, f"queries {tuple(q.shape)} and keys {tuple(k.shape)} must match"
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.detach().float(), dim=1)
+    q = F.normalize(f32(q), dim=1)
+    k = F.normalize(f32(k.detach()), dim=1)
     k_all, rank = gather_keys(k)
     # NOTE: .float() alone is not enough: autocast would still run this matmul in bf16
-    # (logit error ~1e-2 at T=0.1). Temperature losses stay fp32 (DESIGN sec. 6).
+    # (logit error ~1e-2 at T=0.1). Temperature losses stay fp32 (docs/design.md, Precision).
     with torch.autocast(q.device.type, enabled=False):
         logits = q @ k_all.T / temperature  # (B, world*B)
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
@@ -89,8 +97,8 @@ def mse_distill(zs, zt):
     eq. (8), -zt (through the normalization). This is half of normalized_mse: 2 - 2cos would
     double the gradient relative to the paper.
     """
-    zs = F.normalize(zs.float(), dim=1)
-    zt = F.normalize(zt.detach().float(), dim=1)
+    zs = F.normalize(f32(zs), dim=1)
+    zt = F.normalize(f32(zt.detach()), dim=1)
     return (1 - (zs * zt).sum(dim=1)).mean()
 
 
@@ -107,7 +115,7 @@ def nce_distill(zs, zt, temperature):
 # US3L group regularization, eqs. (4)-(5)
 #
 # lambda_k = lambda * (1 - floor(k / K_G) * alpha), K_G = floor(K / G), over the output channels
-# (dim 0) of every weight with ndim > 1 (conv, linear; biases and norms get no decay, STYLE).
+# (dim 0) of every weight with ndim > 1 (conv, linear; biases and norms get no decay, as BYOL).
 # Later channels are used by fewer sub-networks, so they get the smaller coefficient.
 #
 # Conventions:
@@ -196,6 +204,6 @@ def collapse_std(z):
     """Std over the batch of L2-normalized outputs, averaged over dims. (B, D) -> () fp32
 
     Healthy representations give about 1/sqrt(D); collapse to a constant drives it to 0
-    (DESIGN sec. 9, after SimSiam). Returns a tensor: call .item() only when logging.
+    (after SimSiam). Returns a tensor: call .item() only when logging.
     """
     return F.normalize(z.float(), dim=1).std(dim=0).mean()

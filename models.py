@@ -10,6 +10,7 @@ input width is whatever arrives (x.shape[1]), so the only state is the width eac
 
     model = ARCHS["resnet50"]()                        # backbone: (B, 3, H, W) -> (B, D_w)
     set_active(model, width=0.5)                       # every forward now runs the 0.5x sub-network
+    set_sync_bn(model)                                 # N processes: BN statistics of the global batch
     calibrate_bn(model, batches, width=0.5)            # exact BN statistics for that sub-network
     net = export(model, width=0.5)                     # plain nn.Module, same eval output
     params, macs = profile(model, width=0.5, input_size=224)
@@ -19,6 +20,7 @@ CLI: python models.py --arch resnet50 --widths 0.25,0.5,0.75,1.0 --input_size 22
 """
 
 import argparse
+import contextlib
 import copy
 import math
 from functools import partial
@@ -116,27 +118,97 @@ class SlimLinear(nn.Linear, _Slim):
         return m
 
 
+def _sync_active():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _f32(x):  # bf16/fp16 -> fp32 for statistics; fp32 and fp64 stay as they are
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _pooled_moments(x):
+    """Per-channel (mean, biased var) of x (B, C[, H, W]) over the batch of every process: each rank's
+    count, mean and E[x^2] summed in float64 by one all-reduce (as calibrate_bn pools batches).
+    -> (C,) fp32 (fp64 for fp64 inputs) each, the same on every rank, and the total count. Every rank
+    must call it (a collective)."""
+    dims = [0, *range(2, x.ndim)]
+    var, mean = torch.var_mean(_f32(x), dim=dims, correction=0)
+    n = x.numel() // x.shape[1]
+    mean64 = mean.double()
+    s = torch.cat([mean64 * n, (var.double() + mean64 * mean64) * n, mean64.new_full((1,), n)])
+    dist.all_reduce(s)
+    c = mean.numel()
+    mean64 = s[:c] / s[-1]
+    return mean64.to(mean.dtype), (s[c:2 * c] / s[-1] - mean64 * mean64).clamp_min(0).to(mean.dtype), s[-1]
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm whose statistics are those of the global batch (all processes), with
+    the matching backward: the gradient through the shared mean and variance collects every rank's
+    dy (one more all-reduce). Generic tensor ops, so it runs on CPU (tests, gloo) and GPU alike; torch's
+    nn.SyncBatchNorm is GPU-only and knows no width slicing. Returns y and the pooled (mean, var).
+    NOTE: on CUDA the fused kernels nn.SyncBatchNorm runs (torch.batch_norm_stats, ..._elemt,
+    ..._backward_reduce) would save a few elementwise passes per BN; not measured, as no GPU was at hand."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        mean, var, n = _pooled_moments(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        y = (_f32(x) - mean.view(shape)) * scale.view(shape)
+        if bias is not None:
+            y = y + bias.to(y.dtype).view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd, n)
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        dims, shape = [0, *range(2, x.ndim)], (1, -1) + (1,) * (x.ndim - 2)
+        dy = dy.to(mean.dtype)
+        xhat = (_f32(x) - mean.view(shape)) * invstd.view(shape)
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)  # this rank's d bias, d weight
+        g = torch.cat([sum_dy, sum_dy_xhat]).double()
+        dist.all_reduce(g)
+        mean_dy, mean_dy_xhat = (g / n).to(mean.dtype).chunk(2)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        dx = (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * scale.view(shape)
+        dw = None if weight is None else sum_dy_xhat.to(weight.dtype)
+        return dx.to(x.dtype), dw, None if weight is None else sum_dy.to(weight.dtype), None
+
+
 class SlimBatchNorm2d(nn.BatchNorm2d):
     """BN shared by all widths: affine parameters sliced; batch statistics during training (running
-    statistics mean nothing across widths), exact per-width statistics from calibrate_bn for eval."""
+    statistics mean nothing across widths), exact per-width statistics from calibrate_bn for eval.
+    sync=True (set_sync_bn): in training, statistics of the active channel slice over every process's
+    batch, so N processes of batch B/N normalize as one process of batch B."""
 
     def __init__(self, c):
         super().__init__(c)
         self.stats_channels = None  # how many channels calibrate_bn last wrote; eval refuses others
         self.stats_momentum = 0.0  # > 0: momentum BN (set by train_dspnet.py on its target only)
+        self.sync = False
 
     def forward(self, x):
         c = x.shape[1]
         w, b = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        sync = self.training and self.sync and _sync_active()
         if self.training and self.stats_momentum > 0:  # momentum BN (Li et al. 2021): normalize with an
             # EMA of batch statistics; the first batch (num_batches_tracked 0) sets them outright
             with torch.no_grad():
-                var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+                if sync:  # the same statistics, so the same target, on every process
+                    mean, var, _ = _pooled_moments(x)
+                else:
+                    var, mean = torch.var_mean(_f32(x), dim=(0, 2, 3), correction=0)
                 m = torch.where(self.num_batches_tracked == 0, 1.0, self.stats_momentum).to(mean)  # no host sync
                 self.running_mean[:c].lerp_(mean, m)
                 self.running_var[:c].lerp_(var, m)
                 self.num_batches_tracked += 1
             return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], w, b, False, 0.0, self.eps)
+        if sync:
+            return _SyncBatchNorm.apply(x, w, b, self.eps)[0]
         if self.training:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if self.stats_channels != c:
@@ -152,6 +224,49 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(m, name).data.copy_(getattr(self, name)[:c])
         return m
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d (the projector and heads: never slimmed) with the same sync switch: in training
+    with sync=True, statistics over every process's batch, running statistics updated from them."""
+
+    def __init__(self, c, affine=True):
+        super().__init__(c, affine=affine)
+        self.sync = False
+
+    def forward(self, x):
+        if not (self.training and self.sync and _sync_active()):
+            return super().forward(x)
+        y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():  # as nn.BatchNorm1d: running var unbiased over the global batch
+            n = x.shape[0] * dist.get_world_size()  # every rank holds the same batch size (drop_last)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked += 1
+        return y
+
+
+def set_sync_bn(model, sync=True):
+    """Switch every BN of the model (slimmable and head BNs) to statistics over all processes in
+    training (sync=True; no effect in a single process) or per process. calibrate_bn and export
+    always use each process's own batches, sync or not."""
+    for m in model.modules():
+        if isinstance(m, (SlimBatchNorm2d, BatchNorm1d)):
+            m.sync = sync
+    return model
+
+
+@contextlib.contextmanager
+def _local_bn(model):
+    """Per-process BN inside (calibration and tracing forward a rank's own batches, in any number)."""
+    bns = [m for m in model.modules() if isinstance(m, (SlimBatchNorm2d, BatchNorm1d))]
+    was = [m.sync for m in bns]
+    set_sync_bn(model, False)
+    try:
+        yield
+    finally:
+        for m, sync in zip(bns, was):
+            m.sync = sync
 
 
 class SlimLayerNorm(nn.LayerNorm):
@@ -395,9 +510,9 @@ class ViT(nn.Module):
 def projection_mlp(in_dim, hidden_dim, out_dim, last_bn=False):
     """Projector / predictor / US3L's auxiliary head: Linear-BN-ReLU-Linear (BYOL). The first Linear
     takes whatever width arrives (a slimmed backbone's D_w leading features); the rest is fixed."""
-    layers = [SlimLinear(in_dim, hidden_dim, bias=False, slim_out=False), nn.BatchNorm1d(hidden_dim),
+    layers = [SlimLinear(in_dim, hidden_dim, bias=False, slim_out=False), BatchNorm1d(hidden_dim),
               nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=not last_bn)]
-    return nn.Sequential(*layers, *([nn.BatchNorm1d(out_dim, affine=False)] if last_bn else []))
+    return nn.Sequential(*layers, *([BatchNorm1d(out_dim, affine=False)] if last_bn else []))
 
 
 ARCHS = {
@@ -464,10 +579,10 @@ def min_width(model):
                default=1.0)
 
 
-def _batches_to_inputs(batches, device):
+def _batches_to_inputs(batches, device, dtype):
     for b in batches:
         x = b[0] if isinstance(b, (list, tuple)) else b
-        yield x.to(device, non_blocking=True)
+        yield x.to(device, dtype, non_blocking=True)
 
 
 @torch.no_grad()
@@ -493,11 +608,12 @@ def calibrate_bn(model, batches, width=1.0, depth=None, all_reduce=False):
         return model
     was_training = model.training
     model.train()
-    device = next(model.parameters()).device
+    p = next(model.parameters())
     sums, hooks = {}, [bn.register_forward_pre_hook(hook) for bn in bns]
     try:
-        for x in _batches_to_inputs(batches, device):
-            model(x)
+        with _local_bn(model):
+            for x in _batches_to_inputs(batches, p.device, p.dtype):
+                model(x)
     finally:
         for h in hooks:
             h.remove()
@@ -537,7 +653,7 @@ def _trace(model, width, depth):
     p = next(model.parameters())
     size = getattr(model, "img_size", 32)  # any size works for the CNNs: 32 px is the cheapest
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _local_bn(model):
             model(torch.zeros(2, 3, size, size, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:

@@ -1,9 +1,10 @@
 """DSPNet pretraining: BYOL whose online encoder is slimmed to a fixed list of desired networks (DNs),
 trained once; afterwards every DN is a slice of the one online encoder.
 
-Paper: "Learning Slimmable Networks for Self-supervised Representation Learning" / DSPNet
-(../shared/papers/dspnet.txt, Sections 4 and 5.1). Each step: the EMA target (full width and depth)
-projects both views once; the sandwich rule picks num_subnets DNs (largest, smallest, others at
+Paper: "DSPNet: Towards Slimmable Pretrained Networks based on Discriminative Self-supervised
+Learning" (Wang et al., arXiv:2207.06075), Sections 4 and 5.1 (how this code reads them:
+docs/design.md, DSPNet as implemented). Each step: the EMA target (full width and depth) projects
+both views once; the sandwich rule picks num_subnets DNs (largest, smallest, others at
 random, the same on every process); each DN's symmetric normalized-MSE loss is back-propagated on
 its own (activations freed, peak memory of one network step), then one LARS step for the sum.
 
@@ -15,7 +16,9 @@ A DN is [width] or [width, depth of stage 1, ..., depth of stage S] (depths: Res
 list is `dns` in the config. Decisions where the paper is silent (NOTE): the two views run as one
 batch (BN statistics over both, as in train_us3l.py); "largest" and "smallest" are by MACs at the
 training resolution; the sandwich's others are distinct DNs; the projector's first Linear reads the
-DN's leading features; gradients are all-reduced once per step by hand (no DDP wrapper).
+DN's leading features; gradients are all-reduced once per step by hand (no DDP wrapper); under N
+processes every BN (online, target, heads) uses the global batch's statistics (sync_bn), so N
+processes of batch B/N train what one process of batch B trains; fp16 scales the loss.
 
 The run folder, resume (same command again), log.jsonl, collapse monitor, NaN stop and kNN monitor
 work as in train_us3l.py. backbone.pt records `dns`, so eval_knn.py / eval_linear.py evaluate every DN.
@@ -35,12 +38,13 @@ from tqdm import tqdm
 
 import data
 import losses
-from augment import build_train_loader
+from augment import build_train_loader, to_device
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval, net_name
-from models import ARCHS, SlimBatchNorm2d, min_width, profile, projection_mlp, set_active
-from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes,
-                   cosine, ema_update_, load_resume, log_jsonl, param_groups, run, save_config, trim_jsonl,
+from models import ARCHS, SlimBatchNorm2d, min_width, profile, projection_mlp, set_active, set_sync_bn
+from utils import (LARS, BackgroundSaver, ConfigError, atomic_save, check_finite, check_same_across_processes,
+                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
+                   param_groups, read_results, run, save_config, to_floats, tracker_log, trim_jsonl,
                    warmup_cosine)
 
 
@@ -48,6 +52,7 @@ from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_fini
 class Config:
     # data
     data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
+    # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
@@ -77,7 +82,8 @@ class Config:
     optimizer: str = "lars"  # lars (biases and norms: no decay, no trust ratio) | sgd
     lars_eta: float = 0.001  # LARS trust coefficient: a weight moves ~lr*eta of its norm per step (BYOL: 0.001)
     sgd_momentum: float = 0.9
-    precision: str = "bf16"  # bf16 | fp16 | no
+    precision: str = "bf16"  # bf16 | fp16 (with loss scaling: V100, T4) | no (fp32) | fp64 (exactness tests)
+    sync_bn: bool = True  # BN statistics over every process's batch (no effect on 1 process); false: per process
     seed: int = 0
     # run
     out_dir: str = "out/dspnet"
@@ -92,7 +98,7 @@ class Config:
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
     knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
     knn_batch_size: int = 128
-    tracker: str = ""  # tensorboard | wandb | "" (log.jsonl always)
+    tracker: str = ""  # tensorboard | wandb (optional, pip install wandb) | "": files in out_dir; log.jsonl always
 
 
 def parse_dns(cfg, backbone):
@@ -133,16 +139,20 @@ def sample_dns(step, full_only_steps, num_dns, cfg):
 
 
 def main(cfg):
-    for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no"),
+    for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no", "fp64"),
                          "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
                          "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if cfg.num_subnets < 1:
         raise ConfigError(f"config error: num_subnets={cfg.num_subnets} must be >= 1")
+    check_tracker(cfg.tracker)
     data.BAD_IMAGES = cfg.bad_images
-    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None, project_dir=cfg.out_dir)
+    accelerator = Accelerator(mixed_precision={"fp64": "no"}.get(cfg.precision, cfg.precision),
+                              log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # cudnn autotunes each conv shape once: the DNs are a fixed set of shapes
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     # model: online = encoder + projector (first Linear takes any DN's width) + predictor. Seeded and built
     # before the data: building loaders may draw from the global RNG (each DataLoader iterator takes
     # a base seed), which would make the initial weights depend on `loader`
@@ -156,8 +166,6 @@ def main(cfg):
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
         save_config(cfg, cfg.out_dir)
-        if cfg.tracker:
-            accelerator.init_trackers("dspnet", config=asdict(cfg))
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}; {len(dns)} DNs (MMACs): "
                       + ", ".join(f"{dn_name(d)} ({m / 1e6:.0f})" for d, m in zip(dns, dn_macs)))
 
@@ -181,12 +189,16 @@ def main(cfg):
 
     # target = EMA of encoder + projector, always full width and depth, never prepared
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    online = online.to(device, memory_format=fmt)
+    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32  # of the weights (autocast aside)
+    online = set_sync_bn(online.to(device, dtype, memory_format=fmt), cfg.sync_bn)
     encoder = nn.ModuleDict({k: online[k] for k in ("backbone", "projector")})  # shares the online modules
-    target = copy.deepcopy(encoder).requires_grad_(False)
+    target = copy.deepcopy(encoder).requires_grad_(False)  # BN synced as the online one's
     for m in target.modules():
-        if isinstance(m, SlimBatchNorm2d):
-            m.stats_momentum = cfg.target_bn_momentum
+        if isinstance(m, SlimBatchNorm2d):  # with sync_bn the momentum statistics are the global batch's,
+            m.stats_momentum = cfg.target_bn_momentum  # so the target is the same on every process
+    if world > 1 and not cfg.sync_bn:
+        accelerator.print(f"NOTE: sync_bn=false: BN statistics per process ({cfg.batch_size} x 2 views), so the "
+                          f"result depends on the number of processes")
     lr_peak = cfg.base_lr * cfg.batch_size * world / 256
     groups = param_groups(online.parameters(), cfg.weight_decay)  # no decay / adaptation for p.ndim <= 1
     optimizer = (LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum, eta=cfg.lars_eta) if cfg.optimizer == "lars"
@@ -195,16 +207,27 @@ def main(cfg):
                       f"{cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, {total} steps "
                       f"({full_only_steps} full-only, {warmup_steps} warm-up)")
 
-    step = load_resume(cfg, ckpt_path, {"online": online, "target": target, "optimizer": optimizer}, accelerator)
+    # fp16: loss scaling, the skip of an overflowing step shared by every process (utils.optimizer_step_)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    state = {"online": online, "target": target, "optimizer": optimizer}
+    if scaler.is_enabled():
+        state["scaler"] = scaler
+    found = {"wandb_id": None}  # the W&B run a resumed run continues
+    step = load_resume(cfg, ckpt_path, state, accelerator, extra=found)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:
         trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again
 
     results_path = os.path.join(cfg.out_dir, "results.json")
-    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    results = read_results(results_path, accelerator)
     if step >= total and "knn_top1" in results:
         accelerator.print(f"{cfg.out_dir} is a finished run ({step} steps): nothing to do")
         return results
+    # a run killed before its first checkpoint has its W&B id in results.json only
+    run_id = found["wandb_id"] or (results.get("wandb_id") if cfg.resume == "auto" else None)
+    run_id = init_tracker(accelerator, cfg, "dspnet", run_id, step)
+    if run_id:
+        results["wandb_id"] = run_id
 
     def monitor(tag):  # weighted kNN on the online encoder at the largest and the smallest DN
         t0, acc = time.time(), {}
@@ -212,9 +235,11 @@ def main(cfg):
         for dn in sorted({0, len(dns) - 1}):
             a = knn_eval(online["backbone"], bank_loader, test_loader, calib, [dns[dn]["width"]], device,
                          k=cfg.knn_k, temperature=cfg.knn_temperature, depth=dns[dn]["depth"],
-                         autocast=cfg.precision == "bf16", all_reduce=world > 1)
+                         autocast=cfg.precision == "bf16", all_reduce=world > 1,
+                         progress=accelerator.is_main_process)
             acc[dn_name(dns[dn])] = round(a[dns[dn]["width"]], 4)
         accelerator.print(f"kNN top-1 ({tag}, step {step}): {acc}  [{time.time() - t0:.0f} s]")
+        tracker_log(accelerator, {f"knn_top1/{name}": a for name, a in acc.items()}, step)
         return acc
 
     def write_results():
@@ -232,11 +257,12 @@ def main(cfg):
     t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(len(dns), device=device)  # loss sums per DN since the last log
     counts = torch.zeros(len(dns), device=device)
+    saver = BackgroundSaver()  # the main process writes checkpoints in a thread; nobody waits for it
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < total:
         epoch = step // steps_per_epoch
         train_loader.set_epoch(epoch, step % steps_per_epoch)
-        for (x1, x2), _ in train_loader:
+        for (x1, x2), _ in to_device(train_loader, device):  # the next batch's copy overlaps this step
             wait += time.time() - t_next
             if step >= total:
                 break
@@ -245,14 +271,14 @@ def main(cfg):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             picked = sample_dns(step, full_only_steps, len(dns), cfg)
-            x = torch.cat([x1, x2]).to(device, non_blocking=True).contiguous(memory_format=fmt)  # (2B, 3, H, W)
+            x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-            step_losses, stats = train_step(online, target, x, [dns[i] for i in picked], accelerator.autocast, log_now)
-            sums[picked] += step_losses
-            counts[picked] += 1
-            all_reduce_grads_(params, world)  # once per step, not per backward
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_losses, stats = train_step(online, target, x, [dns[i] for i in picked], accelerator.autocast, log_now,
+                                            scaler.scale)
+            for i, loss in zip(picked, step_losses):  # int indices: a list index would be a host-to-device copy
+                sums[i] += loss
+                counts[i] += 1
+            optimizer_step_(optimizer, scaler, params, world)  # one all-reduce per step, not per backward
             ema_update_(target, encoder, tau, buffers=cfg.target_bn_momentum <= 0)
             step += 1
             seen += x1.shape[0] * world
@@ -270,7 +296,7 @@ def main(cfg):
             if log_now:  # data_wait: the share of the time spent waiting for the loader (host side)
                 dt = time.time() - t_log
                 rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "dns": [dn_name(dns[i]) for i in picked],
-                       "img_per_s": seen / dt, "data_wait": wait / dt, **stats,
+                       "img_per_s": seen / dt, "data_wait": wait / dt, **to_floats(stats),
                        **{k: v for (k, v), c in zip(per_dn.items(), counts.tolist()) if c > 0}}  # DNs run
                 sums.zero_()
                 counts.zero_()
@@ -279,21 +305,21 @@ def main(cfg):
                                  ips=f"{rec['img_per_s']:.0f}")
                 if accelerator.is_main_process:
                     log_jsonl(log_path, rec)
-                    if cfg.tracker:
-                        accelerator.log(rec, step=step)
+                    tracker_log(accelerator, rec, step)
             if save_due:
                 if accelerator.is_main_process:
-                    atomic_save({"online": online.state_dict(), "target": target.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
-                accelerator.wait_for_everyone()
+                    saver.save({**{k: m.state_dict() for k, m in state.items()}, "step": step,
+                                "num_processes": world, "config": asdict(cfg), "wandb_id": run_id}, ckpt_path)
                 last_save = time.time()
             if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:
                 results.setdefault("knn_top1_history", {})[str(step)] = monitor(f"epoch {step // steps_per_epoch}")
                 write_results()
             t_next = time.time()
     pbar.close()
+    saver.wait()  # the last checkpoint is on disk
 
-    check_same_across_processes(online, accelerator)  # fails loudly if any process diverged
+    for m in (online, target):  # fails loudly if any process diverged (the target's momentum BN included)
+        check_same_across_processes(m, accelerator, buffers=cfg.sync_bn)
     results["num_processes"] = world
     results["knn_top1"] = monitor("end")
     if accelerator.is_main_process:  # plain tensors and primitives: models.load_backbone reads it
@@ -311,15 +337,16 @@ def dn_name(dn):
     return net_name(dn["width"], dn["depth"])
 
 
-def train_step(online, target, x, dns, autocast, log=False):
+def train_step(online, target, x, dns, autocast, log=False, scale=None):
     """Gradients of one DSPNet iteration (Sec. 4) for the two views x = cat(v, v'): the target projects
     both views once, shared by every DN; then each DN in turn (largest first) runs the online encoder,
     projector and predictor on both views and back-propagates its symmetric BYOL loss (eq. 5 and its
     mirror) on its own, so only one DN's activations are alive at a time; gradients accumulate
-    (the sum over DNs of the paper's total loss). Returns the per-DN losses (detached) and, when
-    log, the collapse monitor (std of the normalized projections) per DN."""
+    (the sum over DNs of the paper's total loss). scale: the fp16 loss scaling (GradScaler.scale)
+    applied before each backward. Returns the per-DN losses (detached, unscaled) and, when log, the
+    collapse monitor (std of the normalized projections) per DN."""
     with torch.no_grad(), autocast():
-        z_t = target["projector"](target["backbone"](x)).float()  # (2B, D), full width and depth
+        z_t = losses.f32(target["projector"](target["backbone"](x)))  # (2B, D), full width and depth
     t1, t2 = z_t.chunk(2)
     out, stats = [], {}
     for dn in dns:
@@ -328,10 +355,10 @@ def train_step(online, target, x, dns, autocast, log=False):
             z = online["projector"](online["backbone"](x))
             p1, p2 = online["predictor"](z).chunk(2)  # (2B, D) -> 2 x (B, D)
             loss = losses.normalized_mse(p1, t2) + losses.normalized_mse(p2, t1)
-        loss.backward()
+        (scale(loss) if scale else loss).backward()
         out.append(loss.detach())
         if log:
-            stats[f"collapse_std/{dn_name(dn)}"] = losses.collapse_std(z).item()
+            stats[f"collapse_std/{dn_name(dn)}"] = losses.collapse_std(z)  # a tensor: no host sync between DNs
     set_active(online["backbone"], 1.0)
     return torch.stack(out), stats
 

@@ -11,10 +11,14 @@ the same keys; dynamic sampling (full width only for the first quarter, then min
     accelerate launch train_us3l.py --config yaml/r50_in.yaml                      # all GPUs of a node
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_us3l.py ...  # 2 CPU procs
 
-Decisions where the paper is silent (NOTE): the two views run as one batch (BN statistics over both,
-as SimCLR); the model is not wrapped in DDP: each width has its own backward and the gradients are
+Decisions where the paper is silent (NOTE; docs/design.md, US3L as implemented): the two views run
+as one batch (BN statistics over both, as SimCLR); the model is not wrapped in DDP: each width has its own backward and the gradients are
 all-reduced once per step by hand (DDP would need no_sync and unused-parameter handling for the
 heads that some widths skip); InfoNCE keys are gathered from all processes; InfoNCE temperature 0.2.
+Under N processes every BN (backbone at any width, heads, teacher) normalizes with the statistics of
+the global batch (sync_bn, models.set_sync_bn), so N processes of batch B/N train what one process of
+batch B trains (tested to 1e-4 in fp32) and the teacher's keys carry no per-process BN statistics
+(MoCo's "BN leak"); fp16 scales the loss (GradScaler) and skips an overflowing step on every rank.
 
 Re-running the same command resumes from out_dir/checkpoints (resume=auto). At the end out_dir holds
 backbone.pt (online backbone + EMA teacher, plain tensors; models.load_backbone reads it),
@@ -35,12 +39,13 @@ from tqdm import tqdm
 
 import data
 import losses
-from augment import build_train_loader
+from augment import build_train_loader, to_device
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval
-from models import ARCHS, min_width, projection_mlp, set_active
-from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_finite, check_same_across_processes,
-                   cosine, ema_update_, load_resume, log_jsonl, param_groups, run, save_config, trim_jsonl,
+from models import ARCHS, min_width, projection_mlp, set_active, set_sync_bn
+from utils import (LARS, BackgroundSaver, ConfigError, atomic_save, check_finite, check_same_across_processes,
+                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
+                   param_groups, read_results, run, save_config, to_floats, tracker_log, trim_jsonl,
                    warmup_cosine)
 
 
@@ -48,6 +53,7 @@ from utils import (LARS, ConfigError, all_reduce_grads_, atomic_save, check_fini
 class Config:
     # data
     data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
+    # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs)
@@ -82,7 +88,8 @@ class Config:
     weight_decay: float = 1e-4  # lambda of eq. (5), applied as group regularization to the backbone
     optimizer: str = "sgd"  # sgd | lars (biases and norms: no decay, no trust ratio) | adamw (ViT)
     sgd_momentum: float = 0.9
-    precision: str = "bf16"  # bf16 | fp16 | no
+    precision: str = "bf16"  # bf16 | fp16 (with loss scaling: V100, T4) | no (fp32) | fp64 (exactness tests)
+    sync_bn: bool = True  # BN statistics over every process's batch (no effect on 1 process); false: per process
     seed: int = 0
     # run
     out_dir: str = "out/us3l"
@@ -97,12 +104,12 @@ class Config:
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
     knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
     knn_batch_size: int = 128  # 128 was the fastest on the 2-core CPU (bf16, channels_last)
-    tracker: str = ""  # tensorboard | wandb | "" (log.jsonl always)
+    tracker: str = ""  # tensorboard | wandb (optional, pip install wandb) | "": files in out_dir; log.jsonl always
 
 
 def check_config(cfg):
     choices = {"base_loss": ("infonce", "mse"), "distill_loss": ("mse", "infonce", "none"),
-               "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no"),
+               "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no", "fp64"),
                "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
                "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}
     for key, allowed in choices.items():
@@ -116,6 +123,7 @@ def check_config(cfg):
                           f"(every layer at its channel floor); allowed: [{floor:.4g}, 1]")
     if cfg.num_widths < 2:
         raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)")
+    check_tracker(cfg.tracker)
 
 
 def sample_widths(step, total, cfg):
@@ -138,19 +146,20 @@ def sample_widths(step, total, cfg):
 def main(cfg):
     check_config(cfg)
     data.BAD_IMAGES = cfg.bad_images
-    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=cfg.tracker or None,
-                              project_dir=cfg.out_dir)
+    accelerator = Accelerator(mixed_precision={"fp64": "no"}.get(cfg.precision, cfg.precision),
+                              log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # cudnn autotunes each conv shape once: a random width is one of a few hundred channel sets
+    # (make_divisible rounds to multiples of 8), so the tuning is paid a few hundred times per run
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
         save_config(cfg, cfg.out_dir)
-        if cfg.tracker:
-            accelerator.init_trackers("us3l", config=asdict(cfg))
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}")
 
     # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
-    if cfg.data_path == Config.data_path:  # the default location: the shared tarball, else a download
+    if cfg.data_path == Config.data_path:  # missing: extracted from the CIFAR-10 tarball, else downloaded
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
@@ -176,9 +185,13 @@ def main(cfg):
     if cfg.aux_head and cfg.distill_loss != "none":
         student["aux"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    student = student.to(device, memory_format=fmt)
+    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32  # of the weights (autocast aside)
+    student = set_sync_bn(student.to(device, dtype, memory_format=fmt), cfg.sync_bn)
     online = nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})  # shares the student's modules
-    teacher = copy.deepcopy(online).requires_grad_(False)
+    teacher = copy.deepcopy(online).requires_grad_(False)  # BN synced as the student's (MoCo's BN leak otherwise)
+    if world > 1 and not cfg.sync_bn:
+        accelerator.print(f"NOTE: sync_bn=false: BN statistics per process ({cfg.batch_size} x 2 views), so the "
+                          f"result depends on the number of processes")
 
     # optimizer: weight decay is applied by hand as group regularization (backbone, eqs. 4-5) and
     # plain L2 (heads); no decay and no LARS adaptation for biases and norms (p.ndim <= 1)
@@ -200,25 +213,38 @@ def main(cfg):
                       f"global batch {cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, "
                       f"{total} steps")
 
-    step = load_resume(cfg, ckpt_path, {"student": student, "teacher": teacher, "optimizer": optimizer}, accelerator)
+    # fp16: loss scaling, the skip of an overflowing step shared by every process (utils.optimizer_step_)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    state = {"student": student, "teacher": teacher, "optimizer": optimizer}
+    if scaler.is_enabled():
+        state["scaler"] = scaler
+    found = {"wandb_id": None}  # the W&B run a resumed run continues
+    step = load_resume(cfg, ckpt_path, state, accelerator, extra=found)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:
         trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again
 
     results_path = os.path.join(cfg.out_dir, "results.json")
-    results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
+    results = read_results(results_path, accelerator)
     if step >= total and "knn_top1" in results:
         accelerator.print(f"{cfg.out_dir} is a finished run ({step} steps): nothing to do")
         return results
+    # a run killed before its first checkpoint has its W&B id in results.json only
+    run_id = found["wandb_id"] or (results.get("wandb_id") if cfg.resume == "auto" else None)
+    run_id = init_tracker(accelerator, cfg, "us3l", run_id, step)
+    if run_id:
+        results["wandb_id"] = run_id
 
     def monitor(tag):  # weighted kNN on the online backbone, BN recalibrated per width
         widths = sorted({1.0, cfg.width_min}, reverse=True)
         t0 = time.time()
         calib = calibration_batches(bank_loader, 2000, cfg.seed)  # US-Nets calibrate on ~2k images
         acc = knn_eval(student["backbone"], bank_loader, test_loader, calib, widths, device, k=cfg.knn_k,
-                       temperature=cfg.knn_temperature, autocast=cfg.precision == "bf16", all_reduce=world > 1)
+                       temperature=cfg.knn_temperature, autocast=cfg.precision == "bf16", all_reduce=world > 1,
+                       progress=accelerator.is_main_process)
         acc = {str(w): round(a, 4) for w, a in acc.items()}
         accelerator.print(f"kNN top-1 ({tag}, step {step}): {acc}  [{time.time() - t0:.0f} s]")
+        tracker_log(accelerator, {f"knn_top1/{w}": a for w, a in acc.items()}, step)
         return acc
 
     def write_results():
@@ -237,11 +263,12 @@ def main(cfg):
     last_save, t_log, seen = time.time(), time.time(), 0
     t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
+    saver = BackgroundSaver()  # the main process writes checkpoints in a thread; nobody waits for it
     pbar = tqdm(total=total, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     while step < total:
         epoch = step // steps_per_epoch
         train_loader.set_epoch(epoch, step % steps_per_epoch)
-        for (x1, x2), _ in train_loader:
+        for (x1, x2), _ in to_device(train_loader, device):  # the next batch's copy overlaps this step
             wait += time.time() - t_next
             if step >= total:
                 break
@@ -250,19 +277,22 @@ def main(cfg):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             widths = sample_widths(step, total, cfg)
-            x = torch.cat([x1, x2]).to(device, non_blocking=True).contiguous(memory_format=fmt)  # (2B, 3, H, W)
+            x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-            step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now)
+            step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now,
+                                                  scaler.scale)
             sums[:len(widths)] += step_losses
-            all_reduce_grads_(params, world)  # once per step, not per backward (no DDP)
-            if cfg.optimizer == "adamw":  # decoupled: w_k -= lr * lambda_k * w_k
-                losses.group_decay_(decay_backbone, lr, cfg.weight_decay, alpha=cfg.group_reg_alpha)
-                losses.group_decay_(decay_plain, lr, cfg.weight_decay, alpha=0.0)
-            else:  # the gradient of 0.5 * eq. (4): enters the momentum like SGD's L2 decay
-                losses.add_group_reg_grad_(decay_backbone, cfg.weight_decay, alpha=cfg.group_reg_alpha)
-                losses.add_group_reg_grad_(decay_plain, cfg.weight_decay, alpha=0.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+
+            def regularize():
+                if cfg.optimizer == "adamw":  # decoupled: w_k -= lr * lambda_k * w_k
+                    losses.group_decay_(decay_backbone, lr, cfg.weight_decay, alpha=cfg.group_reg_alpha)
+                    losses.group_decay_(decay_plain, lr, cfg.weight_decay, alpha=0.0)
+                else:  # the gradient of 0.5 * eq. (4): enters the momentum like SGD's L2 decay
+                    losses.add_group_reg_grad_(decay_backbone, cfg.weight_decay, alpha=cfg.group_reg_alpha)
+                    losses.add_group_reg_grad_(decay_plain, cfg.weight_decay, alpha=0.0)
+
+            # one all-reduce per step, not per backward (no DDP); regularize on unscaled gradients
+            optimizer_step_(optimizer, scaler, params, world, regularize)
             if cfg.momentum_target_base or cfg.momentum_target_sub:
                 ema_update_(teacher, online, tau)
             step += 1
@@ -281,28 +311,27 @@ def main(cfg):
             if log_now:  # data_wait: the share of the time spent waiting for the loader (host side)
                 dt = time.time() - t_log
                 rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "widths": widths,
-                       "img_per_s": seen / dt, "data_wait": wait / dt, **stats,
+                       "img_per_s": seen / dt, "data_wait": wait / dt, **to_floats(stats),
                        **{k: v / cfg.log_every for k, v in per_width.items()}}  # mean per sandwich position
                 sums.zero_()
                 seen, t_log, wait = 0, time.time(), 0.0
                 pbar.set_postfix(loss=f"{rec['loss/1.0']:.3f}", widths=len(widths), ips=f"{rec['img_per_s']:.0f}")
                 if accelerator.is_main_process:
                     log_jsonl(log_path, rec)
-                    if cfg.tracker:
-                        accelerator.log(rec, step=step)
+                    tracker_log(accelerator, rec, step)
             if save_due:
                 if accelerator.is_main_process:
-                    atomic_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
-                accelerator.wait_for_everyone()
+                    saver.save({**{k: m.state_dict() for k, m in state.items()}, "step": step,
+                                "num_processes": world, "config": asdict(cfg), "wandb_id": run_id}, ckpt_path)
                 last_save = time.time()
             if step % steps_per_epoch == 0 and cfg.eval_every and (step // steps_per_epoch) % cfg.eval_every == 0 and step < total:
                 results.setdefault("knn_top1_history", {})[str(step)] = monitor(f"epoch {step // steps_per_epoch}")
                 write_results()
             t_next = time.time()
     pbar.close()
+    saver.wait()  # the last checkpoint is on disk
 
-    check_same_across_processes(student, accelerator)  # fails loudly if any process diverged
+    check_same_across_processes(student, accelerator, buffers=cfg.sync_bn)  # fails loudly if any process diverged
     results["num_processes"] = world
     results["knn_top1"] = monitor("end")
     if accelerator.is_main_process:
@@ -317,17 +346,18 @@ def main(cfg):
     return results
 
 
-def forward_backward(student, teacher, x, widths, cfg, autocast, log=False):
+def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scale=None):
     """One US3L iteration's gradients (Algorithm 1, lines 4-17) for the two views x = cat(x1, x2):
     the base network (widths[0] = 1.0) and each sub-network in turn, each followed by its own
     backward, so only one width's activations are alive at a time (peak memory of a single
-    full-width step); gradients accumulate. Returns the per-width losses (detached) and, when
-    log, the collapse monitor per width."""
+    full-width step); gradients accumulate. scale: the fp16 loss scaling (GradScaler.scale) applied
+    before each backward. Returns the per-width losses (detached, unscaled) and, when log, the
+    collapse monitor per width."""
     loss_fn = {"infonce": lambda q, k: losses.info_nce(q, k, cfg.temperature), "mse": losses.mse_distill}
     keys, stats, out = None, {}, []
     if cfg.momentum_target_base or cfg.momentum_target_sub:
         with torch.no_grad(), autocast():  # teacher keys: once per step, shared by every width
-            keys = teacher["projector"](teacher["backbone"](x)).float()
+            keys = losses.f32(teacher["projector"](teacher["backbone"](x)))
     for i, w in enumerate(widths):
         with autocast():
             set_active(student["backbone"], w)
@@ -345,10 +375,10 @@ def forward_backward(student, teacher, x, widths, cfg, autocast, log=False):
             q1, q2 = q.chunk(2)  # (2B, D) -> 2 x (B, D)
             t1, t2 = target.chunk(2)
             loss = fn(q1, t2) + fn(q2, t1)  # symmetric (Algorithm 1, line 15)
-        loss.backward()
+        (scale(loss) if scale else loss).backward()
         out.append(loss.detach())
         if log:
-            stats[f"collapse_std/{w:.3f}"] = losses.collapse_std(z).item()
+            stats[f"collapse_std/{w:.3f}"] = losses.collapse_std(z)  # a tensor: no host sync between widths
     set_active(student["backbone"], 1.0)
     return torch.stack(out), stats
 

@@ -11,12 +11,13 @@ Config: each script defines one flat dataclass, one field per line with a defaul
     cfg = parse_config(Config)     # defaults <- --config FILE.yaml <- --key=value overrides
     save_config(cfg, cfg.out_dir)  # out_dir/config.yaml, loadable again with --config
 
-and is run as `python script.py --config yaml/recipe.yaml --epochs=2 --widths=1.0,0.25`.
+and is run as `python script.py --config yaml/cifar10_quick.yaml --epochs=2 --widths=1.0,0.25`.
 `python script.py --help` lists every field with its type, default and comment.
 
-Also: schedules of the global step (cosine, warmup_cosine), LARS and param_groups, ema_update_,
-atomic checkpoints (save_checkpoint, load_checkpoint, find_latest_checkpoint, atomic_save),
-log_jsonl and check_finite.
+Also: schedules of the global step (cosine, warmup_cosine), LARS and param_groups, ema_update_, the
+end of a step of several backward passes (all_reduce_grads_, optimizer_step_ with fp16 loss scaling),
+atomic checkpoints (atomic_save), resume (load_resume, read_results), log_jsonl and check_finite,
+trackers (check_tracker, init_tracker, tracker_log: TensorBoard or W&B under out_dir).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import tokenize
 import traceback
 import types
@@ -338,21 +340,24 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["lars"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    ok = (p_norm > 0) & (d_norm > 0)
-                    d = d.mul_(torch.where(ok, group["eta"] * p_norm / d_norm, 1.0))
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                state["mu"].mul_(group["momentum"]).add_(d)
-                p.add_(state["mu"], alpha=-group["lr"])
+        for group in self.param_groups:  # a few fused _foreach kernels per group, not a loop of small ones
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            d = [p.grad for p in ps]
+            if group["lars"]:
+                d = torch._foreach_add(d, ps, alpha=group["weight_decay"])
+                p_norm, d_norm = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(d))
+                ratio = torch.where((p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, 1.0)
+                torch._foreach_mul_(d, list(ratio.unbind()))
+            mu = []
+            for p in ps:
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+                mu.append(self.state[p]["mu"])
+            torch._foreach_mul_(mu, group["momentum"])
+            torch._foreach_add_(mu, d)
+            torch._foreach_add_(ps, mu, alpha=-group["lr"])
         return loss
 
 
@@ -370,15 +375,18 @@ def all_reduce_grads_(params, world: int) -> None:
 
 
 @torch.no_grad()
-def check_same_across_processes(module: torch.nn.Module, accelerator) -> None:
-    """Raise unless every process holds the same parameters (DESIGN 6): one gather of per-tensor
-    float64 sums. The trainers call it at the end of a run with more than one process."""
+def check_same_across_processes(module: torch.nn.Module, accelerator, buffers: bool = True) -> None:
+    """Raise unless every process holds the same parameters and floating-point buffers (BN running
+    statistics, e.g. of a momentum-BN target; buffers=False: parameters only, as per-process BN
+    leaves them differing): one gather of per-tensor float64 sums. The trainers call it at the end
+    of a run with more than one process."""
     if accelerator.num_processes <= 1:
         return
-    sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    tensors = [*module.parameters(), *(b for b in module.buffers() if buffers and b.is_floating_point())]
+    sums = torch.stack([t.detach().double().sum() for t in tensors])
     gathered = accelerator.gather(sums[None])  # (world, P)
     if not torch.equal(gathered.min(0).values, gathered.max(0).values):
-        raise RuntimeError("parameters differ across processes at the end of training")
+        raise RuntimeError("parameters or BN statistics differ across processes at the end of training")
 
 
 @torch.no_grad()
@@ -404,6 +412,47 @@ def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, tau: float, 
 def atomic_save(obj, path) -> None:
     """torch.save that never leaves a half-written file at `path`: a failed save keeps the old one."""
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class BackgroundSaver:
+    """atomic_save in a thread, for the trainers' checkpoints: save() copies the tensors to the CPU (the
+    only part the training step waits for: state_dict tensors are the live weights) and returns; a
+    thread writes and fsyncs while training goes on. The next save() and wait() first wait for the
+    previous write and raise its error, if any. A process killed mid-write leaves the previous file
+    (atomic_save), so the other processes need not wait at a barrier for it."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, obj, path) -> None:
+        self.wait()
+        snapshot = _to_cpu(obj)
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path), daemon=True)
+        self.thread.start()
+
+    def _write(self, obj, path):
+        try:
+            atomic_save(obj, path)
+        except BaseException as e:  # raised in the main thread by the next save() or wait()
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _atomic_write(path, write) -> None:
@@ -437,18 +486,52 @@ def _fsync(path) -> None:
 # Logging and divergence checks
 
 
-def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> int:
-    """Resume per cfg.resume: auto (ckpt_path if it exists) | none | PATH. Loads {key: module or
-    optimizer} from the checkpoint and returns its step, or 0 for a fresh start. A checkpoint
-    written under another config (the trainers store it as "config") that does not load, or of
-    another arch, is a one-line ConfigError naming the keys that differ; keys that differ but load
-    (log_every, epochs, ...) are printed and taken from this config."""
+def load_resume(cfg, ckpt_path, modules: dict, accelerator, extra: dict | None = None) -> int:
+    """Resume per cfg.resume: auto (ckpt_path if it exists) | none | PATH. Loads {key: module,
+    optimizer or grad scaler} from the checkpoint and returns its step, or 0 for a fresh start.
+    extra: {key: default} of plain values the checkpoint may hold (e.g. the W&B run id), updated
+    in place from it on every process.
+    A checkpoint written under another config (the trainers store it as "config") that does not
+    load, or of another arch, is a one-line ConfigError naming the keys that differ; keys that
+    differ but load (log_every, epochs, ...) are printed and taken from this config.
+    The global batch (batch_size x processes, stored as "num_processes") must be the checkpoint's:
+    the lr, the steps per epoch and every schedule depend on it, so another one is refused; the same
+    global batch on another number of processes resumes (same data order, same schedules).
+    Several processes: the main one decides whether there is a checkpoint, every process loads it,
+    and all of them fail together (one message) if any cannot read it or reads another step, so
+    processes that see different files never hang in a later collective."""
     path = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
-    if path is None or (cfg.resume == "auto" and not os.path.isfile(path)):
+    status = 0 if path is None else (2 if not os.path.isfile(path) else 1)  # fresh | resume | missing
+    if accelerator.num_processes > 1:
+        status = _broadcast_object(status, accelerator)
+    if status == 0 or (status == 2 and cfg.resume == "auto"):
         return 0
-    if not os.path.isfile(path):
+    if status == 2:
         raise ConfigError(f"config error: resume={cfg.resume}: no such checkpoint (allowed: auto, none, a file)")
-    ckpt = torch.load(path, map_location=accelerator.device, weights_only=True)
+    step, error = None, ""
+    try:
+        step = _load_checkpoint(cfg, path, modules, accelerator, extra)
+    except ConfigError as e:
+        error = str(e)
+    except Exception as e:  # a rank that cannot read the file says why, and all stop
+        error = (f"config error: process {accelerator.process_index} cannot resume from {path} ({type(e).__name__}: "
+                 f"{e}); with several nodes, out_dir must be a folder every node sees")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        reports = gather_object([(error, step)])
+        error = next((e for e, _ in reports if e), "")
+        if not error and len({s for _, s in reports}) > 1:
+            error = (f"config error: the processes read checkpoints of different steps from {path} "
+                     f"({[s for _, s in reports]}); out_dir must be one folder that every process sees")
+    if error:
+        raise ConfigError(error)
+    return step
+
+
+def _load_checkpoint(cfg, path, modules, accelerator, extra=None) -> int:
+    # to the CPU, then load_state_dict copies to each module's device (a 2-process CPU run's device is
+    # cpu:0 / cpu:1, which torch.load cannot map to)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     now, then = dataclasses.asdict(cfg), ckpt.get("config", {})
     changed = [k for k in now if k in then and then[k] != now[k] and k not in ("resume", "out_dir")]
     how = ("; use another out_dir or --resume=none to start afresh" if cfg.resume == "auto"
@@ -456,16 +539,59 @@ def load_resume(cfg, ckpt_path, modules: dict, accelerator) -> int:
     said = ", ".join(f"{k}={then[k]!r} there, {now[k]!r} here" for k in changed)
     if "arch" in changed:
         raise ConfigError(f"config error: {path} was written by a run with another arch ({said}){how}")
+    world, world_then = accelerator.num_processes, ckpt.get("num_processes", accelerator.num_processes)
+    batch_then = then.get("batch_size", cfg.batch_size)
+    if batch_then * world_then != cfg.batch_size * world:
+        fits = (f"batch_size={batch_then * world_then // world} on {world} processes, or "
+                if batch_then * world_then % world == 0 else "")
+        raise ConfigError(f"config error: {path} was trained with a global batch of {batch_then * world_then} "
+                          f"(batch_size={batch_then} x num_processes={world_then}), this run has "
+                          f"{cfg.batch_size * world} (batch_size={cfg.batch_size} x num_processes={world}): the lr, "
+                          f"steps per epoch and schedules depend on it; resume with {fits}"
+                          f"batch_size={batch_then} on {world_then} processes{how}")
     try:
         for key, m in modules.items():
             m.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:200]
         raise ConfigError(f"config error: {path} does not fit this config ({said or first}){how}") from None
+    if extra is not None:
+        extra.update({k: ckpt[k] for k in extra if k in ckpt})
     if changed:
         accelerator.print(f"resuming {path} with changed keys: {said}")
+    if world_then != world:
+        accelerator.print(f"resuming a run of {world_then} process(es) on {world}, same global batch")
     accelerator.print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+def _broadcast_object(obj, accelerator):
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([obj if accelerator.is_main_process else None])[0]
+
+
+def read_results(path, accelerator) -> dict:
+    """results.json of a run folder as the main process reads it ({} if absent), the same dict on
+    every process: what a rank does next (skip a finished run, the first kNN monitor) must not
+    depend on a file that another node may see otherwise."""
+    results = json.loads(Path(path).read_text()) if accelerator.is_main_process and os.path.isfile(path) else {}
+    return _broadcast_object(results, accelerator) if accelerator.num_processes > 1 else results
+
+
+def optimizer_step_(optimizer, scaler, params, world: int, regularize=None) -> None:
+    """The end of a step made of several backward passes: one all-reduce of the (loss-scaled)
+    gradients, unscale, regularize() (e.g. group decay, on true gradients), the optimizer step, the
+    scale update, zero grads. fp16 (scaler enabled): a step whose gradients overflowed is skipped on
+    every process alike, since the all-reduce spreads an inf or NaN of any rank to all ranks before
+    each one's scaler looks; the scaler then lowers its scale everywhere. Its check is one host sync.
+    With a disabled scaler (bf16, fp32) this is all-reduce, regularize, step."""
+    all_reduce_grads_(params, world)
+    scaler.unscale_(optimizer)
+    if regularize is not None:
+        regularize()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def log_jsonl(path, record: dict) -> None:
@@ -495,6 +621,88 @@ def _to_json(x):
     if hasattr(x, "tolist"):  # torch tensors, numpy arrays and numpy scalars
         return x.tolist()
     raise TypeError(f"log_jsonl: cannot write {type(x).__name__} as JSON")
+
+
+# ------------------------------------------------------------------------------------------------
+# Trackers (config key `tracker` of every script): log.jsonl is always written; TensorBoard or W&B
+# come on top, through Accelerate, and write under out_dir like everything else of a run:
+# TensorBoard to out_dir/<project>/, W&B to out_dir/wandb/. Main process only.
+
+TRACKERS = ("", "tensorboard", "wandb")
+
+
+def check_tracker(name: str) -> None:
+    """A one-line ConfigError, before anything runs, unless tracker `name` can log here. Accelerate
+    alone only warns about a missing package and then trains with nothing logged."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if name not in TRACKERS:
+        raise ConfigError(f"config error: tracker={name!r}, allowed: tensorboard, wandb, or empty (log.jsonl only)")
+    if name == "tensorboard" and not is_tensorboard_available():
+        raise ConfigError("config error: tracker=tensorboard needs the tensorboard package, which is not installed: "
+                          "pip install -r requirements.txt")
+    if name == "wandb" and not is_wandb_available():
+        raise ConfigError("config error: tracker=wandb needs the wandb package, which is optional and not installed: "
+                          "pip install wandb (then `wandb login`, or WANDB_MODE=offline to log without an account)")
+
+
+def tracker_config(cfg) -> dict:
+    """The config as flat {key: bool | int | float | str} for hyper-parameter logging: TensorBoard's
+    hparams refuse lists and None (DSPNet's `dns`, eval widths), so those become JSON text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def init_tracker(accelerator, cfg, project: str, run_id: str | None = None, step: int = 0) -> str | None:
+    """Start cfg.tracker (nothing if empty) with the flattened config as hyper-parameters; returns
+    the W&B run id (None for TensorBoard), which the trainers store in their checkpoints and
+    results.json. The Accelerator must be built with log_with=cfg.tracker, project_dir=cfg.out_dir.
+    Resume from a checkpoint of `step`: run_id continues that W&B run (resume="allow"), and
+    TensorBoard drops what an interrupted run logged after `step` (purge_step), which the resumed
+    run logs again.
+    A tracker that fails to start (W&B not logged in, say) stops every process with one line."""
+    if not cfg.tracker:
+        return None
+    error = ""
+    if accelerator.is_main_process:
+        if cfg.tracker == "wandb":
+            kwargs = {"wandb": {"dir": cfg.out_dir, "id": run_id, "resume": "allow", "name": cfg.out_dir}}
+        else:
+            kwargs = {"tensorboard": {"purge_step": step + 1}} if step else {}
+        try:
+            accelerator.init_trackers(project, config=tracker_config(cfg), init_kwargs=kwargs)
+            if cfg.tracker == "wandb":
+                run_id = accelerator.get_tracker("wandb", unwrap=True).id
+        except Exception as e:
+            error = f"config error: tracker={cfg.tracker} could not start ({type(e).__name__}: {e})"
+    if accelerator.num_processes > 1:
+        error, run_id = _broadcast_object((error, run_id), accelerator)
+    if error:
+        raise ConfigError(" ".join(error.split()))
+    return run_id
+
+
+def tracker_log(accelerator, record: dict, step: int) -> None:
+    """Send a log record to the tracker, if any, at `step`: numbers as they are, a list of numbers
+    as key/0, key/1, ... (a step's widths); text and the step itself stay in log.jsonl only."""
+    if not accelerator.is_main_process or not accelerator.trackers:
+        return
+    values = {}
+    for k, v in record.items():
+        if k == "step":
+            continue
+        if isinstance(v, (int, float)):
+            values[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+            values.update({f"{k}/{i}": x for i, x in enumerate(v)})
+    accelerator.log(values, step=step)
+
+
+def to_floats(tensors: dict) -> dict[str, float]:
+    """{name: 0-d tensor} -> {name: float} with one device-to-host copy (not one sync per value)."""
+    if not tensors:
+        return {}
+    return dict(zip(tensors, torch.stack([t.detach().float() for t in tensors.values()]).tolist()))
 
 
 def check_finite(losses: dict, step: int, accelerator) -> dict[str, float]:

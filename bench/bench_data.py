@@ -1,4 +1,4 @@
-"""P4 (DESIGN section 10): two-view BYOL augmentation throughput of the batched on-device path
+"""P4 (docs/design.md, Performance targets): two-view BYOL augmentation throughput of the batched on-device path
 (augment.DeviceLoader + TwoViewAugment) over the torchvision per-sample DataLoader (data.SeededViews
 + data.pretrain_transform + data.EpochSampler, as train_us3l.py builds it; workers kept alive here,
 so its rate is the steady state, and the worker start that train_us3l.py pays every epoch is
@@ -16,7 +16,7 @@ Rates are images (= two-view pairs) per second.
     python bench/bench_data.py --images 512       # quick: 512 at 32 px, 102 at 224 px
     python bench/bench_data.py --threads 1        # a CPU shared with other jobs (see NOTE)
 
-NOTE (2-core CPU of DESIGN 11, shared with other jobs): multi-threaded torch ops wait for
+NOTE (2-core CPU, AVX512-BF16, shared with other jobs): multi-threaded torch ops wait for
 descheduled threads at every op (batched 32 px: 0.9k img/s with 2 threads, 4.6k with 1), so take
 figures on an idle machine or with --threads 1; the DataLoader workers run 1 thread each. glibc
 hands freed MiB-size blocks back to the OS and page-faults them in again on every op: with
@@ -89,7 +89,8 @@ def step_rate(arch, size, batch_size, device, repeats):
 
 
 def compare(name, root, subset, recipe, size, args, device, arch):
-    """The three rates for one image folder (subset > 0: a class-balanced subset) and one recipe."""
+    """The three rates for one image folder (subset > 0: a class-balanced subset) and one recipe, printed
+    and returned: {"torchvision_img_per_s", "batched_img_per_s", "step_img_per_s", "p4"}."""
     ds = data.build_dataset(root, "train", subset=subset)  # PIL images
     t0 = time.perf_counter()
     images, labels = decode_dataset(ds)
@@ -118,7 +119,7 @@ def compare(name, root, subset, recipe, size, args, device, arch):
     print(f"  {arch} step (bf16, channels_last) {step:9.0f} img/s   (forward + backward of both views)")
     print(f"  P4 = {bt / tv:.2f}x (target >= 3); augmentation / step: torchvision {tv / step:.2f}x, "
           f"batched {bt / step:.2f}x (>= 1: the step, not the data, is the bottleneck)")
-    return bt / tv
+    return {"torchvision_img_per_s": tv, "batched_img_per_s": bt, "step_img_per_s": step, "p4": bt / tv}
 
 
 def upscaled_folder(src, n, size, out):

@@ -1,4 +1,4 @@
-"""P2 and P5 for DSPNet (DESIGN section 10), measured side by side in one run.
+"""P2 and P5 for DSPNet (docs/design.md, Performance targets), measured side by side in one run.
 
 P2: peak memory of a DSPNet step with n=4 DNs (a backward after each DN) over a single
     full-network BYOL step; target <= 1.10. Memory = peak bytes of tensors saved for backward
@@ -104,9 +104,29 @@ def main():
         print(f"P2 (CUDA max_memory_allocated) = {multi_cuda / single_cuda:.3f}")
 
     # P5: one DSPNet epoch vs one individual BYOL epoch of each DN, on the same fixed subset
-    dataset = build_dataset(args.data_path, "train", pretrain_transform("imagenet", args.size), subset=args.images)
+    r = p5(cfg, args.data_path, args.images, device)
+    t_ind, total, full = r["individual_s"], sum(r["individual_s"].values()), r["individual_s"][dns[0]["width"]]
+    print(f"P5 on {r['images']} images ({r['steps']} steps): DSPNet epoch {r['dspnet_s']:.1f} s; individual epochs "
+          + ", ".join(f"{w}: {t:.1f} s" for w, t in t_ind.items()) + f" (sum {total:.1f} s)")
+    print(f"   relative to the 1.0x network alone: DSPNet {r['dspnet_s'] / full:.2f}x, all individually "
+          f"{total / full:.2f}x (paper: 2.11x and 4.42x)")
+    print(f"P5 = {r['p5']:.3f} (target <= 0.55)")
+    print(f"P5 compute floor from MACs: {r['p5_macs']:.3f} (what P5 is when data loading and overheads cost nothing)")
+
+
+def p5(cfg, data_path, images, device):
+    """One DSPNet epoch on `images` training images (crops of cfg.image_size) against one BYOL epoch of
+    each DN alone: {"dspnet_s", "individual_s": {width: s}, "p5", "p5_macs", "images", "steps"}."""
+    fmt, size = torch.channels_last, cfg.image_size
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16)  # noqa: E731
+    torch.manual_seed(0)
+    backbone = ARCHS[cfg.arch]()
+    dns, macs = parse_dns(cfg, backbone)
+    online, encoder, target, optimizer = byol_parts(backbone, cfg, device, fmt)
+    four = [dns[i] for i in sample_dns(10**6, 0, len(dns), cfg)]
+    dataset = build_dataset(data_path, "train", pretrain_transform("imagenet", size), subset=images)
     steps = len(dataset) // cfg.batch_size
-    warm = build_dataset(args.data_path, "train", pretrain_transform("imagenet", args.size), subset=2 * cfg.batch_size)
+    warm = build_dataset(data_path, "train", pretrain_transform("imagenet", size), subset=2 * cfg.batch_size)
     epoch_time(online, encoder, target, optimizer, lambda s: four, warm, cfg, device, fmt, autocast)  # warm-up
     t_dsp = epoch_time(online, encoder, target, optimizer, lambda s: [dns[i] for i in sample_dns(s, 0, len(dns), cfg)],
                        dataset, cfg, device, fmt, autocast)
@@ -116,19 +136,13 @@ def main():
         parts = byol_parts(export(ARCHS[cfg.arch](), dn["width"], dn["depth"], check_stats=False), cfg, device, fmt)
         epoch_time(*parts, lambda s: FULL, warm, cfg, device, fmt, autocast)  # warm-up
         t_ind[dn["width"]] = epoch_time(*parts, lambda s: FULL, dataset, cfg, device, fmt, autocast)
-    total = sum(t_ind.values())
-    print(f"P5 on {steps * cfg.batch_size} images ({steps} steps): DSPNet epoch {t_dsp:.1f} s; individual epochs "
-          + ", ".join(f"{w}: {t:.1f} s" for w, t in t_ind.items()) + f" (sum {total:.1f} s)")
-    print(f"   relative to the 1.0x network alone: DSPNet {t_dsp / t_ind[dns[0]['width']]:.2f}x, all individually "
-          f"{total / t_ind[dns[0]['width']]:.2f}x (paper: 2.11x and 4.42x)")
-    print(f"P5 = {t_dsp / total:.3f} (target <= 0.55)")
     # The ratio when MACs are all that count (backward = 2 forwards): a DSPNet step runs the sampled DNs
     # (largest, smallest and n-2 of the others: each other one with probability (n-2)/(N-2)) and one
     # shared full-width target forward; each DN alone runs itself and its own (equal-size) target.
     middle = max(min(cfg.num_subnets, len(dns)) - 2, 0) / max(len(dns) - 2, 1) * sum(macs[1:-1])
     sampled = macs[0] + (macs[-1] if len(dns) > 1 else 0) + middle
-    print(f"P5 compute floor from MACs: {(3 * sampled + macs[0]) / (4 * sum(macs)):.3f} (what P5 is when "
-          "data loading and overheads cost nothing)")
+    return {"dspnet_s": t_dsp, "individual_s": t_ind, "p5": t_dsp / sum(t_ind.values()),
+            "p5_macs": (3 * sampled + macs[0]) / (4 * sum(macs)), "images": steps * cfg.batch_size, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """P1: forward+backward time of a slimmable network at width w against its exported plain network.
 
 Both run side by side in one process, interleaved (slim, plain, slim, plain, ...) so machine noise
-hits both alike; the ratio slim/plain is what to read (target <= 1.10, DESIGN section 10).
+hits both alike; the ratio slim/plain is what to read (target <= 1.10, docs/design.md, Performance targets).
 
     python bench/bench_slim.py                      # CPU, fp32: ResNet-18 CIFAR b64 and ResNet-50 224px b8
     python bench/bench_slim.py --precision bf16 --channels_last

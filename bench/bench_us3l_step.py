@@ -1,4 +1,4 @@
-"""P2 and P3 for US3L on ResNet-18 CIFAR (DESIGN section 10), measured side by side in one run.
+"""P2 and P3 for US3L on ResNet-18 CIFAR (docs/design.md, Performance targets), measured side by side in one run.
 
 P2: peak memory of a US3L step with 3 widths (a backward after each width) over a single
     full-width step; target <= 1.10. Also shown: the same 3 widths with ONE backward of the summed
@@ -129,7 +129,22 @@ def main():
         print(f"P2 (CUDA max_memory_allocated) = {per_width_cuda / single_cuda:.3f}; summed {summed_cuda / single_cuda:.2f}")
 
     # P3: step time, interleaved so that machine noise hits every variant alike
-    n = args.repeats
+    r = p3(student, teacher, x, cfg, autocast, args.repeats, device)
+    mean, cost, naive, naive_macs = r["ms"], r["macs"], r["ms"]["naive n=4"], r["macs"]["naive n=4"]
+    print(f"P3 step time (mean of {args.repeats} stratified width draws) and training MACs, relative to the naive step:")
+    for name in mean:
+        print(f"  {name:<20} {mean[name]:7.0f} ms/step  time {mean[name] / naive:5.3f}  "
+              f"MACs {cost[name] / naive_macs:5.3f}")
+    print(f"P3 = {r['p3_time']:.3f} over US3L's second stage (R_min 0.75 -> 0.25; target <= 0.80), MACs {r['p3_macs']:.3f}")
+    print(f"     {mean['R_min 0.25'] / naive:.3f} at R_min = width_min (3 widths vs 4 over the same range), "
+          f"MACs {cost['R_min 0.25'] / naive_macs:.3f}")
+    print(f"     {r['run_time']:.3f} over the whole run (with the full-width-only first quarter), MACs "
+          f"{r['run_macs']:.3f}; in sampled widths 3/4 = 0.75 and 2.5/4 = 0.625")
+
+
+def p3(student, teacher, x, cfg, autocast, n, device):
+    """Mean step time (ms) and training MACs of each width variant over the same n stratified width
+    draws, and the P3 ratios: {"ms", "macs", "p3_time", "p3_macs", "run_time", "run_macs"}."""
     g = torch.Generator().manual_seed(0)
     slots = [((torch.randperm(n, generator=g) + 0.5) / n).tolist() for _ in range(2)]  # 2 random widths
     draws = list(zip(*slots))  # draws[r]: the quantiles of repeat r's random widths
@@ -156,27 +171,19 @@ def main():
     macs_cache = {}
     def macs(w):  # noqa: E306
         if w not in macs_cache:
-            macs_cache[w] = profile(student["backbone"], w, input_size=32)[1]
+            macs_cache[w] = profile(student["backbone"], w, input_size=x.shape[-1])[1]
         return macs_cache[w]
     def step_macs(widths):  # noqa: E306
         return macs(1.0) + sum(3 * macs(w) for w in widths)
     cost = {name: statistics.mean(step_macs(draw(q)) for q in draws) for name, draw in variants.items()}
     mean = {k: statistics.mean(v) for k, v in times.items()}
     naive, naive_macs = mean["naive n=4"], cost["naive n=4"]
-    print(f"P3 step time (mean of {n} stratified width draws) and training MACs, relative to the naive step:")
-    for name in variants:
-        print(f"  {name:<20} {mean[name] * 1e3:7.0f} ms/step  time {mean[name] / naive:5.3f}  "
-              f"MACs {cost[name] / naive_macs:5.3f}")
     phases = ["R_min 0.75", "R_min 0.5", "R_min 0.25"]
     stage2 = statistics.mean(mean[k] for k in phases) / naive
     stage2_macs = statistics.mean(cost[k] for k in phases) / naive_macs
-    run = (mean["stage 1 (full only)"] / naive + 3 * stage2) / 4
-    run_macs = (cost["stage 1 (full only)"] / naive_macs + 3 * stage2_macs) / 4
-    print(f"P3 = {stage2:.3f} over US3L's second stage (R_min 0.75 -> 0.25; target <= 0.80), MACs {stage2_macs:.3f}")
-    print(f"     {mean['R_min 0.25'] / naive:.3f} at R_min = width_min (3 widths vs 4 over the same range), "
-          f"MACs {cost['R_min 0.25'] / naive_macs:.3f}")
-    print(f"     {run:.3f} over the whole run (with the full-width-only first quarter), MACs {run_macs:.3f}; "
-          f"in sampled widths 3/4 = 0.75 and 2.5/4 = 0.625")
+    return {"ms": {k: 1e3 * v for k, v in mean.items()}, "macs": cost, "p3_time": stage2, "p3_macs": stage2_macs,
+            "run_time": (mean["stage 1 (full only)"] / naive + 3 * stage2) / 4,
+            "run_macs": (cost["stage 1 (full only)"] / naive_macs + 3 * stage2_macs) / 4}
 
 
 def u(lo, q):  # the q-quantile of U(lo, 1)

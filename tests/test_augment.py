@@ -378,3 +378,20 @@ def test_cuda_matches_cpu():
     (x1, x2), y = runs[0][0]
     assert x1.is_cuda and y.is_cuda and x1.shape == (8, 3, 32, 32)
     assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(*runs))  # seeded on the device
+
+
+def test_to_device_prefetches_one_batch_ahead_in_order():
+    pulled = []
+
+    def loader():
+        for k in range(3):
+            pulled.append(k)
+            yield (torch.full((2, 3), float(k)), torch.full((2, 3), -float(k))), torch.tensor([k, k])
+
+    it = A.to_device(loader(), torch.device("cpu"))
+    (v1, v2), y = next(it)
+    assert pulled == [0, 1]  # the next batch is fetched (and its copy issued) before this one is used
+    assert torch.equal(v1, torch.zeros(2, 3)) and torch.equal(y, torch.tensor([0, 0]))
+    rest = list(it)
+    assert [int(b[1][0]) for b in rest] == [1, 2] and torch.equal(rest[1][0][1], torch.full((2, 3), -2.0))
+    assert list(A.to_device(iter([]), torch.device("cpu"))) == []

@@ -3,11 +3,15 @@ from the shared tarball (the cifar_small fixture in conftest.py)."""
 
 import hashlib
 import io
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from PIL import Image
 
 import data
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -119,6 +124,22 @@ def test_hf_saved_to_disk(cifar_small, tmp_path):
     assert ds[3][0].size == (32, 32)
 
 
+def test_hf_prefers_validation_and_refuses_unlabeled_splits(cifar_small, tmp_path):
+    """As the hub's imagenet-1k: train / validation / test, the test labels all -1."""
+    import datasets
+
+    test = hf_dataset(cifar_small, "test", 20)
+    unlabeled = test.map(lambda row: {"label": -1}, features=test.features)
+    dd = datasets.DatasetDict(train=hf_dataset(cifar_small, "train", 40), validation=hf_dataset(cifar_small, "test", 30),
+                              test=unlabeled)
+    dd.save_to_disk(tmp_path / "in1k_like")
+    ds = data.build_dataset(f"hf:{tmp_path / 'in1k_like'}", "test")
+    assert len(ds) == 30 and ds.labels.min() >= 0  # validation, not the unlabeled test split
+    datasets.DatasetDict(train=dd["train"], test=unlabeled).save_to_disk(tmp_path / "only_test")
+    with pytest.raises(ValueError, match=r"split 'test' has no labels \(20 of 20 rows"):
+        data.build_dataset(f"hf:{tmp_path / 'only_test'}", "test")
+
+
 def test_hf_imagefolder(cifar_small, tmp_path, monkeypatch):
     import datasets
 
@@ -166,15 +187,7 @@ def test_torchvision_cifar_format(tmp_path, monkeypatch, kind):
 
 
 def test_prepare_cifar10(tmp_path, capsys):
-    tar = tmp_path / "mini.tar.gz"
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
-    with tarfile.open(tar, "w:gz") as tf:
-        for split in ("train", "test"):
-            for c in ("a", "b"):
-                info = tarfile.TarInfo(f"cifar10/{split}/{c}/0000.jpg")
-                info.size = len(buf.getvalue())
-                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    tar = mini_cifar_tar(tmp_path / "mini.tar.gz")
     dest = data.prepare_cifar10(tmp_path / "data" / "cifar10", tar)
     assert (dest / ".extracted").is_file() and len(data.build_dataset(dest, "test")) == 2
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar10"]  # no temp folder left
@@ -185,6 +198,47 @@ def test_prepare_cifar10(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileExistsError):
         data.prepare_cifar10(tmp_path / "half", tar)
+
+
+def mini_cifar_tar(path):
+    """A tarball laid out as the CIFAR-10 JPEG one: cifar10/{train,test}/{a,b}/0000.jpg."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="JPEG")
+    with tarfile.open(path, "w:gz") as tf:
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                info = tarfile.TarInfo(f"cifar10/{split}/{c}/0000.jpg")
+                info.size = len(buf.getvalue())
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+    return path
+
+
+def test_default_data_is_made_where_said_and_says_so(tmp_path, capsys, monkeypatch):
+    """The trainers' default data_path, data/cifar10, is relative to the current directory: a
+    trainer started elsewhere extracts the tarball there and prints one line naming both; without a
+    tarball the download is announced the same way before it is tried."""
+    tar = mini_cifar_tar(tmp_path / "mini.tar.gz")
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    p = subprocess.run([sys.executable, str(REPO / "train_us3l.py"), "--max_steps=1", "--num_workers=0",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=run_dir, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CIFAR10_TAR": str(tar), "OMP_NUM_THREADS": "1"})
+    dest = (run_dir / "data" / "cifar10").resolve()
+    said = [line for line in p.stdout.splitlines() if line.startswith("CIFAR-10:")]
+    assert said == [f"CIFAR-10: extracting {tar} into {dest} (once)"], p.stdout + p.stderr[-2000:]
+    assert (dest / ".extracted").is_file() and not (REPO / "data" / "cifar10" / "a").exists()
+    assert p.returncode == 1 and "exceeds the 2 training images" in p.stderr  # 4 images: a tarball stand-in
+
+    assert data.prepare_cifar10(dest, tar) == dest and capsys.readouterr().out == ""  # ready: silent
+
+    def offline(root, download):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(FileNotFoundError, match="the download failed"):
+        data.prepare_cifar10(tmp_path / "dl" / "cifar10", tmp_path / "none.tar.gz", download=True)
+    assert capsys.readouterr().out == (f"CIFAR-10: no tarball at {tmp_path / 'none.tar.gz'}: downloading it with "
+                                       f"torchvision into {(tmp_path / 'dl' / 'cifar10').resolve()} (once)\n")
 
 
 # --- augmentation --------------------------------------------------------------------------------
@@ -257,7 +311,7 @@ def test_loader_augmentation_differs_across_ranks(cifar_small):
 
 
 def test_loader_throughput(cifar_small):
-    # Not asserted: prints the two-view CIFAR img/s of the torch reference path (DESIGN P4's baseline).
+    # Not asserted: prints the two-view CIFAR img/s of the torch reference path (P4's baseline, docs/design.md, Performance targets).
     ds = data.build_dataset(cifar_small, "train", data.pretrain_transform("cifar10"))
     big = torch.utils.data.ConcatDataset([ds] * 10)  # 2000 decodes of 200 real JPEGs
     loader = data.build_loader(big, batch_size=250, shuffle=True, num_workers=2)

@@ -1,6 +1,6 @@
-"""Faults (issue 7, DESIGN 9): SIGKILL at random points then the same command, a checkpoint never
-read half-written, a NaN injected into one process, bad images and bad config: each ends with a
-clear message and nothing lost."""
+"""Faults (docs/design.md, Run folder, checkpoints and logs): SIGKILL at random points then the
+same command, a checkpoint never read half-written, a NaN injected into one process, bad images
+and bad config: each ends with a clear message and nothing lost."""
 
 import json
 import random
@@ -218,6 +218,36 @@ def test_write_beton_on_bad_images(cifar_small, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "BAD_IMAGES", "skip")
     path = data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
     assert len(data.beton_labels(path)) == 204
+
+
+def test_decompression_bomb_follows_the_policy(tmp_path, monkeypatch):
+    """An image of more than twice Image.MAX_IMAGE_PIXELS makes PIL raise DecompressionBombError,
+    an Exception but not an OSError: like any image that does not decode it follows bad_images, in
+    the datasets and in the FFCV writer (a tiny image and a lowered limit stand in for a huge one)."""
+    root = tmp_path / "bomb"
+    for split in ("train", "test"):
+        for c, color in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+            (root / split / c).mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (8, 8), color).save(root / split / c / f"{k}.png")
+    Image.new("RGB", (64, 64)).save(root / "train" / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000; 8 x 8 is far below
+    ds = data.build_dataset(root, "train")
+    big = [p.split("/")[-1] for p, _ in ds.base.samples].index("big.png")
+    with pytest.raises(data.BadImageError, match=r"unreadable image .*big\.png \(DecompressionBombError: .*bad_images=skip"):
+        ds[big]
+    monkeypatch.setattr(data, "BAD_IMAGES", "skip")
+    ds = data.build_dataset(root, "train")
+    with pytest.warns(UserWarning, match=r"skipped unreadable image .*big\.png \(DecompressionBombError"):
+        img, y = ds[big]
+    assert img.size == (8, 8) and y == ds.labels[big + 1] == 1  # the next readable image, b/0.png
+
+    pytest.importorskip("ffcv")
+    path = data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
+    assert len(data.beton_labels(path)) == 5
+    monkeypatch.setattr(data, "BAD_IMAGES", "fail")
+    with pytest.raises(data.BadImageError, match=r"1 image\(s\) .* could not be written; the first: .*big\.png"):
+        data.write_beton(root, tmp_path / "c", splits=["train"], raw=True, num_workers=1)
 
 
 # --- bad config and arguments: one line naming the key and what is allowed -------------------------

@@ -164,6 +164,13 @@ def run_all(data_path):
     rank, world = (dist.get_rank(), 2) if dist.is_initialized() else (0, 1)
     calib = calib[rank::world]
     out["acc"] = knn_eval(model, bank, test, calib, [1.0, 0.5], cpu, k=10, autocast=False)
+    # k beyond a bank shard (30 rows per rank) and beyond the whole bank (60): padded candidates
+    details = {}
+    out["acc_big_k"] = knn_eval(model, bank, test, calib, [0.5], cpu, k=40, ks=[5, 200], autocast=False,
+                                details=details)
+    out["details"] = details
+    # the sharded bank: each rank keeps its rows, minus the padded repeat a lower rank holds
+    out["own"] = extract_features(model, loader, cpu, autocast=False, gather=False)
     return out
 
 
@@ -193,4 +200,25 @@ def test_two_processes_equal_one(cifar_small, tmp_path):
             feats, labels, idx = got[key]
             torch.testing.assert_close(feats, ref[key][0], rtol=0, atol=1e-6)
             assert torch.equal(labels, ref[key][1]) and torch.equal(idx, ref[key][2])
-        assert got["acc"] == ref["acc"]
+        assert got["acc"] == ref["acc"] and got["acc_big_k"] == ref["acc_big_k"]  # sharded bank: exact
+        assert got["details"] == ref["details"]
+    # the shards of gather=False partition the dataset: every sample on exactly one rank
+    feats, labels, idx = (torch.cat(t) for t in zip(*(got["own"] for got in ranks)))
+    assert sorted(idx.tolist()) == list(range(13))
+    order = idx.argsort()
+    torch.testing.assert_close(feats[order], ref["padded"][0], rtol=0, atol=1e-6)
+    assert torch.equal(labels[order], ref["padded"][1])
+
+
+def test_merge_topk_of_shards_is_the_whole_banks_topk():
+    g = torch.Generator().manual_seed(0)
+    sim, labels = torch.randn(7, 50, generator=g), torch.randint(0, 10, (7, 50), generator=g)
+    ref_sim, ref_pos = sim.topk(12, dim=1)
+    parts = [slice(0, 20), slice(20, 23), slice(23, 50)]  # a shard (3 rows) shorter than k, padded with -inf
+    sims, labs = [], []
+    for p in parts:
+        s, i = sim[:, p].topk(min(12, sim[:, p].shape[1]), dim=1)
+        sims.append(F.pad(s, (0, 12 - s.shape[1]), value=float("-inf")))
+        labs.append(F.pad(labels[:, p].gather(1, i), (0, 12 - s.shape[1])))
+    got_sim, got_labels = eval_knn.merge_topk(sims, labs, 12)
+    assert torch.equal(got_sim, ref_sim) and torch.equal(got_labels, labels.gather(1, ref_pos))

@@ -78,7 +78,7 @@ def test_export_needs_calibration():
         model.eval()(torch.randn(2, 3, 32, 32))
 
 
-# Reference figures at 224 px, with a 1000-way classifier (DESIGN section 3)
+# Reference figures at 224 px, with a 1000-way classifier (docs/design.md, Slimmable networks)
 @pytest.mark.parametrize("arch,kind,ref", [
     ("resnet50", "macs", {0.25: 278e6, 0.5: 1052e6, 0.75: 2323e6, 1.0: 4089e6}),
     ("mobilenetv2", "macs", {0.5: 97e6, 0.75: 209e6, 1.0: 301e6}),

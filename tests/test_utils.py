@@ -206,3 +206,45 @@ def test_two_processes_check_finite(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank} logs {{'w1.0': 1.0}}" in proc.stdout
     assert out.count("FloatingPointError: non-finite loss at step 9: w1.0=nan (means over processes)") == 2, out
+
+
+def test_lars_foreach_equals_the_per_parameter_rule():
+    """The fused step equals the rule applied parameter by parameter (the LARS docstring), with a
+    parameter without a gradient left alone and its momentum not created."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in ((4, 3), (5,), (2, 2, 3), (6, 2))]
+    ref = [p.detach().clone() for p in params]
+    mu = [torch.zeros_like(p) for p in params]
+    opt = LARS(param_groups(params, 0.01), lr=0.5, momentum=0.9, eta=0.02)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        params[3].grad = None
+        opt.step()
+        for i, (r, g) in enumerate(zip(ref, grads)):
+            if i == 3:
+                continue
+            d = g + 0.01 * r if r.ndim > 1 else g
+            if r.ndim > 1:
+                d = d * 0.02 * r.norm() / d.norm()
+            mu[i] = 0.9 * mu[i] + d
+            ref[i] = r - 0.5 * mu[i]
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r)
+    assert "mu" not in opt.state[params[3]]
+
+
+def test_background_saver_writes_the_state_of_the_save_call(tmp_path):
+    from utils import BackgroundSaver
+    w = torch.ones(3)
+    saver = BackgroundSaver()
+    saver.save({"w": w, "step": 1, "nested": [w]}, tmp_path / "ckpt.pt")
+    w.add_(1.0)  # training goes on while the thread writes: the file holds the snapshot
+    saver.wait()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert torch.equal(ckpt["w"], torch.ones(3)) and torch.equal(ckpt["nested"][0], torch.ones(3)) and ckpt["step"] == 1
+    saver.save({"w": w}, tmp_path / "missing_folder" / "ckpt.pt")  # the write fails in the thread ...
+    with pytest.raises(FileNotFoundError):
+        saver.wait()  # ... and the error reaches the training loop
+    saver.wait()  # once

@@ -1,0 +1,249 @@
+"""N processes of batch B/N train what one process of batch B trains: synchronized BN (slimmable,
+heads, momentum-BN target), fp16 loss scaling whose skip decision is shared by every rank, resume on
+another number of processes, and the trainers end to end (2 CPU processes of batch B/2 against 1
+process of batch B).
+
+NOTE: the end-to-end comparison runs in fp64 (precision=fp64). In fp32 the two runs part by far more
+than the order of a sum would suggest, and so would any two fp32 implementations: at initialization
+a ResNet-18's gradients are ill-conditioned (one process, fp32 against fp64, same code: 10% relative
+error on some weight gradients, 1% on the stem's), and 3 steps at lr 0.0025 then leave 1-proc and
+2-proc weights 4e-3 apart (moved 3e-2). In fp64 they agree to about 1e-12."""
+
+import contextlib
+import copy
+import datetime
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_us3l
+from models import ARCHS, BatchNorm1d, SlimBatchNorm2d, calibrate_bn, projection_mlp, set_active, set_sync_bn
+from utils import all_reduce_grads_, optimizer_step_
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, fn, out):
+    torch.set_num_threads(1)  # also keeps the forked child out of the parent's OpenMP pool (not fork-safe)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(fn(rank), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def two_ranks(fn, tmp_path):
+    """fn(rank) in 2 gloo processes (forked: no re-import of torch); returns [result of rank 0, 1]."""
+    mp.start_processes(_worker, args=(_free_port(), fn, str(tmp_path / "out")), nprocs=2, start_method="fork")
+    return [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
+
+
+def bn_case(rank=None):
+    """A BN input batch of 8 (4 per rank), sliced to 40 of 64 channels as at a width < 1, channels_last;
+    outputs and gradients of the slimmable BN, a head BN and a momentum-BN target."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 40, 5, 5, generator=g) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    h = torch.randn(8, 16, generator=g) * 2 - 1
+    dy, dh = torch.randn(8, 40, 5, 5, generator=g), torch.randn(8, 16, generator=g)
+    rows = slice(None) if rank is None else slice(4 * rank, 4 * rank + 4)
+    bn, head, target = SlimBatchNorm2d(64), BatchNorm1d(16), SlimBatchNorm2d(64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-1, 1, generator=g)
+    target.stats_momentum = 0.3
+    for m in (bn, head, target):
+        set_sync_bn(m, True)
+    x, h = x[rows].clone().requires_grad_(), h[rows].clone().requires_grad_()
+    y, z = bn(x), head(h)
+    (y * dy[rows]).sum().backward()
+    (z * dh[rows]).sum().backward()
+    for batch in (x.detach(), x.detach() * 2 + 1):
+        t = target(batch)
+    return {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "z": z.detach(), "dh": h.grad,
+            "head_dw": head.weight.grad, "head_mean": head.running_mean, "head_var": head.running_var,
+            "t": t, "t_mean": target.running_mean, "t_var": target.running_var}
+
+
+def test_sync_bn_equals_one_process_of_the_whole_batch(tmp_path):
+    ref = bn_case()  # one process: sync is a no-op, plain batch norm over the 8 rows
+    ranks = two_ranks(bn_case, tmp_path)
+    for key in ("y", "dx", "z", "dh", "t"):  # per-row tensors: each rank holds its 4 rows
+        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), ref[key], rtol=1e-4, atol=1e-5)
+    for key in ("dw", "db", "head_dw"):  # parameter gradients: summed over ranks by the all-reduce
+        torch.testing.assert_close(ranks[0][key] + ranks[1][key], ref[key], rtol=1e-4, atol=1e-5)
+    for key in ("head_mean", "head_var", "t_mean", "t_var"):  # running statistics: the global batch's
+        for r in ranks:
+            torch.testing.assert_close(r[key], ref[key], rtol=1e-5, atol=1e-6)
+    assert torch.equal(ranks[0]["t_mean"], ranks[1]["t_mean"])  # bit-equal targets on every rank
+
+
+def us3l_step_grads(rank=None, sync=True):
+    """The gradients of one US3L step (base network + 2 sub-networks, aux head, InfoNCE keys gathered
+    from every rank, gradients all-reduced) in fp64, on 16 images or on rank's 8 of them."""
+    torch.manual_seed(0)
+    backbone = ARCHS["resnet18_cifar"]()
+    student = torch.nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(backbone.feature_dim, 64, 32),
+                                   "aux": projection_mlp(32, 64, 32)}).double()
+    set_sync_bn(student, sync)
+    teacher = copy.deepcopy(torch.nn.ModuleDict({k: student[k] for k in ("backbone", "projector")}))
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    rows = slice(None) if rank is None else slice(8 * rank, 8 * rank + 8)
+    cfg = train_us3l.Config(proj_hidden=64, proj_dim=32)
+    train_us3l.forward_backward(student, teacher, torch.cat([x1[rows], x2[rows]]), [1.0, 0.8, 0.5], cfg,
+                                contextlib.nullcontext)
+    all_reduce_grads_(list(student.parameters()), 1 if rank is None else 2)
+    return {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+
+
+def test_step_gradients_of_two_processes_are_one_processs(tmp_path):
+    ref = us3l_step_grads()
+
+    def worst(ranks):
+        return max((r[n] - ref[n]).abs().max().item() / ref[n].abs().max().item() for r in ranks for n in ref)
+
+    assert worst(two_ranks(us3l_step_grads, tmp_path)) < 1e-9  # fp64: equal up to the order of sums
+    assert worst(two_ranks(functools.partial(us3l_step_grads, sync=False), tmp_path)) > 1e-2  # per-process BN
+
+
+def calibrate_unequal(rank):
+    """Calibration forwards each rank's own batches, in any number, sync or not: no collective per BN."""
+    torch.manual_seed(0)
+    model = set_sync_bn(ARCHS["resnet18_cifar"](), True)
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(1 + 2 * rank)]  # 1 batch on rank 0, 3 on rank 1
+    calibrate_bn(model, batches, width=0.5, all_reduce=True)
+    set_active(model, 1.0)
+    return [m.sync for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+
+
+def test_calibration_stays_per_process(tmp_path):
+    for syncs in two_ranks(calibrate_unequal, tmp_path):
+        assert all(syncs)  # the switch is restored afterwards
+
+
+def fp16_steps(rank):
+    """Two steps of the trainers' step end with a GradScaler: rank 1's gradients overflow in the
+    first (an inf injected after its backward), the second is clean."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = torch.randn(2, 4) + rank
+    out = []
+    for step in range(2):
+        scaler.scale(model(x).square().mean()).backward()
+        if step == 0 and rank == 1:
+            model.weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer_step_(opt, scaler, list(model.parameters()), 2)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        out.append({"changed": changed, "scale": scaler.get_scale(), "w": model.weight.detach().clone()})
+    return out
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    ranks = two_ranks(fp16_steps, tmp_path)
+    for steps in ranks:
+        assert steps[0]["changed"] is False and steps[0]["scale"] == 512.0  # skipped, scale halved
+        assert steps[1]["changed"] is True and steps[1]["scale"] == 512.0  # then a normal step
+    assert torch.equal(ranks[0][1]["w"], ranks[1][1]["w"])  # and the ranks still agree
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainers: 2 processes of batch B/2 against 1 process of batch B
+
+
+def launch(script, args, out, procs, env=None):
+    cmd = [sys.executable, script, *args, f"--out_dir={out}"]
+    if procs > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+               "--main_process_port", str(_free_port()), *cmd[1:]]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1" if procs > 1 else "2", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def tiny(data, **over):
+    args = {"data_path": data, "max_steps": 3, "log_every": 1, "precision": "fp64", "loader": "torch", "base_lr": 1.0,
+            "sync_bn": "true", "num_workers": 0, "knn_bank_subset": 40, "knn_test_subset": 20, "knn_batch_size": 20,
+            "knn_k": 5, "proj_hidden": 64, "proj_dim": 32}
+    return [f"--{k}={v}" for k, v in {**args, **over}.items()]
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("train_us3l.py", {}),
+    # DSPNet: DNs of width and depth, the whole network alone for the first step, a momentum-BN target
+    ("train_dspnet.py", {"arch": "resnet18_cifar", "dns": "[[1.0],[0.75],[0.5,1,1,1,1],[0.25]]", "num_subnets": 3,
+                         "full_only_epochs": 1, "warmup_epochs": 0, "epochs": 3, "optimizer": "sgd",
+                         "target_bn_momentum": 0.1}),
+])
+def test_two_processes_of_half_the_batch_train_what_one_process_trains(script, extra, cifar_small, tmp_path):
+    one = launch(script, tiny(cifar_small, batch_size=16, **extra), tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(script, tiny(cifar_small, batch_size=8, **extra), tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    a = torch.load(tmp_path / "one" / "backbone.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "backbone.pt", weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for key in ("backbone", "teacher"):
+        for name, t in a[key].items():
+            if t.is_floating_point():
+                torch.testing.assert_close(b[key][name], t, rtol=0, atol=1e-4, msg=f"{key}.{name}")
+    torch.manual_seed(0)  # the trainers' initial weights: 3 steps moved them far beyond the tolerance
+    init = ARCHS["resnet18_cifar"]().state_dict()
+    assert max((a["backbone"][k] - init[k]).abs().max().item() for k in init if init[k].is_floating_point()) > 1e-2
+
+
+def test_resume_across_a_changed_world(cifar_small, tmp_path):
+    """Same global batch on another number of processes resumes; another global batch is refused in
+    one line naming the keys."""
+    out = tmp_path / "run"
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=16, max_steps=2, epochs=1), out, 1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["num_processes"] == 1 and ckpt["step"] == 2
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=16, max_steps=3, epochs=1), out, 2)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("config error")]
+    assert errors, p.stderr[-3000:]
+    assert "global batch of 16" in errors[0] and "batch_size=16 x num_processes=2" in errors[0]
+    assert "batch_size=8 on 2 processes" in errors[0]
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=3, epochs=1), out, 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "resuming a run of 1 process(es) on 2" in p.stdout
+    assert json.loads((out / "results.json").read_text())["num_processes"] == 2
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["num_processes"] == 2
+
+
+def test_fp16_run_resumes_with_its_scaler(cifar_small, tmp_path):
+    """precision=fp16 trains with a GradScaler whose state is checkpointed (on a CPU autocast stays
+    fp32: Accelerate enables fp16 autocast on GPUs only; the scaling runs all the same)."""
+    out = tmp_path / "fp16"
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=2, precision="fp16"), out, 1)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == 65536.0  # no overflow in 2 steps: the initial scale
+    with torch.no_grad():  # a scale from an overflowing step: the resumed run must take it over
+        ckpt["scaler"]["scale"] = 1024.0
+    torch.save(ckpt, out / "checkpoints" / "last.pt")
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=3, precision="fp16"), out, 1)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] == 1024.0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss/1.0"] > 0 for r in log)
