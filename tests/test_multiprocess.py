@@ -210,40 +210,29 @@ def test_two_processes_of_half_the_batch_train_what_one_process_trains(script, e
     assert max((a["backbone"][k] - init[k]).abs().max().item() for k in init if init[k].is_floating_point()) > 1e-2
 
 
-def test_resume_across_a_changed_world(cifar_small, tmp_path):
+def test_resume_across_a_changed_world_with_fp16(cifar_small, tmp_path):
     """Same global batch on another number of processes resumes; another global batch is refused in
-    one line naming the keys."""
+    one line naming the keys. fp16 throughout: the GradScaler's state is checkpointed and taken over
+    (on a CPU autocast stays fp32, as Accelerate enables fp16 autocast on GPUs only; the scaling runs)."""
     out = tmp_path / "run"
-    p = launch("train_us3l.py", tiny(cifar_small, batch_size=16, max_steps=2, epochs=1), out, 1)
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=16, max_steps=2, epochs=1, precision="fp16"), out, 1)
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["num_processes"] == 1 and ckpt["step"] == 2
-    p = launch("train_us3l.py", tiny(cifar_small, batch_size=16, max_steps=3, epochs=1), out, 2)
+    assert ckpt["scaler"]["scale"] == 65536.0  # no overflow in 2 steps: the initial scale
+    ckpt["scaler"]["scale"] = 1024.0  # as after overflowing steps: the resumed run must take it over
+    torch.save(ckpt, out / "checkpoints" / "last.pt")
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=16, max_steps=3, epochs=1, precision="fp16"), out, 2)
     assert p.returncode != 0
     errors = [line for line in p.stderr.splitlines() if line.startswith("config error")]
     assert errors, p.stderr[-3000:]
     assert "global batch of 16" in errors[0] and "batch_size=16 x num_processes=2" in errors[0]
     assert "batch_size=8 on 2 processes" in errors[0]
-    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=3, epochs=1), out, 2)
+    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=3, epochs=1, precision="fp16"), out, 2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "resuming a run of 1 process(es) on 2" in p.stdout
     assert json.loads((out / "results.json").read_text())["num_processes"] == 2
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["num_processes"] == 2
-
-
-def test_fp16_run_resumes_with_its_scaler(cifar_small, tmp_path):
-    """precision=fp16 trains with a GradScaler whose state is checkpointed (on a CPU autocast stays
-    fp32: Accelerate enables fp16 autocast on GPUs only; the scaling runs all the same)."""
-    out = tmp_path / "fp16"
-    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=2, precision="fp16"), out, 1)
-    assert p.returncode == 0, p.stderr[-3000:]
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["scaler"]["scale"] == 65536.0  # no overflow in 2 steps: the initial scale
-    with torch.no_grad():  # a scale from an overflowing step: the resumed run must take it over
-        ckpt["scaler"]["scale"] = 1024.0
-    torch.save(ckpt, out / "checkpoints" / "last.pt")
-    p = launch("train_us3l.py", tiny(cifar_small, batch_size=8, max_steps=3, precision="fp16"), out, 1)
-    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] == 1024.0
+    assert ckpt["num_processes"] == 2 and ckpt["step"] == 3 and ckpt["scaler"]["scale"] == 1024.0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss/1.0"] > 0 for r in log)
