@@ -4,21 +4,24 @@ Papers (references in CITATION.cff):
   DSPNet  "DSPNet: Towards Slimmable Pretrained Networks based on Discriminative Self-supervised
           Learning" (Wang et al., arXiv:2207.06075): BYOL normalized MSE.
   US3L    "Three Guidelines You Should Know for Universally Slimmable Self-Supervised Learning"
-          (Cao et al., CVPR 2023): InfoNCE base loss (eq. 2), distillation losses (eqs. 6-7),
-          group regularization (eqs. 4-5).
+          (Cao et al., CVPR 2023): InfoNCE base loss (eq. 2: info_nce with a momentum teacher,
+          nt_xent without one), distillation losses (eqs. 6-7), group regularization (eqs. 4-5).
 
 This file knows no network and no trainer. Conventions shared by every loss here:
   - inputs may be bf16 under autocast; everything is computed in fp32 (fp64 for fp64 inputs, the
     trainers' precision=fp64 for exactness tests) and returns a scalar of that type.
   - the batch reduction is a mean (the papers write sums over i; a mean keeps the lr independent
-    of the batch size).
+    of the batch size). Each loss here is one view direction (nt_xent: both); the trainer averages
+    or sums the two directions (train_us3l.py, loss_views).
   - targets (the second argument) are detached here, so a caller cannot leak gradient into a
-    momentum teacher or a stop-gradient branch by accident.
+    momentum teacher or a stop-gradient branch by accident (nt_xent has no target: both of its
+    arguments carry gradient).
   - temperatures are applied as logits / T with no extra 2*T factor (see info_nce).
 
 Usage:
-    loss = info_nce(q1, k2, cfg.temperature) + info_nce(q2, k1, cfg.temperature)   # US3L base
-    loss = loss + mse_distill(g(zs1), k2) + mse_distill(g(zs2), k1)                # US3L eq. (6)
+    loss = (info_nce(q1, k2, T, k_same=k1) + info_nce(q2, k1, T, k_same=k2)) / 2   # US3L eq. (2), teacher
+    loss = nt_xent(z1, z2, T)                                                      # eq. (2), no teacher
+    loss = loss + (mse_distill(g(zs1), k2) + mse_distill(g(zs2), k1)) / 2          # US3L eq. (6)
     loss = normalized_mse(p1, t2) + normalized_mse(p2, t1)                         # DSPNet/BYOL
     ...; loss.backward(); add_group_reg_grad_(decay_params, wd); optimizer.step()  # eqs. (4)-(5)
 """
@@ -63,12 +66,15 @@ def gather_keys(k):
     return torch.cat(out), dist.get_rank()
 
 
-def info_nce(q, k, temperature):
-    """InfoNCE, US3L eq. (2) in its MoCo form. q (B, D) with grad, k (B, D) keys -> ()
+def info_nce(q, k, temperature, k_same=None):
+    """InfoNCE with detached keys, US3L eq. (2) with a momentum teacher. q (B, D) with grad, k (B, D)
+    keys of the other view, k_same (B, D) optional keys of q's own view -> ()
 
-    Keys are the momentum encoder's outputs of the other view, gathered from all processes:
-    K = world*B keys, the positive of local query i sits at index rank*B + i, the other K-1 are
-    negatives. Uniform logits give log(K).
+    Keys are gathered from all processes: K = world*B keys, the positive of local query i sits at
+    index rank*B + i, the other K-1 are negatives (MoCo's form). k_same adds the eq. (2) negatives
+    of the query's own view: the K-1 keys of the other images (the key of query i's own image and
+    view is left out, as eq. (2)'s j != i), so 2K-2 negatives in all. Uniform logits give log(K)
+    without k_same and log(2K-1) with it.
 
     NOTE: MoCo v3's code multiplies this loss by 2*T. US3L writes eq. (2) and eq. (7) without
     that factor (and "omits the temperature for simplicity"), so we return the plain
@@ -77,14 +83,52 @@ def info_nce(q, k, temperature):
     """
     assert q.shape == k.shape, f"queries {tuple(q.shape)} and keys {tuple(k.shape)} must match"
     q = F.normalize(f32(q), dim=1)
-    k = F.normalize(f32(k.detach()), dim=1)
-    k_all, rank = gather_keys(k)
+    k_all, rank = gather_keys(F.normalize(f32(k.detach()), dim=1))
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     # NOTE: .float() alone is not enough: autocast would still run this matmul in bf16
     # (logit error ~1e-2 at T=0.1). Temperature losses stay fp32 (docs/design.md, Precision).
     with torch.autocast(q.device.type, enabled=False):
         logits = q @ k_all.T / temperature  # (B, world*B)
-    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+        if k_same is not None:
+            same, _ = gather_keys(F.normalize(f32(k_same.detach()), dim=1))
+            same = (q @ same.T / temperature).scatter(1, labels[:, None], float("-inf"))  # j != i
+            logits = torch.cat([logits, same], dim=1)  # (B, 2*world*B): other view, then own view
     return F.cross_entropy(logits, labels)
+
+
+def nt_xent(z1, z2, temperature):
+    """SimCLR's NT-Xent, US3L eq. (2) as written, for a network contrasting its own two views.
+    z1, z2 (B, D), both with grad -> ()
+
+    Every one of the 2B outputs is an anchor: its positive is the other view of its image, its
+    negatives the 2B-2 outputs of the other images in both views; gradients flow through anchors,
+    positives and negatives alike (no stop-gradient, no teacher). The mean over the 2B anchors is
+    the mean of the two view directions (anchors of view 1, anchors of view 2). Uniform logits give
+    log(2B-1).
+
+    Under N processes each holds B/N images. Every process computes the loss of the whole global
+    batch (a (2B, 2B) matrix: small next to the network), from outputs gathered from all processes;
+    only its own rows carry gradient, so its gradient is exactly its rows' share of the gradient of
+    the global loss. The trainers average gradients over processes, so that share is scaled by N
+    (the gradient only, not the value): the average over processes is then the gradient of one
+    process holding the whole batch.
+    """
+    assert z1.shape == z2.shape, f"views {tuple(z1.shape)} and {tuple(z2.shape)} must match"
+    b = z1.shape[0]
+    parts = []
+    for z in (z1, z2):
+        z = F.normalize(f32(z), dim=1)
+        z_all, rank = gather_keys(z.detach())  # (world*b, D), constants
+        parts.append(torch.cat([z_all[:rank * b], z, z_all[(rank + 1) * b:]]))  # own rows: with grad
+    world = parts[0].shape[0] // b
+    z = torch.cat(parts)  # (2B, D): view 1 of the global batch, then view 2
+    n = z.shape[0] // 2
+    with torch.autocast(z.device.type, enabled=False):  # fp32 logits (see info_nce)
+        logits = z @ z.T / temperature  # (2B, 2B)
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # no self
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # the other view
+    loss = F.cross_entropy(logits, labels)
+    return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())  # gradient x N, value as is
 
 
 # -----------------------------------------------------------------------------

@@ -2,19 +2,43 @@
 
 Paper: "Three Guidelines You Should Know for Universally Slimmable Self-Supervised Learning" (Cao et
 al., CVPR 2023), Algorithm 1, Table 7 case 13 by default: momentum teacher (EMA of backbone +
-projector at full width); base network trained with InfoNCE against the teacher's keys of the other
-view; sub-networks distilled through an auxiliary head g with MSE on normalized vectors (eq. 6) to
-the same keys; dynamic sampling (full width only for the first quarter, then min width 0.75 -> 0.5
--> 0.25); group regularization (eqs. 4-5). Every Table 7 case is a combination of config keys.
+projector at full width); base network trained with InfoNCE (eq. 2) against the teacher's keys;
+sub-networks distilled through an auxiliary head g with MSE on normalized vectors (eq. 6) to the
+teacher's keys of the other view; dynamic sampling (full width only for the first quarter, then min
+width 0.75 -> 0.5 -> 0.25); group regularization (eqs. 4-5). Every case of Table 7 and every row of
+Tables 8 and 9 is a combination of config keys: yaml/us3l_ablations/ holds one recipe per row.
 
     python train_us3l.py --config yaml/cifar10_quick.yaml                          # CPU or 1 GPU
     accelerate launch train_us3l.py --config yaml/r50_in.yaml                      # all GPUs of a node
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train_us3l.py ...  # 2 CPU procs
 
-Decisions where the paper is silent (NOTE; docs/design.md, US3L as implemented): the two views run
-as one batch (BN statistics over both, as SimCLR); the model is not wrapped in DDP: each width has its own backward and the gradients are
-all-reduced once per step by hand (DDP would need no_sync and unused-parameter handling for the
-heads that some widths skip); InfoNCE keys are gathered from all processes; InfoNCE temperature 0.2.
+Decisions where the paper is silent or loose (NOTE; README and docs/design.md, US3L as implemented):
+- Loss scale (what lr 0.5 at batch 512 was tuned with). Per step L = L_base + sum over sub-networks
+  of L_distill; each loss is a batch mean, and its two view directions (view 1 -> 2, 2 -> 1) are
+  averaged (loss_views=mean), as the authors' release does; Algorithm 1 line 15 writes a sum, which
+  at the same lr doubles every gradient. Temperature 0.5 (the paper omits it; the release and
+  SimCLR's CIFAR recipe use 0.5). L_distill = 1 - cos (eq. 6, the gradient of -cos). The quick
+  recipe keeps the earlier scale (sum, T 0.2, keys of the other view) its measured run used: about
+  5x the base-loss gradient of the default.
+- Negatives of InfoNCE (infonce_negatives=both_views): eq. (2) has 2B-2 negatives, the other images
+  in both views. With a momentum teacher every term but the query is a teacher key (its keys of
+  both views; the key of the query's own image and view is left out); without one (Table 7 cases 9,
+  14) it is SimCLR's NT-Xent: gradients through both views. other_view: MoCo's B-1 keys of the
+  other view. The release's SimCLR-with-momentum loss mixes the two: the student's own-view outputs
+  as negatives (with gradient) and teacher rows as anchors; not offered here. Eq. (7) (distillation)
+  keeps the keys of the other view only.
+- Without the sandwich rule (sandwich=false, Table 9) the largest width drawn takes the base loss
+  and, with momentum_target_sub=false, provides the sub-networks' targets (as the release does).
+- EMA teacher: tau from 0.99 to 1 by a cosine over the run (BYOL); the release keeps 0.99 constant
+  (momentum_cosine=false). Biases and BN parameters get no weight decay (BYOL, MoCo); the paper
+  gives wd 1e-4 with no exception and the release decays them too. Projector Linear(D, 2048, no
+  bias)-BN-ReLU-Linear(2048, 128) (BYOL's, 2 layers); the aux head g (and the predictor of an MSE
+  base loss) is the same MLP on 128-d; the paper gives no shape (the release: a 3-layer 2048-2048-
+  256 projector).
+- The two views run as one batch (BN statistics over both, as SimCLR); the model is not wrapped in
+  DDP: each width has its own backward and the gradients are all-reduced once per step by hand (DDP
+  would need no_sync and unused-parameter handling for the heads that some widths skip); InfoNCE
+  keys are gathered from all processes.
 Under N processes every BN (backbone at any width, heads, teacher) normalizes with the statistics of
 the global batch (sync_bn, models.set_sync_bn), so N processes of batch B/N train what one process of
 batch B trains (tested to 1e-4 in fp32) and the teacher's keys carry no per-process BN statistics
@@ -70,13 +94,18 @@ class Config:
     # US3L (Table 7 switchboard; defaults = case 13)
     width_min: float = 0.25  # smallest width trained (R_min at the end of dynamic sampling)
     num_widths: int = 3  # sandwich size per step: full, smallest, num_widths-2 random (paper: 3)
+    sandwich: bool = True  # false (Table 9): num_widths random widths, the largest takes the base loss
+    # (logged as loss/1.0; loss/min is then the smallest drawn)
     dynamic_sampling: bool = True  # full width only for the first quarter, then min width 0.75/0.5/0.25
     base_loss: str = "infonce"  # infonce | mse (mse adds a SimSiam/BYOL predictor to the base network)
     distill_loss: str = "mse"  # mse (eq. 6) | infonce (eq. 7) | none (sub-networks use the base loss)
     aux_head: bool = True  # auxiliary distillation head g of eq. (3), used by sub-networks only
     momentum_target_base: bool = True  # base network's targets: EMA teacher (else its own other view)
     momentum_target_sub: bool = True  # sub-networks' targets: EMA teacher (else the base network)
-    temperature: float = 0.2  # InfoNCE temperature (the paper omits it; MoCo v2 uses 0.2)
+    infonce_negatives: str = "both_views"  # base InfoNCE, eq. (2): both_views (2B-2 negatives; no teacher:
+    # SimCLR's NT-Xent, gradients through both views) | other_view (B-1, keys detached: MoCo)
+    temperature: float = 0.5  # InfoNCE temperature (the paper omits it; the authors' release and SimCLR's CIFAR: 0.5)
+    loss_views: str = "mean"  # the two view directions of every loss: mean (authors' release) | sum (Alg. 1)
     group_reg_alpha: float = 0.05  # eq. (5); 0 = plain L2 weight decay
     momentum: float = 0.99  # EMA teacher tau at the start
     momentum_cosine: bool = True  # tau -> 1 by cosine over the run (BYOL); else constant
@@ -109,6 +138,7 @@ class Config:
 
 def check_config(cfg):
     choices = {"base_loss": ("infonce", "mse"), "distill_loss": ("mse", "infonce", "none"),
+               "infonce_negatives": ("both_views", "other_view"), "loss_views": ("mean", "sum"),
                "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no", "fp64"),
                "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
                "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}
@@ -121,14 +151,18 @@ def check_config(cfg):
     if cfg.width_min < floor:
         raise ConfigError(f"config error: width_min={cfg.width_min} is below {cfg.arch}'s minimum width {floor:.4g} "
                           f"(every layer at its channel floor); allowed: [{floor:.4g}, 1]")
-    if cfg.num_widths < 2:
-        raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)")
+    if cfg.num_widths < (2 if cfg.sandwich else 1):
+        raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)"
+                          if cfg.sandwich else f"config error: num_widths={cfg.num_widths} must be >= 1")
+    if not cfg.temperature > 0:
+        raise ConfigError(f"config error: temperature={cfg.temperature} must be > 0")
     check_tracker(cfg.tracker)
 
 
 def sample_widths(step, total, cfg):
     """Widths of one step, largest first (Algorithm 1). A generator seeded by (seed, step): identical
-    on every process and after a resume, whatever else drew random numbers."""
+    on every process and after a resume, whatever else drew random numbers. sandwich=false (Table 9):
+    num_widths uniform draws in [R_min, 1], neither the full nor the smallest width forced."""
     if cfg.dynamic_sampling:
         period = max(total // 4, 1)  # T_p
         stage = min(step // period, 3)
@@ -139,6 +173,8 @@ def sample_widths(step, total, cfg):
     else:
         r_min = cfg.width_min
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if not cfg.sandwich:
+        return sorted((r_min + (1.0 - r_min) * torch.rand(cfg.num_widths, generator=g)).tolist(), reverse=True)
     middle = (r_min + (1.0 - r_min) * torch.rand(cfg.num_widths - 2, generator=g)).tolist()
     return [1.0] + sorted(middle, reverse=True) + [r_min]
 
@@ -346,14 +382,33 @@ def main(cfg):
     return results
 
 
+def pair_loss(kind, q, t, cfg, own=False):
+    """One loss over both views, q and t (2B, D) = cat(view 1, view 2): the directions q1 -> t2 and
+    q2 -> t1, averaged or summed (cfg.loss_views). kind: infonce (the base loss, eq. 2), nce (eq. 7:
+    keys of the other view only), mse (eqs. 1 and 6). own: t is the network's own output, no teacher
+    (then InfoNCE with both_views is SimCLR's NT-Xent, gradients through both views)."""
+    q1, q2 = q.chunk(2)  # (2B, D) -> 2 x (B, D)
+    t1, t2 = t.chunk(2)
+    if kind == "mse":
+        both = losses.mse_distill(q1, t2) + losses.mse_distill(q2, t1)
+    elif kind == "nce" or cfg.infonce_negatives == "other_view":
+        both = losses.info_nce(q1, t2, cfg.temperature) + losses.info_nce(q2, t1, cfg.temperature)
+    elif own:
+        both = 2 * losses.nt_xent(q1, q2, cfg.temperature)  # its mean over 2B anchors = mean of the directions
+    else:  # eq. (2) with the teacher's keys of both views as positive and negatives
+        both = (losses.info_nce(q1, t2, cfg.temperature, k_same=t1)
+                + losses.info_nce(q2, t1, cfg.temperature, k_same=t2))
+    return both / 2 if cfg.loss_views == "mean" else both
+
+
 def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scale=None):
     """One US3L iteration's gradients (Algorithm 1, lines 4-17) for the two views x = cat(x1, x2):
-    the base network (widths[0] = 1.0) and each sub-network in turn, each followed by its own
-    backward, so only one width's activations are alive at a time (peak memory of a single
-    full-width step); gradients accumulate. scale: the fp16 loss scaling (GradScaler.scale) applied
-    before each backward. Returns the per-width losses (detached, unscaled) and, when log, the
-    collapse monitor per width."""
-    loss_fn = {"infonce": lambda q, k: losses.info_nce(q, k, cfg.temperature), "mse": losses.mse_distill}
+    the base network (widths[0]: 1.0, or the largest drawn without the sandwich rule) and each
+    sub-network in turn, each followed by its own backward, so only one width's activations are
+    alive at a time (peak memory of a single full-width step); gradients accumulate. scale: the fp16
+    loss scaling (GradScaler.scale) applied before each backward. Returns the per-width losses
+    (detached, unscaled) and, when log, the collapse monitor per width."""
+    distill = {"mse": "mse", "infonce": "nce"}.get(cfg.distill_loss)
     keys, stats, out = None, {}, []
     if cfg.momentum_target_base or cfg.momentum_target_sub:
         with torch.no_grad(), autocast():  # teacher keys: once per step, shared by every width
@@ -364,17 +419,16 @@ def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scal
             z = student["projector"](student["backbone"](x))
             if i == 0:  # base network: L_Base against the teacher (or its own other view)
                 q = student["predictor"](z) if cfg.base_loss == "mse" else z
-                target = keys if cfg.momentum_target_base else z.detach()
-                base_z, fn = z.detach(), loss_fn[cfg.base_loss]
-            elif cfg.distill_loss == "none":  # Table 7 'x': the base loss on the sub-network's own outputs
+                own = not cfg.momentum_target_base
+                loss = pair_loss(cfg.base_loss, q, z if own else keys, cfg, own)
+                base_z = z.detach()
+            elif distill is None:  # Table 7 'x': the base loss on the sub-network's own outputs
                 q = student["predictor"](z) if cfg.base_loss == "mse" else z
-                target, fn = (keys if cfg.momentum_target_sub else z.detach()), loss_fn[cfg.base_loss]
+                own = not cfg.momentum_target_sub
+                loss = pair_loss(cfg.base_loss, q, z if own else keys, cfg, own)
             else:  # L_Distill through the auxiliary head g to the teacher (or the base network)
                 q = student["aux"](z) if "aux" in student else (student["predictor"](z) if "predictor" in student else z)
-                target, fn = (keys if cfg.momentum_target_sub else base_z), loss_fn[cfg.distill_loss]
-            q1, q2 = q.chunk(2)  # (2B, D) -> 2 x (B, D)
-            t1, t2 = target.chunk(2)
-            loss = fn(q1, t2) + fn(q2, t1)  # symmetric (Algorithm 1, line 15)
+                loss = pair_loss(distill, q, keys if cfg.momentum_target_sub else base_z, cfg)
         (scale(loss) if scale else loss).backward()
         out.append(loss.detach())
         if log:

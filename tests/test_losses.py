@@ -21,6 +21,7 @@ from losses import (
     mse_distill,
     nce_distill,
     normalized_mse,
+    nt_xent,
 )
 
 
@@ -90,6 +91,68 @@ def test_info_nce_no_gradient_into_keys():
     loss.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert k.grad is None
+
+
+def eq2_loop(anchors, positives, negatives, t):
+    """US3L eq. (2) term by term, with the temperature: -log(e^{a.p/t} / (e^{a.p/t} + sum_n e^{a.n/t}))
+    for each anchor (its positive and its list of negatives), all L2-normalized, mean over anchors."""
+    total = 0.0
+    for a, p, negs in zip(anchors, positives, negatives, strict=True):
+        a, p = F.normalize(a, dim=0), F.normalize(p, dim=0)
+        pos = torch.exp(a @ p / t)
+        total = total - torch.log(pos / (pos + sum(torch.exp(a @ F.normalize(n, dim=0) / t) for n in negs)))
+    return total / len(anchors)
+
+
+def test_nt_xent_is_eq2_with_gradients_through_both_views():
+    B, t = 5, 0.5
+    z1 = torch.randn(B, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(B, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    views = (z1, z2)
+    anchors, positives, negatives = [], [], []
+    for v in range(2):  # every output is an anchor: view v of image i against the other view of i
+        for i in range(B):
+            anchors.append(views[v][i])
+            positives.append(views[1 - v][i])
+            negatives.append([views[u][j] for j in range(B) if j != i for u in range(2)])  # 2B-2
+    assert len(negatives[0]) == 2 * B - 2
+    ref = eq2_loop(anchors, positives, negatives, t)
+    ours = nt_xent(z1, z2, t)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g_ours = torch.autograd.grad(ours, views)
+    g_ref = torch.autograd.grad(ref, views)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert a.abs().sum() > 0  # no stop-gradient on either view
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_nt_xent_uniform_logits_is_log_2b_minus_1():
+    eye = torch.eye(8)  # 2B = 8 orthogonal outputs: every logit 0 but the (excluded) self-similarity
+    for t in (0.1, 0.5):
+        assert torch.allclose(nt_xent(eye[:4], eye[4:] * 3.0, t), torch.tensor(math.log(7)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nt_xent(torch.randn(4, 8), torch.randn(4, 8), 0.5).dtype == torch.float32
+
+
+def test_info_nce_both_views_is_eq2_with_teacher_keys():
+    # the momentum form of eq. (2): query q_i (student, view 1), positive k2_i, negatives k2_j and k1_j
+    # for j != i (the teacher's keys of both views; k1_i, the query's own image and view, left out)
+    B, t = 4, 0.3
+    q = torch.randn(B, 6, dtype=torch.float64, requires_grad=True)
+    k1, k2 = torch.randn(B, 6, dtype=torch.float64), torch.randn(B, 6, dtype=torch.float64)
+    negatives = [[k[j] for j in range(B) if j != i for k in (k1, k2)] for i in range(B)]
+    ref = eq2_loop(list(q), list(k2), negatives, t)
+    ours = info_nce(q, k2, t, k_same=k1)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(ours, q)[0], torch.autograd.grad(ref, q)[0], rtol=1e-10, atol=1e-12)
+    # uniform logits: log(2B - 1); without k_same (MoCo's form): log(B)
+    e = torch.eye(3 * B)
+    assert torch.allclose(info_nce(e[:B], e[B:2 * B], 0.2, k_same=e[2 * B:]), torch.tensor(math.log(2 * B - 1)))
+    assert torch.allclose(info_nce(e[:B], e[B:2 * B], 0.2), torch.tensor(math.log(B)))
+    k1.requires_grad_()
+    info_nce(q, k2, t, k_same=k1).backward()
+    assert k1.grad is None  # teacher keys: no gradient
 
 
 # -----------------------------------------------------------------------------
@@ -286,10 +349,20 @@ def _worker(rank, world, port, q, k, t, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     B = q.shape[0] // world
-    q_local = q[rank * B:(rank + 1) * B].clone().requires_grad_()
-    loss = info_nce(q_local, k[rank * B:(rank + 1) * B], t)
+    rows = slice(rank * B, (rank + 1) * B)
+    q_local = q[rows].clone().requires_grad_()
+    loss = info_nce(q_local, k[rows], t)
     loss.backward()
-    torch.save({"loss": loss.detach(), "grad": q_local.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    res = {"loss": loss.detach(), "grad": q_local.grad}
+    q_local.grad = None
+    loss = info_nce(q_local, k[rows], t, k_same=q[rows] * 2)  # both views' keys (q's own view: 2q)
+    loss.backward()
+    res.update(loss_same=loss.detach(), grad_same=q_local.grad)
+    z1, z2 = q[rows].clone().requires_grad_(), k[rows].clone().requires_grad_()
+    loss = nt_xent(z1, z2, t)
+    loss.backward()
+    res.update(loss_nt=loss.detach(), grad_nt1=z1.grad, grad_nt2=z2.grad)
+    torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -305,7 +378,30 @@ def test_info_nce_gathers_keys_across_processes(tmp_path):
     per_sample = F.cross_entropy(logits, torch.arange(8), reduction="none")
     per_sample.sum().backward()
     assert torch.allclose(info_nce(q, k, t), per_sample.mean())
+    # both views' keys: the local mean of the one-process per-query losses, as above
+    q_same = q.clone().requires_grad_()
+    per_same = eq2_per_query(q_same, k, q * 2, t)
+    per_same.sum().backward()
+    # NT-Xent: every process returns the loss of the whole batch; the gradients of its own rows,
+    # averaged over the 2 processes as the trainer's all-reduce does, are those of one process
+    z1, z2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    ref_nt = nt_xent(z1, z2, t)
+    ref_nt.backward()
     for r in range(2):
         res = torch.load(tmp_path / f"{r}.pt")
-        assert torch.allclose(res["loss"], per_sample[r * 4:(r + 1) * 4].mean().detach(), atol=1e-6)
-        assert torch.allclose(res["grad"], q_ref.grad[r * 4:(r + 1) * 4] / 4, atol=1e-6)
+        rows = slice(r * 4, (r + 1) * 4)
+        assert torch.allclose(res["loss"], per_sample[rows].mean().detach(), atol=1e-6)
+        assert torch.allclose(res["grad"], q_ref.grad[rows] / 4, atol=1e-6)
+        assert torch.allclose(res["loss_same"], per_same[rows].mean().detach(), atol=1e-6)
+        assert torch.allclose(res["grad_same"], q_same.grad[rows] / 4, atol=1e-6)
+        assert torch.allclose(res["loss_nt"], ref_nt.detach(), atol=1e-6)
+        assert torch.allclose(res["grad_nt1"] / 2, z1.grad[rows], atol=1e-6)  # / 2: the average over 2 ranks
+        assert torch.allclose(res["grad_nt2"] / 2, z2.grad[rows], atol=1e-6)
+
+
+def eq2_per_query(q, k, k_same, t):
+    """Per-query eq. (2) losses with keys k (positives) and k_same (own view), one process."""
+    qn, kn, sn = (F.normalize(x, dim=1) for x in (q, k, k_same))
+    n = q.shape[0]
+    own = (qn @ sn.T / t).masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(torch.cat([qn @ kn.T / t, own], dim=1), torch.arange(n), reduction="none")

@@ -93,9 +93,11 @@ def test_sync_bn_equals_one_process_of_the_whole_batch(tmp_path):
     assert torch.equal(ranks[0]["t_mean"], ranks[1]["t_mean"])  # bit-equal targets on every rank
 
 
-def us3l_step_grads(rank=None, sync=True):
+def us3l_step_grads(rank=None, sync=True, size=32, **over):
     """The gradients of one US3L step (base network + 2 sub-networks, aux head, InfoNCE keys gathered
-    from every rank, gradients all-reduced) in fp64, on 16 images or on rank's 8 of them."""
+    from every rank, gradients all-reduced) in fp64, on 16 images or on rank's 8 of them. over: Config
+    keys (Table 7 case 9: SimCLR's NT-Xent for every width, gradients through both views' outputs
+    gathered from every rank)."""
     torch.manual_seed(0)
     backbone = ARCHS["resnet18_cifar"]()
     student = torch.nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(backbone.feature_dim, 64, 32),
@@ -103,23 +105,29 @@ def us3l_step_grads(rank=None, sync=True):
     set_sync_bn(student, sync)
     teacher = copy.deepcopy(torch.nn.ModuleDict({k: student[k] for k in ("backbone", "projector")}))
     g = torch.Generator().manual_seed(1)
-    x1, x2 = (torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    x1, x2 = (torch.randn(16, 3, size, size, generator=g, dtype=torch.float64) for _ in range(2))
     rows = slice(None) if rank is None else slice(8 * rank, 8 * rank + 8)
-    cfg = train_us3l.Config(proj_hidden=64, proj_dim=32)
+    cfg = train_us3l.Config(proj_hidden=64, proj_dim=32, **over)
     train_us3l.forward_backward(student, teacher, torch.cat([x1[rows], x2[rows]]), [1.0, 0.8, 0.5], cfg,
                                 contextlib.nullcontext)
     all_reduce_grads_(list(student.parameters()), 1 if rank is None else 2)
     return {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
 
 
-def test_step_gradients_of_two_processes_are_one_processs(tmp_path):
-    ref = us3l_step_grads()
+CASE9 = {"distill_loss": "none", "aux_head": False, "momentum_target_base": False, "momentum_target_sub": False,
+         "size": 16}
+
+
+@pytest.mark.parametrize("over", [{}, CASE9], ids=["case13", "case9_nt_xent"])
+def test_step_gradients_of_two_processes_are_one_processs(over, tmp_path):
+    ref = us3l_step_grads(**over)
 
     def worst(ranks):
         return max((r[n] - ref[n]).abs().max().item() / ref[n].abs().max().item() for r in ranks for n in ref)
 
-    assert worst(two_ranks(us3l_step_grads, tmp_path)) < 1e-9  # fp64: equal up to the order of sums
-    assert worst(two_ranks(functools.partial(us3l_step_grads, sync=False), tmp_path)) > 1e-2  # per-process BN
+    assert worst(two_ranks(functools.partial(us3l_step_grads, **over), tmp_path)) < 1e-9  # fp64: order of sums
+    if not over:
+        assert worst(two_ranks(functools.partial(us3l_step_grads, sync=False), tmp_path)) > 1e-2  # per-process BN
 
 
 def calibrate_unequal(rank):

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import losses
 from models import calibrate_bn, export, load_backbone
-from train_us3l import Config, sample_widths
+from train_us3l import Config, pair_loss, sample_widths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,53 @@ def test_width_schedule_naive_sandwich():
         widths = sample_widths(step, 100, cfg)
         assert len(widths) == 4 and widths[0] == 1.0 and widths[-1] == 0.25
         assert all(0.25 <= w <= 1.0 for w in widths) and widths == sorted(widths, reverse=True)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_width_schedule_without_sandwich(dynamic):
+    # Table 9's "no sandwich rule": num_widths random widths, neither 1.0 nor R_min forced
+    cfg = replace(Config(), sandwich=False, dynamic_sampling=dynamic)
+    firsts, lasts = set(), set()
+    for step in range(100):
+        widths = sample_widths(step, 100, cfg)
+        if dynamic and step < 25:
+            assert widths == [1.0]  # dynamic sampling's first stage is unchanged
+            continue
+        r_min = {1: 0.75, 2: 0.5, 3: 0.25}[step // 25] if dynamic else 0.25
+        assert len(widths) == 3 and widths == sorted(widths, reverse=True)
+        assert all(r_min - 1e-9 <= w <= 1.0 for w in widths)
+        firsts.add(widths[0])
+        lasts.add(widths[-1])
+    assert 1.0 not in firsts and 0.25 not in lasts and len(firsts) > 50
+
+
+def test_pair_loss_forms():
+    """Each InfoNCE form of the trainer against the losses it is made of: both_views with a teacher
+    (eq. 2 with teacher keys), both_views without one (NT-Xent), other_view (MoCo), eq. (7), MSE; the
+    two view directions averaged (loss_views=mean) or summed."""
+    g = torch.Generator().manual_seed(0)
+    z, k = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)  # (2B, D): cat(view 1, view 2)
+    (z1, z2), (k1, k2) = z.chunk(2), k.chunk(2)
+    cfg, T = Config(), Config().temperature
+    assert (cfg.infonce_negatives, cfg.loss_views, T) == ("both_views", "mean", 0.5)
+    expect = {
+        ("infonce", True, "both_views"): losses.nt_xent(z1, z2, T),
+        ("infonce", False, "both_views"): (losses.info_nce(z1, k2, T, k_same=k1) + losses.info_nce(z2, k1, T, k_same=k2)) / 2,
+        ("infonce", False, "other_view"): (losses.info_nce(z1, k2, T) + losses.info_nce(z2, k1, T)) / 2,
+        ("infonce", True, "other_view"): (losses.info_nce(z1, z2, T) + losses.info_nce(z2, z1, T)) / 2,
+        ("nce", False, "both_views"): (losses.info_nce(z1, k2, T) + losses.info_nce(z2, k1, T)) / 2,  # eq. (7)
+        ("mse", False, "both_views"): (losses.mse_distill(z1, k2) + losses.mse_distill(z2, k1)) / 2,
+    }
+    for (kind, own, negatives), want in expect.items():
+        c = replace(cfg, infonce_negatives=negatives)
+        got = pair_loss(kind, z, z if own else k, c, own)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(pair_loss(kind, z, z if own else k, replace(c, loss_views="sum"), own), 2 * want)
+    # a network's own outputs: NT-Xent (both_views) is not the old stop-gradient form (other_view)
+    zg = z.clone().requires_grad_()
+    (g_nt,) = torch.autograd.grad(pair_loss("infonce", zg, zg, cfg, True), zg)
+    (g_sg,) = torch.autograd.grad(pair_loss("infonce", zg, zg, replace(cfg, infonce_negatives="other_view"), True), zg)
+    assert not torch.allclose(g_nt, g_sg, atol=1e-3)
 
 
 def tiny_args(data, out, **over):
