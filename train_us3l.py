@@ -22,8 +22,8 @@ Decisions where the paper is silent or loose (NOTE; README and docs/design.md, U
   5x the base-loss gradient of the default.
 - Negatives of InfoNCE (infonce_negatives=both_views): eq. (2) has 2B-2 negatives, the other images
   in both views. With a momentum teacher every term but the query is a teacher key (its keys of
-  both views; the key of the query's own image and view is left out); without one (Table 7 cases 9,
-  14) it is SimCLR's NT-Xent: gradients through both views. other_view: MoCo's B-1 keys of the
+  both views; the key of the query's own image and view is left out); without one (Table 7 cases 9
+  to 11, 14, 15) it is SimCLR's NT-Xent: gradients through both views. other_view: MoCo's B-1 keys of the
   other view. The release's SimCLR-with-momentum loss mixes the two: the student's own-view outputs
   as negatives (with gradient) and teacher rows as anchors; not offered here. Eq. (7) (distillation)
   keeps the keys of the other view only.

@@ -1,7 +1,10 @@
 """Every yaml recipe loads against its script's Config, and the README's commands run as written
 (with tiny overrides where the real command would take minutes)."""
 
+import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -9,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train_dspnet
-from models import ARCHS
+import train_us3l
+from models import ARCHS, BasicBlock, ResNet
 from train_us3l import Config, check_config
 from utils import parse_config
 
@@ -21,6 +26,9 @@ US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100"
                 "vit_tiny_cifar10"]
 LINEAR_RECIPES = ["linear_cifar", "linear_in"]  # eval_linear.py; loaded in tests/test_linear.py
 DSPNET_RECIPES = ["dspnet_cifar10_quick", "mbv3_in", "resnet_dn9_in"]
+# US3L Tables 7-9, one recipe per row (rows that are the same run share a file: README, US3L ablations)
+ABLATIONS = ([f"t7_case{c:02d}" for c in range(1, 18)] + ["t8_dynamic", "t8_groupreg", "t8_dynamic_groupreg",
+                                                           "t9_random_widths", "t9_random_widths_dynamic"])
 
 
 @pytest.mark.parametrize("name", US3L_RECIPES)
@@ -39,6 +47,61 @@ def test_dspnet_recipe_loads(name):
 def test_every_recipe_has_a_test():
     assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES + LINEAR_RECIPES
                                                                              + DSPNET_RECIPES)
+    assert sorted(p.stem for p in (REPO / "yaml" / "us3l_ablations").glob("*.yaml")) == sorted(ABLATIONS)
+    assert sorted(p.name for p in (REPO / "yaml").iterdir() if p.is_dir()) == ["us3l_ablations"]
+    readme = (REPO / "README.md").read_text()
+    assert all(f"yaml/us3l_ablations/{name}.yaml" in readme for name in ABLATIONS)  # the paper row -> file table
+
+
+TABLE7 = {  # case: (base_loss, distill_loss, aux_head, momentum_target_base, momentum_target_sub), US3L Table 7
+    1: ("mse", "none", 0, 0, 0), 2: ("mse", "mse", 0, 0, 0), 3: ("mse", "mse", 0, 1, 1), 4: ("mse", "mse", 1, 1, 1),
+    5: ("mse", "infonce", 0, 0, 0), 6: ("mse", "infonce", 0, 0, 1), 7: ("mse", "infonce", 0, 1, 1),
+    8: ("mse", "infonce", 1, 1, 1), 9: ("infonce", "none", 0, 0, 0), 10: ("infonce", "mse", 0, 0, 0),
+    11: ("infonce", "mse", 0, 0, 1), 12: ("infonce", "mse", 0, 1, 1), 13: ("infonce", "mse", 1, 1, 1),
+    14: ("infonce", "infonce", 0, 0, 0), 15: ("infonce", "infonce", 0, 0, 1), 16: ("infonce", "infonce", 0, 1, 1),
+    17: ("infonce", "infonce", 1, 1, 1)}
+STRATEGIES = {  # name: (sandwich, dynamic_sampling, group regularization on), Tables 8 and 9
+    "t8_dynamic": (True, True, False), "t8_groupreg": (True, False, True), "t8_dynamic_groupreg": (True, True, True),
+    "t9_random_widths": (False, False, False), "t9_random_widths_dynamic": (False, True, False)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster than two fighting
+    other processes for the cores (measured here: 30 s against 5 s for one ablation run)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_us3l_ablation_recipe(name, cifar_small, tmp_path, monkeypatch, one_thread):
+    """Each ablation recipe holds its paper row's switches at the paper's loss scale, and trains 2 steps
+    (the second with sub-networks) on a tiny override of its budget: a 4-block ResNet of widths
+    16-128 in place of the ResNet-18 (the switches do not depend on the backbone), 16 px images."""
+    monkeypatch.setitem(ARCHS, "resnet_tiny_cifar", functools.partial(ResNet, BasicBlock, [1, 1, 1, 1],
+                                                                      widths=(16, 32, 64, 128), stem="cifar"))
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "us3l_ablations" / f"{name}.yaml")])
+    check_config(cfg)
+    if name.startswith("t7"):
+        switches, strategies = TABLE7[int(name[-2:])], (True, False, False)  # Table 7: case 13's baseline
+    else:
+        switches, strategies = TABLE7[13], STRATEGIES[name]
+    assert (cfg.base_loss, cfg.distill_loss, cfg.aux_head, cfg.momentum_target_base, cfg.momentum_target_sub) == \
+        tuple(bool(v) if i > 1 else v for i, v in enumerate(switches))
+    assert (cfg.sandwich, cfg.dynamic_sampling, cfg.group_reg_alpha > 0) == strategies
+    assert (cfg.infonce_negatives, cfg.temperature, cfg.loss_views, cfg.base_lr) == ("both_views", 0.5, "mean", 0.25)
+    tiny = {"data_path": str(cifar_small), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8, "image_size": 16,
+            "arch": "resnet_tiny_cifar",
+            "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16, "knn_bank_subset": 20,
+            "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "channels_last": False}
+    results = train_us3l.main(dataclasses.replace(cfg, **tiny))
+    assert set(results["knn_top1"]) == {"1.0", "0.25"}
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [len(r["widths"]) for r in log] == ([1, 3] if cfg.dynamic_sampling else [3, 3])
+    assert (log[-1]["widths"][0] == 1.0) == cfg.sandwich
+    assert all(math.isfinite(v) for r in log for k, v in r.items() if k.startswith("loss/"))
 
 
 def readme_commands():
