@@ -23,10 +23,10 @@ Decisions where the paper is silent or loose (NOTE; README and docs/design.md, U
 - Negatives of InfoNCE (infonce_negatives=both_views): eq. (2) has 2B-2 negatives, the other images
   in both views. With a momentum teacher every term but the query is a teacher key (its keys of
   both views; the key of the query's own image and view is left out); without one (Table 7 cases 9
-  to 11, 14, 15) it is SimCLR's NT-Xent: gradients through both views. other_view: MoCo's B-1 keys of the
-  other view. The release's SimCLR-with-momentum loss mixes the two: the student's own-view outputs
-  as negatives (with gradient) and teacher rows as anchors; not offered here. Eq. (7) (distillation)
-  keeps the keys of the other view only.
+  to 11, 14, 15) it is SimCLR's NT-Xent: gradients through both views. other_view: MoCo's form, the
+  B-1 keys of the other view. The release's momentum loss is a third form, not offered here:
+  NT-Xent over the student's outputs of one view and the teacher's of the other (the student's
+  same-view outputs are negatives, with gradient). Eq. (7) keeps the keys of the other view only.
 - Without the sandwich rule (sandwich=false, Table 9) the largest width drawn takes the base loss
   and, with momentum_target_sub=false, provides the sub-networks' targets (as the release does).
 - EMA teacher: tau from 0.99 to 1 by a cosine over the run (BYOL); the release keeps 0.99 constant
@@ -104,7 +104,7 @@ class Config:
     momentum_target_sub: bool = True  # sub-networks' targets: EMA teacher (else the base network)
     infonce_negatives: str = "both_views"  # base InfoNCE, eq. (2): both_views (2B-2 negatives; no teacher:
     # SimCLR's NT-Xent, gradients through both views) | other_view (B-1, keys detached: MoCo)
-    temperature: float = 0.5  # InfoNCE temperature (the paper omits it; the authors' release and SimCLR's CIFAR: 0.5)
+    temperature: float = 0.5  # InfoNCE (the paper omits it; 0.5: the authors' release, SimCLR on CIFAR)
     loss_views: str = "mean"  # the two view directions of every loss: mean (authors' release) | sum (Alg. 1)
     group_reg_alpha: float = 0.05  # eq. (5); 0 = plain L2 weight decay
     momentum: float = 0.99  # EMA teacher tau at the start

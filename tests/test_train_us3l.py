@@ -13,7 +13,8 @@ import torch
 
 import losses
 from models import calibrate_bn, export, load_backbone
-from train_us3l import Config, pair_loss, sample_widths
+from train_us3l import Config, check_config, pair_loss, sample_widths
+from utils import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,19 @@ def test_width_schedule_without_sandwich(dynamic):
     assert 1.0 not in firsts and 0.25 not in lasts and len(firsts) > 50
 
 
+@pytest.mark.parametrize("over,message", [
+    ({"infonce_negatives": "all"}, "config error: infonce_negatives='all', allowed: both_views, other_view"),
+    ({"loss_views": "max"}, "config error: loss_views='max', allowed: mean, sum"),
+    ({"temperature": 0.0}, "config error: temperature=0.0 must be > 0"),
+    ({"num_widths": 1}, "config error: num_widths=1: the sandwich needs >= 2"),
+    ({"num_widths": 0, "sandwich": False}, "config error: num_widths=0 must be >= 1"),
+])
+def test_loss_and_sampling_keys_are_checked(over, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(replace(Config(), **over))
+    check_config(replace(Config(), num_widths=1, sandwich=False))  # one random width a step is a valid run
+
+
 def test_pair_loss_forms():
     """Each InfoNCE form of the trainer against the losses it is made of: both_views with a teacher
     (eq. 2 with teacher keys), both_views without one (NT-Xent), other_view (MoCo), eq. (7), MSE; the
@@ -72,7 +86,8 @@ def test_pair_loss_forms():
     assert (cfg.infonce_negatives, cfg.loss_views, T) == ("both_views", "mean", 0.5)
     expect = {
         ("infonce", True, "both_views"): losses.nt_xent(z1, z2, T),
-        ("infonce", False, "both_views"): (losses.info_nce(z1, k2, T, k_same=k1) + losses.info_nce(z2, k1, T, k_same=k2)) / 2,
+        ("infonce", False, "both_views"): (losses.info_nce(z1, k2, T, k_same=k1)
+                                           + losses.info_nce(z2, k1, T, k_same=k2)) / 2,
         ("infonce", False, "other_view"): (losses.info_nce(z1, k2, T) + losses.info_nce(z2, k1, T)) / 2,
         ("infonce", True, "other_view"): (losses.info_nce(z1, z2, T) + losses.info_nce(z2, z1, T)) / 2,
         ("nce", False, "both_views"): (losses.info_nce(z1, k2, T) + losses.info_nce(z2, k1, T)) / 2,  # eq. (7)
