@@ -73,9 +73,9 @@ def build(device, fmt):
 
 def summed_backward(student, teacher, x, widths, cfg, autocast):
     """The naive alternative for P2: every width's loss in one graph, one backward."""
-    import losses
+    from train_us3l import pair_loss
     with torch.no_grad(), autocast():
-        k1, k2 = teacher["projector"](teacher["backbone"](x)).float().chunk(2)
+        keys = teacher["projector"](teacher["backbone"](x)).float()
     total = 0
     from models import set_active
     for i, w in enumerate(widths):
@@ -83,9 +83,7 @@ def summed_backward(student, teacher, x, widths, cfg, autocast):
             set_active(student["backbone"], w)
             z = student["projector"](student["backbone"](x))
             q = z if i == 0 else student["aux"](z)
-            q1, q2 = q.chunk(2)
-            fn = (lambda a, b: losses.info_nce(a, b, cfg.temperature)) if i == 0 else losses.mse_distill
-            total = total + fn(q1, k2) + fn(q2, k1)
+            total = total + pair_loss("infonce" if i == 0 else "mse", q, keys, cfg)  # the trainer's losses
     total.backward()
     set_active(student["backbone"], 1.0)
 
