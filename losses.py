@@ -126,7 +126,7 @@ def nt_xent(z1, z2, temperature):
     with torch.autocast(z.device.type, enabled=False):  # fp32 logits (see info_nce)
         logits = z @ z.T / temperature  # (2B, 2B)
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # no self
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # the other view
+    labels = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # the other view of the same image
     loss = F.cross_entropy(logits, labels)
     return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())  # gradient x N, value as is
 
