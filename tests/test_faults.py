@@ -45,7 +45,7 @@ def test_killed_at_random_points_resumes_exactly(script, cifar_small, tmp_path):
     mid-write), then the same command finishes: weights, kNN and log equal an uninterrupted run's."""
     # a checkpoint every step: by step count for DSPNet (with momentum-BN target statistics, which must
     # survive too), by the minutes-based cadence (0 minutes: every step) for US3L
-    extra = {"target_bn_momentum": 0.1, "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
+    extra = {"momentum_bn": "true", "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
     args = lambda out: TRAINERS[script](cifar_small, out, max_steps=12, log_every=1, **extra)  # noqa: E731
     ref, out = tmp_path / "ref", tmp_path / "killed"
     p = run([sys.executable, script, *args(ref)])
