@@ -370,7 +370,7 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def plot(results, path):
+def plot(results, path, kind="linear"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,12 +381,12 @@ def plot(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     mmacs = [results[n]["macs"] / 1e6 for n in ws]
     axes[0].plot(mmacs, top1, "o-")
-    axes[0].set(xlabel="MMACs (log scale)", ylabel="linear top-1 (%)", xscale="log")
+    axes[0].set(xlabel="MMACs (log scale)", ylabel=f"{kind} top-1 (%)", xscale="log")
     axes[0].minorticks_off()
     axes[0].set_xticks(mmacs, [f"{m:.3g}" for m in mmacs])
     axes[0].margins(x=0.15, y=0.15)
     axes[1].plot([results[n]["width"] for n in ws], top1, "o")
-    axes[1].set(xlabel="width", ylabel="linear top-1 (%)")
+    axes[1].set(xlabel="width", ylabel=f"{kind} top-1 (%)")
     for n, a in zip(ws, top1):
         axes[0].annotate(n, (results[n]["macs"] / 1e6, a), textcoords="offset points", xytext=(5, 5))
     fig.tight_layout()
@@ -507,9 +507,9 @@ def main(cfg, backbone=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        plot(results, os.path.join(cfg.out_dir, "linear.png"))
+        plot(results, os.path.join(cfg.out_dir, "linear.png"), "fine-tuned" if cfg.finetune else "linear")
         print(f"wrote {cfg.out_dir}/results.json, linear.png")
-    log_results(accelerator, results, "linear", ckpt.get("step", 0))
+    log_results(accelerator, results, "finetune" if cfg.finetune else "linear", ckpt.get("step", 0))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the tracker
     return results
