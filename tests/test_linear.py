@@ -77,7 +77,7 @@ def test_backbone_unchanged_and_guarded(cifar_small, tmp_path, monkeypatch):
 
 
 def test_augment_mode_few_steps(cifar_small, tmp_path):
-    """The papers' protocol runs (1 epoch of 4 augmented batches here) and leaves the backbone be."""
+    """Augment mode runs (1 epoch of 4 augmented batches here) and leaves the backbone be."""
     model = tiny_resnet()
     params = [p.clone() for p in model.parameters()]
     res = eval_linear.main(tiny_cfg(cifar_small, tmp_path, mode="augment", epochs=1, widths=[0.5]), backbone=model)
