@@ -1,5 +1,5 @@
-"""Linear evaluation of a slimmable backbone at every requested width, and the semi-supervised
-protocol (1% / 10% of the training labels); docs/design.md, Evaluation.
+"""Linear evaluation of a slimmable backbone at every requested width, the semi-supervised
+protocol (1% / 10% of the training labels), and semi-supervised fine-tuning; docs/design.md, Evaluation.
 
 Per width: BN statistics are recalibrated exactly for that sub-network (models.calibrate_bn) on
 training images with the eval transform, the backbone stays frozen and in eval mode, and a linear
@@ -8,16 +8,32 @@ classifier is trained on its pooled features. Two modes:
 - `cached` (default; CIFAR scale): extract the features of the (labeled) training images and of the
   test images once per width, then train the head on the cached features: mini-batch SGD with
   momentum 0.9 (Nesterov) and a cosine lr for `epochs` passes; seconds on a CPU.
-- `augment`: the papers' protocol (MoCo v3 / DINO style): each step augments a batch on the fly
-  (CIFAR: RandomCrop(32, pad 4) + flip; ImageNet: RandomResizedCrop(224) + flip), runs the frozen
-  backbone under no_grad and takes an SGD step on the head; `epochs` = 100 in the recipes
-  yaml/linear_cifar.yaml and yaml/linear_in.yaml. Slow on a CPU.
+- `augment`: augmentation on the fly: each step augments a batch (CIFAR: RandomCrop(32, pad 4) +
+  flip; ImageNet: RandomResizedCrop(224) + flip), runs the frozen backbone under no_grad and takes
+  an SGD step on the head. Slow on a CPU. Recipes: yaml/linear_cifar.yaml and yaml/linear_in.yaml,
+  a MoCo v3 / DINO-style probe (100 epochs, a standardizing head); yaml/linear_byol_in.yaml, BYOL's
+  protocol, which DSPNet follows (80 epochs, Nesterov SGD, lr 0.2 x batch / 256 cosine, no weight
+  decay, a plain Linear head). NOTE: US3L's text gives no probe details and DSPNet evaluates on
+  ImageNet only, so the CIFAR recipe and the standardizing head are our choice, not a paper's.
 
 The head is BatchNorm1d(affine=False) + Linear (as MoCo v3 and MAE): the BN standardizes the
 features, so one learning rate suits every width and architecture whatever the feature scale.
 In cached mode its statistics are the exact mean / variance of the cached training features (set
 once, the BN then stays in eval mode: a fixed standardization); in augment mode it runs with batch
-statistics during training. Features are NOT L2-normalized (unlike kNN).
+statistics during training. head_bn=false drops the BN: a plain Linear (BYOL). Features are NOT
+L2-normalized (unlike kNN).
+
+Fine-tuning (finetune=true; DSPNet Fig. 5 fine-tunes every DN on 10% of the labels): per network,
+a copy of the pretrained slimmable backbone set to that width / depth (each network starts from the
+same pretrained weights) and a Linear classifier are trained together on the labeled images,
+augmented on the fly as in `augment` mode, BN in train mode (batch statistics, over every process's
+batch). BYOL's schedule: SGD with Nesterov momentum 0.9, no weight decay, 20 epochs at 10% of the
+labels, 30 at 1% (epochs=0 picks them), cosine lr. NOTE (where the papers are silent): lr 0.01 x
+batch / 256 (0.04 at BYOL's batch 1024; BYOL picks it on a held-out split, we do not tune), the
+same for backbone and classifier; after training BN is recalibrated exactly (as for every
+evaluation here) instead of keeping running averages, and test images take the eval transform.
+`mode` and `head_bn` do not apply. results.json has the linear probe's shape, plus the relative
+weight change of each network (`weight_change`); the fine-tuned weights are not saved.
 
 Semi-supervised: --label_fraction=0.01 (or 0.1) keeps a class-balanced seeded subset of the
 training labels (data.subset_indices); --label_list=FILE keeps the images it lists, one per line:
@@ -29,23 +45,29 @@ Under N processes BN is calibrated on the same batches as on 1 process (eval_knn
 a seeded draw from the training pool, rank r forwarding batches r, r + N, ...), the features are
 gathered and deduplicated by sample index (eval_knn.extract_features), every rank trains the same
 head on the same data with the same seed, and rank 0's head is broadcast (bit-equal heads on every
-rank): N processes give 1 process's numbers (tested with 2 CPU processes, fp32). The backbone's
-parameters are compared with a copy at the end: any change raises.
+rank): N processes give 1 process's numbers (tested with 2 CPU processes, fp32). Fine-tuning under
+N processes: each rank takes its share of every global batch, BN uses the global batch's statistics
+and gradients are averaged, so every rank holds the same network. The backbone's parameters are
+compared with a copy at the end: any change raises (fine-tuning trains copies).
 
     python eval_linear.py --ckpt=out/run/backbone.pt --widths=1.0,0.5,0.25 --out_dir=out/run/linear
     python eval_linear.py --ckpt=out/run/backbone.pt --teacher --label_fraction=0.1 --out_dir=out/run/lin10
     python eval_linear.py --arch=resnet18_cifar --widths=1.0,0.25 --train_subset=10000   # random init
-    python eval_linear.py --config yaml/linear_cifar.yaml --ckpt=out/run/backbone.pt        # paper recipe
+    python eval_linear.py --config yaml/linear_cifar.yaml --ckpt=out/run/backbone.pt        # augment mode
+    python eval_linear.py --ckpt=out/run/backbone.pt --finetune=true --label_fraction=0.1   # fine-tuning
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval_linear.py ...  # CPU, 2 procs
-    accelerate launch eval_linear.py --config yaml/linear_in.yaml --ckpt=... --data_path=DIR
+    accelerate launch eval_linear.py --config yaml/linear_byol_in.yaml --ckpt=... --data_path=DIR
+    accelerate launch eval_linear.py --config yaml/finetune_dspnet_in.yaml --ckpt=... --data_path=DIR
 
 Outputs in out_dir: config.yaml, results.json {"<width>": {"top1", "top5", "params", "macs"}}
 (accuracies in [0, 1]; params / MACs of the backbone sub-network, head excluded), linear.png.
 out_dir defaults to a folder beside the checkpoint, one per protocol (linear_kind): <ckpt dir>/linear,
-linear_1pct, linear_list_<file stem>, ..._augment, ..._teacher; out/random_init/<arch>/... without one.
+linear_1pct, linear_list_<file stem>, ..._augment, finetune_10pct, ..._teacher; out/random_init/<arch>/...
+without one.
 --tracker=tensorboard|wandb also logs each network's top-1, top-5, MMACs and params there.
 """
 
+import copy
 import json
 import math
 import os
@@ -68,8 +90,8 @@ from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transf
 from eval_knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders,  # shared
                       calibration_shard, default_out_dir, extract_features, load_network, log_results,
                       networks_to_eval)
-from models import calibrate_bn, profile, set_active
-from utils import ConfigError, check_tracker, init_tracker, run, save_config
+from models import calibrate_bn, export, profile, set_active, set_sync_bn
+from utils import ConfigError, all_reduce_grads_, check_tracker, init_tracker, run, save_config
 
 
 @dataclass
@@ -82,16 +104,20 @@ class Config:
     widths: list[float] = field(default_factory=list)  # evaluated widths; empty = the ckpt's widths or DSPNet
     # dns (every desired network), else 1.0, 0.75, 0.5, 0.25
     depth: list[int] | None = None  # per-stage blocks (DSPNet ResNets); None = full depth
-    mode: str = "cached"  # cached: head on cached features (fast) | augment: on-the-fly augmentation (papers)
+    mode: str = "cached"  # cached: head on cached features (fast) | augment: on-the-fly augmentation (slow)
+    head_bn: bool = True  # BatchNorm1d(affine=False) before the head's Linear (MoCo v3 / MAE); false: plain Linear (BYOL)
+    finetune: bool = False  # fine-tune each whole sub-network with a Linear classifier (semi-supervised, BYOL's
+    # schedule; see the docstring) instead of a linear probe; mode and head_bn do not apply
     label_fraction: float = 0.0  # semi-supervised: 0.01 or 0.1 of the training labels (class-balanced); 0 = all
     label_list: str = ""  # semi-supervised: file listing the labeled training images (paths or indices)
     train_subset: int = 0  # class-balanced subset of the train split (before label_fraction), 0 = all
     test_subset: int = 0  # class-balanced subset of the test split, 0 = all
-    epochs: int = 100  # head training passes over the labeled images (papers: 100, augment mode)
+    epochs: int = 0  # passes over the labeled images; 0: 100 for a linear head; fine-tuning 30 at <= 1% labels, else 20
     batch_size: int = 256  # head batch (cached: the same on every rank; augment: per process) and extraction batch
-    base_lr: float = 0.1  # lr = base_lr * global batch / 256, cosine to 0; features are standardized by the head's BN
-    momentum: float = 0.9  # SGD (Nesterov) momentum of the head
-    weight_decay: float = 0.0  # head weight decay (MAE/MoCo v3 linear probes: 0); try 5e-4 with 1% labels
+    base_lr: float = 0.0  # lr = base_lr * global batch / 256, cosine to 0; 0: 0.1 for a linear head (features
+    # standardized by the head's BN; BYOL's plain head: 0.2), 0.01 for fine-tuning
+    momentum: float = 0.9  # SGD momentum (Nesterov when > 0), head and fine-tuning
+    weight_decay: float = 0.0  # head weight decay (BYOL, MAE/MoCo v3 probes, BYOL fine-tuning: 0); try 5e-4 with 1% labels
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), training pool, same for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
@@ -107,20 +133,29 @@ class Config:
 def linear_kind(cfg):
     """The default out_dir's name, one per protocol (eval_knn.default_out_dir puts it beside the
     checkpoint): linear, linear_1pct (label_fraction=0.01), linear_list_<file stem> (label_list), with
-    _augment for mode=augment: e.g. <ckpt dir>/linear_10pct_augment."""
-    kind = "linear"
+    _augment for mode=augment: e.g. <ckpt dir>/linear_10pct_augment; finetune_10pct for finetune=true."""
+    kind = "finetune" if cfg.finetune else "linear"
     if cfg.label_list:
         kind += f"_list_{Path(cfg.label_list).stem}"
     elif cfg.label_fraction:
         kind += f"_{100 * cfg.label_fraction:g}pct"
-    return kind + ("_augment" if cfg.mode == "augment" else "")
+    return kind + ("_augment" if cfg.mode == "augment" and not cfg.finetune else "")
 
 
-def make_head(dim, num_classes):
-    """BN without affine (a standardization of the features) + Linear, as MoCo v3 / MAE."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
-    nn.init.normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+def schedule(cfg, labeled, pool):
+    """(epochs, base_lr), where 0 in the config means the protocol's own: a linear head 100 epochs at
+    0.1 (0.2 without the head's BN, as BYOL); fine-tuning 0.01 and BYOL's epochs, 30 with at most 1%
+    of the pool labeled, else 20."""
+    epochs = cfg.epochs or (100 if not cfg.finetune else 30 if labeled <= 0.01 * pool + 0.5 else 20)
+    return epochs, cfg.base_lr or (0.01 if cfg.finetune else 0.1 if cfg.head_bn else 0.2)
+
+
+def make_head(dim, num_classes, bn=True):
+    """BN without affine (a standardization of the features) + Linear, as MoCo v3 / MAE; bn=False: the
+    Linear alone (BYOL's linear protocol and fine-tuning)."""
+    head = nn.Sequential(*([nn.BatchNorm1d(dim, affine=False)] if bn else []), nn.Linear(dim, num_classes))
+    nn.init.normal_(head[-1].weight, std=0.01)
+    nn.init.zeros_(head[-1].bias)
     return head
 
 
@@ -130,15 +165,16 @@ def _sgd(head, lr, momentum, weight_decay):
 
 
 def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1, momentum=0.9,
-                      weight_decay=0.0, seed=0):
+                      weight_decay=0.0, seed=0, bn=True):
     """A linear head trained on cached features x (N, D) with labels y (N,): mini-batch SGD, cosine
     lr from base_lr * batch / 256, a seeded shuffle per epoch. Deterministic for a given seed, so
-    every rank trains the same head. The head's BN holds the exact training mean / variance."""
+    every rank trains the same head. The head's BN (bn=True) holds the exact training mean / variance."""
     torch.manual_seed(seed)
-    head = make_head(x.shape[1], num_classes).to(x.device)
-    var, mean = torch.var_mean(x, dim=0, correction=0)
-    head[0].running_mean.copy_(mean)
-    head[0].running_var.copy_(var)
+    head = make_head(x.shape[1], num_classes, bn).to(x.device)
+    if bn:
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+        head[0].running_mean.copy_(mean)
+        head[0].running_var.copy_(var)
     head.eval()  # the BN is a fixed standardization from here on
     g = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, x.shape[0])
@@ -177,15 +213,15 @@ def augment_transform(dataset):
 
 
 def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
-    """The papers' protocol: augmented batches through the frozen backbone (eval mode, no_grad),
-    SGD on the head, `cfg.epochs` epochs. Views are a function of (seed, epoch, index)
+    """Augment mode: augmented batches through the frozen backbone (eval mode, no_grad), SGD on the
+    head, `cfg.epochs` epochs. Views are a function of (seed, epoch, index)
     (data.SeededViews), so a given global batch size (batch_size x processes) sees the same batches
     under any process count; the features of a step are all-gathered so every rank takes the same
     head step. `dataset`: the labeled training images with augment_transform."""
     rank, world = _world()
     backbone.eval()  # calibrated BN statistics, never batch statistics
     torch.manual_seed(cfg.seed)
-    head = make_head(dim, num_classes).to(device).train()
+    head = make_head(dim, num_classes, cfg.head_bn).to(device).train()
     n = len(dataset)
     steps_per_epoch = EpochSampler(n, cfg.batch_size, 0, world=world).steps()
     if steps_per_epoch == 0:
@@ -216,11 +252,65 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
     return head.eval()
 
 
+def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
+    """Semi-supervised fine-tuning of one sub-network (BYOL's protocol, see the docstring): a copy of
+    the pretrained backbone at (width, depth) and a Linear classifier, trained together on `dataset`
+    (the labeled images with augment_transform) by Nesterov SGD with a cosine lr, BN in train mode
+    over every process's batch (sync BN), gradients averaged over processes: N processes of batch B
+    train what 1 process of batch N x B trains. Views and order as train_head_augment. The copy's BN
+    statistics are NOT calibrated (the caller does that). -> (network at (width, depth), head)."""
+    rank, world = _world()
+    net = copy.deepcopy(backbone).requires_grad_(True)
+    set_active(net, width, depth)
+    dtype = next(net.parameters()).dtype
+    with torch.no_grad():  # the feature size at this width; batch statistics, this process only
+        size = 32 if cfg.dataset.startswith("cifar") else 224
+        dim = net.train()(torch.zeros(2, 3, size, size, device=device, dtype=dtype)).shape[1]
+    set_sync_bn(net, True)
+    torch.manual_seed(cfg.seed)
+    head = make_head(dim, num_classes, bn=False).to(device, dtype)
+    n = len(dataset)
+    steps_per_epoch = EpochSampler(n, cfg.batch_size, 0, world=world).steps()
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config error: batch_size={cfg.batch_size} x {world} process(es) exceeds the {n} "
+                          "labeled images (fine-tuning drops the last partial batch): lower batch_size")
+    params = [*net.parameters(), *head.parameters()]
+    total, lr = cfg.epochs * steps_per_epoch, cfg.base_lr * cfg.batch_size * world / 256
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    views, step = SeededViews(dataset, cfg.seed), 0
+    bar = tqdm(total=total, desc=f"fine-tune {width:g}", leave=False, disable=rank != 0)
+    for epoch in range(cfg.epochs):
+        sampler = EpochSampler(n, cfg.batch_size, epoch, seed=cfg.seed, rank=rank, world=world)
+        for x, y, _ in DataLoader(views, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            with _autocast(device, cfg.autocast):
+                logits = head(net(x.to(device, dtype).contiguous(memory_format=torch.channels_last)))
+            F.cross_entropy(logits.float(), y.to(device)).backward()  # this rank's mean: equal shards
+            all_reduce_grads_(params, world)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+    bar.close()
+    return net.requires_grad_(False).eval(), head.eval()
+
+
+@torch.no_grad()
+def weight_change(net, backbone, width, depth):
+    """||theta_finetuned - theta_pretrained|| / ||theta_pretrained|| over the sub-network's weights."""
+    a, b = export(net, width, depth, check_stats=False), export(backbone, width, depth, check_stats=False)
+    num = sum((p - q).double().pow(2).sum() for p, q in zip(a.parameters(), b.parameters()))
+    return math.sqrt(num / sum(q.double().pow(2).sum() for q in b.parameters()))
+
+
 @torch.no_grad()
 def accuracy(head, x, y):
     """(top-1, top-5) in [0, 1] of the head on features x (N, D)."""
     head.eval()
-    top = head(x).topk(min(5, head[1].out_features), dim=1).indices  # (N, 5)
+    logits = head(x)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, 5)
     hit = top == y[:, None]
     return hit[:, 0].float().mean().item(), hit.any(1).float().mean().item()
 
@@ -280,7 +370,7 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def plot(results, path):
+def plot(results, path, kind="linear"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,12 +381,12 @@ def plot(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     mmacs = [results[n]["macs"] / 1e6 for n in ws]
     axes[0].plot(mmacs, top1, "o-")
-    axes[0].set(xlabel="MMACs (log scale)", ylabel="linear top-1 (%)", xscale="log")
+    axes[0].set(xlabel="MMACs (log scale)", ylabel=f"{kind} top-1 (%)", xscale="log")
     axes[0].minorticks_off()
     axes[0].set_xticks(mmacs, [f"{m:.3g}" for m in mmacs])
     axes[0].margins(x=0.15, y=0.15)
     axes[1].plot([results[n]["width"] for n in ws], top1, "o")
-    axes[1].set(xlabel="width", ylabel="linear top-1 (%)")
+    axes[1].set(xlabel="width", ylabel=f"{kind} top-1 (%)")
     for n, a in zip(ws, top1):
         axes[0].annotate(n, (results[n]["macs"] / 1e6, a), textcoords="offset points", xytext=(5, 5))
     fig.tight_layout()
@@ -352,48 +442,62 @@ def main(cfg, backbone=None):
     # NOTE: the same calibration batches for any process count (eval_knn.calibration_shard), drawn from
     # the training pool (labels unused): with per-rank draws N processes would not give 1 process's numbers
     calib = calibration_shard(train, cfg.calib_images, cfg.batch_size, cfg.seed, cfg.num_workers, pool=pool)
-    train_loader, test_loader = shard(train, labeled, "train"), shard(test, np.arange(len(test)), "test")
+    test_loader = shard(test, np.arange(len(test)), "test")
+    train_loader = shard(train, labeled, "train") if cfg.mode == "cached" and not cfg.finetune else None
     counts = np.bincount(train.labels[labeled], minlength=num_classes)
-    head_lr = cfg.base_lr * cfg.batch_size * (world if cfg.mode == "augment" else 1) / 256  # printed, not stored
-    accelerator.print(f"linear eval ({cfg.mode}) of {arch} {cfg.ckpt or '(random init)'}"
+    epochs, base_lr = schedule(cfg, len(labeled), len(pool))  # printed, not stored
+    run_cfg = replace(cfg, epochs=epochs, base_lr=base_lr, dataset=dataset)
+    lr = base_lr * cfg.batch_size * (world if cfg.mode == "augment" or cfg.finetune else 1) / 256
+    kind = "fine-tuning" if cfg.finetune else f"linear eval ({cfg.mode})"
+    accelerator.print(f"{kind} of {arch} {cfg.ckpt or '(random init)'}"
                       f"{' teacher' if cfg.teacher else ''} on {dataset}: {len(labeled)} labeled training images "
                       f"({counts.min()}-{counts.max()} per class), pool {len(pool)}, {len(test)} test images, "
-                      f"{world} process(es); head lr {head_lr:g}")
+                      f"{world} process(es); {epochs} epochs, lr {lr:g}")
 
     results, input_size = {}, 32 if dataset.startswith("cifar") else 224
+    if cfg.mode == "augment" or cfg.finetune:
+        aug = Subset(build_dataset(cfg.data_path, "train", augment_transform(dataset), return_index=True),
+                     labeled.tolist())
     for name, w, depth in nets:
         t0 = time.perf_counter()
+        net, head, extra, seconds = backbone, None, {}, {}
+        if cfg.finetune:  # a fine-tuned copy of the sub-network with its classifier; the backbone stays
+            net, head = finetune_network(backbone, w, depth, aug, num_classes, device, run_cfg)
+            seconds["finetune"] = time.perf_counter() - t0
+        tc = time.perf_counter()
         with _autocast(device, cfg.autocast):  # statistics of the network as it will run
-            calibrate_bn(backbone, calib, w, depth, all_reduce=world > 1)
-        backbone.eval()
+            calibrate_bn(net, calib, w, depth, all_reduce=world > 1)
+        net.eval()
         t1 = time.perf_counter()
-        test_x, test_y, _ = extract_features(backbone, _Progress(test_loader, rank != 0, f"test {name}"), device,
+        test_x, test_y, _ = extract_features(net, _Progress(test_loader, rank != 0, f"test {name}"), device,
                                              cfg.autocast, normalize=False)
-        if cfg.mode == "cached":
+        if cfg.finetune:
+            t2 = time.perf_counter()
+            extra["weight_change"] = weight_change(net, backbone, w, depth)
+        elif cfg.mode == "cached":
             train_x, train_y, _ = extract_features(backbone, _Progress(train_loader, rank != 0, f"train {name}"),
                                                    device, cfg.autocast, normalize=False)
             t2 = time.perf_counter()
-            head = train_head_cached(train_x, train_y, num_classes, cfg.epochs, cfg.batch_size, cfg.base_lr,
-                                     cfg.momentum, cfg.weight_decay, cfg.seed)
+            head = train_head_cached(train_x, train_y, num_classes, epochs, cfg.batch_size, base_lr,
+                                     cfg.momentum, cfg.weight_decay, cfg.seed, cfg.head_bn)
         else:
             t2 = time.perf_counter()
-            aug = build_dataset(cfg.data_path, "train", augment_transform(dataset), return_index=True)
-            head = train_head_augment(backbone, Subset(aug, labeled.tolist()), num_classes, test_x.shape[1],
-                                      device, cfg)
+            head = train_head_augment(backbone, aug, num_classes, test_x.shape[1], device, run_cfg)
         if world > 1:  # the ranks trained the same head; broadcast makes it bit-equal
             for t in head.state_dict().values():
                 dist.broadcast(t, 0)
         t3 = time.perf_counter()
         top1, top5 = accuracy(head, test_x, test_y)
         params, macs = profile(backbone, w, depth, input_size)  # NOTE: resets the width to 1.0
+        seconds.update(calibrate=t1 - tc, extract=t2 - t1, train_head=t3 - t2)
         results[name] = {"top1": top1, "top5": top5, "params": params, "macs": macs, "dim": test_x.shape[1],
-                         "width": w, "depth": depth,
-                           "seconds": {"calibrate": t1 - t0, "extract": t2 - t1, "train_head": t3 - t2}}
-        accelerator.print(f"{name}: top-1 {100 * top1:.2f}%  seconds: calibrate {t1 - t0:.1f}, "
-                          f"extract {t2 - t1:.1f}, head {t3 - t2:.1f}")
+                         "width": w, "depth": depth, **extra, "seconds": seconds}
+        accelerator.print(f"{name}: top-1 {100 * top1:.2f}%  seconds: "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+        del net
     set_active(backbone, 1.0)
     if any(not torch.equal(a, b) for a, b in zip(before, backbone.parameters())):
-        raise RuntimeError("linear evaluation changed the backbone's parameters")
+        raise RuntimeError("linear evaluation changed the backbone's parameters")  # fine-tuning: copies only
 
     accelerator.print(f"\n{'network':>16} {'params (M)':>10} {'MMACs':>8} {'top-1':>7} {'top-5':>7}")
     for name, r in results.items():
@@ -403,9 +507,9 @@ def main(cfg, backbone=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        plot(results, os.path.join(cfg.out_dir, "linear.png"))
+        plot(results, os.path.join(cfg.out_dir, "linear.png"), "fine-tuned" if cfg.finetune else "linear")
         print(f"wrote {cfg.out_dir}/results.json, linear.png")
-    log_results(accelerator, results, "linear", ckpt.get("step", 0))
+    log_results(accelerator, results, "finetune" if cfg.finetune else "linear", ckpt.get("step", 0))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the tracker
     return results

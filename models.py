@@ -179,6 +179,24 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx.to(x.dtype), dw, None if weight is None else sum_dy.to(weight.dtype), None
 
 
+@torch.no_grad()
+def _momentum_stats_(bn, x, c, sync):
+    """Momentum BN ("Momentum^2 Teacher", Li et al. 2021): the running statistics of the first c
+    channels move toward this batch's (biased) mean and variance by the weight bn.stats_momentum, and
+    normalize in place of the batch's (weight 1: plain batch norm). The first batch (num_batches_tracked
+    0) sets them outright. sync: the global batch's statistics, so the same on every process.
+    -> (mean, var) to normalize with."""
+    if sync:
+        mean, var, _ = _pooled_moments(x)
+    else:
+        var, mean = torch.var_mean(_f32(x), dim=[0, *range(2, x.ndim)], correction=0)
+    m = torch.where(bn.num_batches_tracked == 0, 1.0, bn.stats_momentum).to(bn.running_mean)  # no host sync
+    bn.running_mean[:c].lerp_(mean.to(m), m)
+    bn.running_var[:c].lerp_(var.to(m), m)
+    bn.num_batches_tracked += 1
+    return bn.running_mean[:c], bn.running_var[:c]
+
+
 class SlimBatchNorm2d(nn.BatchNorm2d):
     """BN shared by all widths: affine parameters sliced; batch statistics during training (running
     statistics mean nothing across widths), exact per-width statistics from calibrate_bn for eval.
@@ -188,25 +206,17 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, c):
         super().__init__(c)
         self.stats_channels = None  # how many channels calibrate_bn last wrote; eval refuses others
-        self.stats_momentum = 0.0  # > 0: momentum BN (set by train_dspnet.py on its target only)
+        self.stats_momentum = None  # momentum BN: the weight in [0, 1] of each new batch's statistics (set
+        # by train_dspnet.py on its target only, every step: a schedule); None: off
         self.sync = False
 
     def forward(self, x):
         c = x.shape[1]
         w, b = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
         sync = self.training and self.sync and _sync_active()
-        if self.training and self.stats_momentum > 0:  # momentum BN (Li et al. 2021): normalize with an
-            # EMA of batch statistics; the first batch (num_batches_tracked 0) sets them outright
-            with torch.no_grad():
-                if sync:  # the same statistics, so the same target, on every process
-                    mean, var, _ = _pooled_moments(x)
-                else:
-                    var, mean = torch.var_mean(_f32(x), dim=(0, 2, 3), correction=0)
-                m = torch.where(self.num_batches_tracked == 0, 1.0, self.stats_momentum).to(mean)  # no host sync
-                self.running_mean[:c].lerp_(mean, m)
-                self.running_var[:c].lerp_(var, m)
-                self.num_batches_tracked += 1
-            return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], w, b, False, 0.0, self.eps)
+        if self.training and self.stats_momentum is not None:  # momentum BN: normalize with an EMA of batch
+            mean, var = _momentum_stats_(self, x, c, sync)  # statistics (the target: no gradient through them)
+            return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
         if sync:
             return _SyncBatchNorm.apply(x, w, b, self.eps)[0]
         if self.training:
@@ -228,13 +238,18 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
 
 class BatchNorm1d(nn.BatchNorm1d):
     """nn.BatchNorm1d (the projector and heads: never slimmed) with the same sync switch: in training
-    with sync=True, statistics over every process's batch, running statistics updated from them."""
+    with sync=True, statistics over every process's batch, running statistics updated from them.
+    stats_momentum: momentum BN as SlimBatchNorm2d's (DSPNet's target projector)."""
 
     def __init__(self, c, affine=True):
         super().__init__(c, affine=affine)
         self.sync = False
+        self.stats_momentum = None  # momentum BN weight (train_dspnet.py's target); None: off
 
     def forward(self, x):
+        if self.training and self.stats_momentum is not None:
+            mean, var = _momentum_stats_(self, x, x.shape[1], self.sync and _sync_active())
+            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
         if not (self.training and self.sync and _sync_active()):
             return super().forward(x)
         y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps)

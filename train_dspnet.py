@@ -18,7 +18,10 @@ batch (BN statistics over both, as in train_us3l.py); "largest" and "smallest" a
 training resolution; the sandwich's others are distinct DNs; the projector's first Linear reads the
 DN's leading features; gradients are all-reduced once per step by hand (no DDP wrapper); under N
 processes every BN (online, target, heads) uses the global batch's statistics (sync_bn), so N
-processes of batch B/N train what one process of batch B trains; fp16 scales the loss.
+processes of batch B/N train what one process of batch B trains; fp16 scales the loss; momentum BN
+(`momentum_bn`, on in the ImageNet recipes) is in every BN of the target, backbone and projector,
+its weight on each new batch falling by cosine from 1 to 0 over the run (bn_momentum); the DN list
+must hold the whole network (width 1.0 at full depth: the paper's Theta = theta_M).
 
 The run folder, resume (same command again), log.jsonl, collapse monitor, NaN stop and kNN monitor
 work as in train_us3l.py. backbone.pt records `dns`, so eval_knn.py / eval_linear.py evaluate every DN.
@@ -41,7 +44,7 @@ import losses
 from augment import build_train_loader, to_device
 from data import prepare_cifar10
 from eval_knn import build_knn_loaders, calibration_batches, knn_eval, net_name
-from models import ARCHS, SlimBatchNorm2d, min_width, profile, projection_mlp, set_active, set_sync_bn
+from models import ARCHS, BatchNorm1d, SlimBatchNorm2d, min_width, profile, projection_mlp, set_active, set_sync_bn
 from utils import (LARS, BackgroundSaver, ConfigError, atomic_save, check_finite, check_same_across_processes,
                    check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
                    param_groups, read_results, run, save_config, to_floats, tracker_log, trim_jsonl,
@@ -72,7 +75,9 @@ class Config:
     num_subnets: int = 4  # n of the sandwich rule: largest, smallest, n-2 others (paper: 4)
     full_only_epochs: float = 10.0  # train only the whole network at first (paper: the 10 warm-up epochs)
     momentum: float = 0.996  # target EMA tau at the start, -> 1 by cosine (BYOL)
-    target_bn_momentum: float = 0.0  # > 0: momentum BN in the target, weight of each new batch (0: batch stats)
+    momentum_bn: bool = False  # momentum BN in the target (backbone and projector; paper Sec. 5.1, on in the
+    # ImageNet recipes): normalized by an EMA of batch statistics whose weight on each new batch falls from
+    # 1 to 0 by cosine over the run (bn_momentum). false: batch statistics, as BYOL
     # optimization (paper: LARS, 0.2 x batch/256, 10 warm-up epochs, cosine, wd 1.5e-6, 300 epochs, batch 4096)
     epochs: int = 300
     batch_size: int = 256  # per process
@@ -103,7 +108,8 @@ class Config:
 
 def parse_dns(cfg, backbone):
     """[{"width": w, "depth": [..] or None}] of cfg.dns, checked against the backbone (bad widths or
-    depths are errors naming the DN), largest first by MACs at the training resolution."""
+    depths are errors naming the DN; the whole network, width 1.0 at full depth, must be listed),
+    largest first by MACs at the training resolution."""
     if not cfg.dns:
         raise ConfigError("config error: dns is empty: list the desired networks, e.g. [[1.0], [0.5]]")
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
@@ -122,6 +128,11 @@ def parse_dns(cfg, backbone):
         dns.append({"width": width, "depth": depth})
     if len({(d["width"], tuple(d["depth"] or ())) for d in dns}) < len(dns):
         raise ConfigError(f"config error: dns lists a network twice: {cfg.dns}")
+    full = getattr(backbone, "max_depth", None)  # ResNets: blocks per stage; None: not depth-slimmable
+    if not any(d["width"] == 1.0 and d["depth"] in (None, full) for d in dns):
+        raise ConfigError(f"config error: dns must include the whole network, [1.0]"
+                          f"{f' or {[1.0, *full]}' if full else ''} (DSPNet Sec. 4.1: the largest sampled "
+                          f"network is the whole one, Theta = theta_M); got {cfg.dns}")
     order = sorted(range(len(dns)), key=lambda i: -macs[i])
     set_active(backbone, 1.0)
     return [dns[i] for i in order], [macs[i] for i in order]
@@ -193,9 +204,8 @@ def main(cfg):
     online = set_sync_bn(online.to(device, dtype, memory_format=fmt), cfg.sync_bn)
     encoder = nn.ModuleDict({k: online[k] for k in ("backbone", "projector")})  # shares the online modules
     target = copy.deepcopy(encoder).requires_grad_(False)  # BN synced as the online one's
-    for m in target.modules():
-        if isinstance(m, SlimBatchNorm2d):  # with sync_bn the momentum statistics are the global batch's,
-            m.stats_momentum = cfg.target_bn_momentum  # so the target is the same on every process
+    # with sync_bn the target's momentum statistics are the global batch's: the same target on every process
+    target_bns = momentum_bns(target) if cfg.momentum_bn else []
     if world > 1 and not cfg.sync_bn:
         accelerator.print(f"NOTE: sync_bn=false: BN statistics per process ({cfg.batch_size} x 2 views), so the "
                           f"result depends on the number of processes")
@@ -268,6 +278,9 @@ def main(cfg):
                 break
             lr = warmup_cosine(step, total, warmup_steps, lr_peak)
             tau = cosine(step, total, cfg.momentum, 1.0)
+            bn_m = bn_momentum(step, total)  # a function of the step: a resumed run continues it exactly
+            for m in target_bns:
+                m.stats_momentum = bn_m
             for g in optimizer.param_groups:
                 g["lr"] = lr
             picked = sample_dns(step, full_only_steps, len(dns), cfg)
@@ -279,7 +292,7 @@ def main(cfg):
                 sums[i] += loss
                 counts[i] += 1
             optimizer_step_(optimizer, scaler, params, world)  # one all-reduce per step, not per backward
-            ema_update_(target, encoder, tau, buffers=cfg.target_bn_momentum <= 0)
+            ema_update_(target, encoder, tau, buffers=not cfg.momentum_bn)  # momentum BN: the target's own stats
             step += 1
             seen += x1.shape[0] * world
             pbar.update(1)
@@ -296,6 +309,7 @@ def main(cfg):
             if log_now:  # data_wait: the share of the time spent waiting for the loader (host side)
                 dt = time.time() - t_log
                 rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "dns": [dn_name(dns[i]) for i in picked],
+                       **({"bn_momentum": bn_m} if target_bns else {}),
                        "img_per_s": seen / dt, "data_wait": wait / dt, **to_floats(stats),
                        **{k: v for (k, v), c in zip(per_dn.items(), counts.tolist()) if c > 0}}  # DNs run
                 sums.zero_()
@@ -330,6 +344,19 @@ def main(cfg):
     write_results()
     accelerator.end_training()
     return results
+
+
+def bn_momentum(step, total):
+    """The target's momentum-BN weight on the new batch's statistics at `step`: 1 at step 0 (batch
+    statistics), falling by cosine to 0 at `total` (statistics frozen as the target's weights freeze,
+    tau -> 1). NOTE: "Momentum^2 Teacher" (Li et al. 2021), which DSPNet cites for momentum BN,
+    decays it this way; DSPNet gives no schedule of its own. We take the full 1 -> 0 with no floor."""
+    return cosine(step, total, 1.0, 0.0)
+
+
+def momentum_bns(target):
+    """The BNs that run momentum BN: every BN of the target, its backbone's and its projector's."""
+    return [m for m in target.modules() if isinstance(m, (SlimBatchNorm2d, BatchNorm1d))]
 
 
 def dn_name(dn):

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import ARCHS, BasicBlock, ResNet, SlimBatchNorm2d, calibrate_bn, export, load_backbone, projection_mlp, set_active
+from models import ARCHS, BasicBlock, BatchNorm1d, ResNet, SlimBatchNorm2d, calibrate_bn, export, load_backbone, projection_mlp, set_active
 from tests.test_train_us3l import run
-from train_dspnet import Config, dn_name, parse_dns, sample_dns, train_step
+from train_dspnet import Config, bn_momentum, dn_name, momentum_bns, parse_dns, sample_dns, train_step
 from utils import ConfigError, ema_update_
 
 DN9 = [[w, *d] for w in (2 / 3, 5 / 6, 1.0) for d in ([2, 2, 2, 2], [2, 3, 4, 3], [3, 4, 6, 3])]
@@ -36,6 +36,14 @@ def test_parse_dns_orders_by_macs_and_rejects_bad_entries():
             parse_dns(replace(cfg, dns=bad), ARCHS[cfg.arch]())
     with pytest.raises(ConfigError, match="ResNets"):
         parse_dns(replace(mbv3, dns=[[1.0, 2, 2]]), ARCHS[mbv3.arch]())
+    # the whole network (width 1.0 at full depth) must be a DN: one line naming the key
+    r18 = replace(cfg, arch="resnet18_cifar")
+    for bad, c in (([[0.875], [0.5]], replace(mbv3, image_size=32)), ([[1.0, 1, 1, 1, 1], [0.5, 2, 2, 2, 2]], r18)):
+        with pytest.raises(ConfigError, match=r"^config error: dns must include the whole network") as e:
+            parse_dns(replace(c, dns=bad), ARCHS[c.arch]())
+        assert "\n" not in str(e.value)
+    assert "[1.0, 2, 2, 2, 2]" in str(e.value)  # the arch's full depth, spelled out
+    assert parse_dns(replace(r18, dns=[[0.5], [1.0, 2, 2, 2, 2]]), ARCHS[r18.arch]())[0][0]["depth"] == [2, 2, 2, 2]
 
 
 def test_sandwich_sampling():
@@ -110,6 +118,31 @@ def test_momentum_bn_target():
     assert all(torch.all(m.running_mean == 7.0) for m in bns)
 
 
+def test_momentum_bn_schedule_and_projector_bn():
+    """The weight on each new batch's statistics falls by cosine from 1 to 0 (Momentum^2 Teacher), and
+    every target BN gets it, the projector's BatchNorm1d included (the smoke run below logs it)."""
+    total = 100
+    assert bn_momentum(0, total) == 1.0 and bn_momentum(total, total) == 0.0
+    assert bn_momentum(50, total) == pytest.approx(0.5) and bn_momentum(25, total) == pytest.approx(0.8535534)
+    values = [bn_momentum(s, total) for s in range(total + 1)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing, no floor
+    # a projector BN with momentum 1 normalizes as plain batch norm; then the EMA of batch statistics
+    bn = BatchNorm1d(6)
+    bn.stats_momentum = 1.0
+    h1, h2 = torch.randn(8, 6) * 3 + 2, torch.randn(8, 6)
+    torch.testing.assert_close(bn(h1), torch.nn.functional.batch_norm(h1, None, None, training=True))
+    bn.stats_momentum = 0.25
+    y2 = bn(h2)
+    mean = 0.75 * h1.mean(0) + 0.25 * h2.mean(0)
+    var = 0.75 * h1.var(0, unbiased=False) + 0.25 * h2.var(0, unbiased=False)
+    torch.testing.assert_close(y2, (h2 - mean) / torch.sqrt(var + bn.eps), rtol=1e-4, atol=1e-5)
+    # the trainer sets it each step on these: every target BN, the projector's BatchNorm1d included
+    online, target = tiny_online()
+    bns = momentum_bns(target)
+    assert sum(isinstance(m, BatchNorm1d) for m in bns) == 1 and target["projector"][1] in bns
+    assert {id(m) for m in target.modules() if isinstance(m, nn.BatchNorm2d)} <= {id(m) for m in bns}
+
+
 def test_resnet_dns_export_exactly():
     torch.manual_seed(0)
     model = ARCHS["resnet34_w96_cifar"]().eval()
@@ -131,7 +164,7 @@ def tiny_args(data, out, **over):
     args = {"data_path": data, "out_dir": out, "batch_size": 16, "max_steps": 8, "epochs": 4, "full_only_epochs": 1,
             "warmup_epochs": 1, "log_every": 2, "knn_bank_subset": 100, "knn_test_subset": 50, "knn_batch_size": 50,
             "num_workers": 0, "proj_hidden": 64, "proj_dim": 32, "knn_k": 20,
-            "dns": "[[1.0],[0.5],[0.5,1,1,1,1],[0.25,1,1,1,1]]"}
+            "dns": "[[1.0],[0.5],[0.5,1,1,1,1],[0.25,1,1,1,1]]", "momentum_bn": "true"}
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -148,6 +181,7 @@ def test_smoke_run_backbone_and_eval_lists_every_dn(cifar_small, tmp_path):
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert log[0]["dns"] == ["1.0"] and log[-1]["dns"][0] == "1.0" and log[-1]["dns"][-1] == "0.25_d1-1-1-1"
     assert len(log[-1]["dns"]) == 4 and all(r["loss/1.0"] > 0 for r in log) and "collapse_std/0.25_d1-1-1-1" in log[-1]
+    assert [r["bn_momentum"] for r in log] == [bn_momentum(s, 8) for s in (1, 3, 5, 7)]  # the target's momentum BN
     model, ckpt = load_backbone(out / "backbone.pt")
     assert ckpt["dns"][0] == {"width": 1.0, "depth": None} and ckpt["dns"][-1] == {"width": 0.25, "depth": [1, 1, 1, 1]}
     x = torch.randn(8, 3, 32, 32)

@@ -45,7 +45,7 @@ def test_killed_at_random_points_resumes_exactly(script, cifar_small, tmp_path):
     mid-write), then the same command finishes: weights, kNN and log equal an uninterrupted run's."""
     # a checkpoint every step: by step count for DSPNet (with momentum-BN target statistics, which must
     # survive too), by the minutes-based cadence (0 minutes: every step) for US3L
-    extra = {"target_bn_momentum": 0.1, "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
+    extra = {"momentum_bn": "true", "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
     args = lambda out: TRAINERS[script](cifar_small, out, max_steps=12, log_every=1, **extra)  # noqa: E731
     ref, out = tmp_path / "ref", tmp_path / "killed"
     p = run([sys.executable, script, *args(ref)])
@@ -266,6 +266,8 @@ def fake_checkpoint(path, arch):
     ("train_us3l.py", ["--resume={tmp}/nope.pt"], "config error: resume={tmp}/nope.pt: no such checkpoint"),
     ("train_us3l.py", ["--resume={tmp}/r50.pt"], "another arch (arch='resnet50' there, 'resnet18_cifar' here)"),
     ("train_dspnet.py", ["--dns=[[1.0],[0.5,1,1]]"], "config error: dns entry [0.5, 1.0, 1.0] does not fit"),
+    ("train_dspnet.py", ["--dns=[[1.0,1,1,1,1],[0.5]]"], "config error: dns must include the whole network, [1.0] or "
+                                                         "[1.0, 2, 2, 2, 2]"),
     ("eval_knn.py", ["--ckpt={tmp}/ck.pt", "--widths=1.0,0.2"], "widths [0.2] lie below 0.5, the smallest width"),
     ("eval_knn.py", ["--arch=resnet18_cifar", "--depth=[1,1]"], "config error: depth=[1, 1]: depth must list 4"),
     ("eval_knn.py", ["--arch=resnet18_cifar", "--widths=1.0,0.01"], "widths [0.01] lie below resnet18_cifar's minimum"),

@@ -40,6 +40,9 @@ def test_head_separable_features():
     # deterministic: the same seed trains the same head (every rank trains it under N processes)
     again = train_head_cached(x, y, C, epochs=10, batch_size=64, base_lr=0.1)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
+    # BYOL's plain Linear head (head_bn=false): no standardization, so features of a sane scale
+    plain = train_head_cached(x / scale - 50.0 / scale, y, C, epochs=10, batch_size=64, base_lr=0.2, bn=False)
+    assert len(plain) == 1 and accuracy(plain, x_test / scale - 50.0 / scale, y_test) == (1.0, 1.0)
 
 
 def tiny_cfg(data, out, **over):
@@ -74,12 +77,86 @@ def test_backbone_unchanged_and_guarded(cifar_small, tmp_path, monkeypatch):
 
 
 def test_augment_mode_few_steps(cifar_small, tmp_path):
-    """The papers' protocol runs (1 epoch of 4 augmented batches here) and leaves the backbone be."""
+    """Augment mode runs (1 epoch of 4 augmented batches here) and leaves the backbone be."""
     model = tiny_resnet()
     params = [p.clone() for p in model.parameters()]
     res = eval_linear.main(tiny_cfg(cifar_small, tmp_path, mode="augment", epochs=1, widths=[0.5]), backbone=model)
     assert 0 <= res["0.5"]["top1"] <= res["0.5"]["top5"] <= 1
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_finetune_trains_each_subnetwork_and_reports_every_width(cifar_small, tmp_path, monkeypatch, capsys):
+    """finetune=true: each width fine-tunes its own copy of the sub-network (weights move, BN in train
+    mode); the pretrained backbone stays as it was and results.json has the linear probe's shape for
+    every width. By default BYOL's schedule: 20 epochs at 10% of the labels, 30 at 1%."""
+    assert eval_linear.schedule(Config(finetune=True), 128_116, 1_281_167) == (20, 0.01)
+    assert eval_linear.schedule(Config(finetune=True), 12_811, 1_281_167) == (30, 0.01)  # SimCLR's 1% list
+    assert eval_linear.schedule(Config(), 100, 100) == (100, 0.1)
+    assert eval_linear.schedule(Config(head_bn=False, epochs=80), 100, 100) == (80, 0.2)
+    from models import SlimBatchNorm2d
+
+    model = tiny_resnet()
+    params = [p.clone() for p in model.parameters()]
+    tuned, bn_modes = {}, []
+    real = eval_linear.finetune_network
+
+    def spy(backbone, width, depth, *args, **kw):
+        def hook(m, args):
+            if isinstance(m, SlimBatchNorm2d):
+                bn_modes.append(m.training)
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        try:
+            net, head = real(backbone, width, depth, *args, **kw)
+        finally:
+            handle.remove()
+        tuned[width] = [p.clone() for p in net.parameters()]
+        return net, head
+
+    monkeypatch.setattr(eval_linear, "finetune_network", spy)
+    cfg = tiny_cfg(cifar_small, tmp_path, finetune=True, label_fraction=0.1, epochs=2, batch_size=10, base_lr=0.5)
+    assert eval_linear.linear_kind(cfg) == "finetune_10pct"
+    res = eval_linear.main(cfg, backbone=model)
+    out = capsys.readouterr().out
+    assert "20 labeled training images (2-2 per class)" in out and "2 epochs, lr 0.0195312" in out
+    assert list(res) == ["1.0", "0.5"] and json.loads((tmp_path / "results.json").read_text()).keys() == res.keys()
+    for name, w in (("1.0", 1.0), ("0.5", 0.5)):
+        r = res[name]
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and r["macs"] > 0 and r["params"] > 0 and r["width"] == w
+        assert r["weight_change"] > 0 and r["seconds"]["finetune"] > 0
+        assert any(not torch.equal(a, b) for a, b in zip(tuned[w], params))  # the fine-tuned copy moved
+    assert res["1.0"]["dim"] == 64 and res["0.5"]["dim"] == 32
+    assert bn_modes and all(bn_modes)  # BN in train mode throughout the fine-tuning
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))  # the pretrained weights stay
+
+
+class RandomImages(torch.utils.data.Dataset):  # (x, y, index) as build_dataset(..., return_index=True)
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(3, 32, 32, generator=g, dtype=torch.float64), i % 10, i
+
+    def __len__(self):
+        return 48
+
+
+def finetune_in_fp64(rank=None):
+    torch.set_num_threads(1)
+    cfg = Config(epochs=2, batch_size=24 if rank is None else 12, base_lr=0.5, autocast=False, dataset="cifar10")
+    net, head = eval_linear.finetune_network(tiny_resnet().double(), 0.5, None, RandomImages(), 10,
+                                             torch.device("cpu"), cfg)
+    return [p.clone() for p in (*net.parameters(), *head.parameters())]
+
+
+def test_finetune_two_processes_equal_one(tmp_path):
+    """Fine-tuning under 2 processes (half the batch each, sync BN, averaged gradients) trains what
+    one process trains, to fp64 rounding; every rank holds the same network."""
+    from tests.test_multiprocess import two_ranks
+
+    ref, (a, b) = finetune_in_fp64(), two_ranks(finetune_in_fp64, tmp_path)
+    init = list(tiny_resnet().double().parameters())
+    assert max((p - q).abs().max().item() for p, q in zip(ref, init)) > 1e-4  # it trained
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert max((p - q).abs().max().item() for p, q in zip(ref, a)) < 1e-12
 
 
 class Labels:  # labeled_indices needs only .labels and len()
@@ -147,6 +224,19 @@ def test_label_list_simclr_names(tmp_path):
 def test_linear_recipe_loads(name):
     cfg = parse_config(Config, ["--config", str(REPO / "yaml" / f"{name}.yaml")])
     assert cfg.mode == "augment" and cfg.epochs == 100
+
+
+def test_byol_recipes_load():
+    """BYOL's linear protocol (DSPNet's) and DSPNet's 10% fine-tuning, as the recipes state them."""
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "linear_byol_in.yaml")])
+    assert (cfg.mode, cfg.epochs, cfg.base_lr, cfg.weight_decay, cfg.head_bn, cfg.finetune) == ("augment", 80, 0.2, 0,
+                                                                                                 False, False)
+    head = eval_linear.make_head(512, 1000, cfg.head_bn)
+    assert len(head) == 1 and isinstance(head[0], torch.nn.Linear)  # no BN in front
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "finetune_dspnet_in.yaml")])
+    assert cfg.finetune and cfg.label_fraction == 0.1 and cfg.weight_decay == 0 and cfg.momentum == 0.9
+    assert eval_linear.schedule(cfg, 128_116, 1_281_167) == (20, 0.01)
+    assert eval_linear.linear_kind(cfg) == "finetune_10pct"
 
 
 def run_cli(data, out, launcher=(), env=None, **over):

@@ -56,41 +56,43 @@ def two_ranks(fn, tmp_path):
 
 def bn_case(rank=None):
     """A BN input batch of 8 (4 per rank), sliced to 40 of 64 channels as at a width < 1, channels_last;
-    outputs and gradients of the slimmable BN, a head BN and a momentum-BN target."""
+    outputs and gradients of the slimmable BN, a head BN and a momentum-BN target (encoder and projector BN)."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 40, 5, 5, generator=g) * 3 + 1).contiguous(memory_format=torch.channels_last)
     h = torch.randn(8, 16, generator=g) * 2 - 1
     dy, dh = torch.randn(8, 40, 5, 5, generator=g), torch.randn(8, 16, generator=g)
     rows = slice(None) if rank is None else slice(4 * rank, 4 * rank + 4)
-    bn, head, target = SlimBatchNorm2d(64), BatchNorm1d(16), SlimBatchNorm2d(64)
+    bn, head, target, target_head = SlimBatchNorm2d(64), BatchNorm1d(16), SlimBatchNorm2d(64), BatchNorm1d(16)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=g)
         bn.bias.uniform_(-1, 1, generator=g)
-    target.stats_momentum = 0.3
-    for m in (bn, head, target):
+    target.stats_momentum = target_head.stats_momentum = 0.3
+    for m in (bn, head, target, target_head):
         set_sync_bn(m, True)
     x, h = x[rows].clone().requires_grad_(), h[rows].clone().requires_grad_()
     y, z = bn(x), head(h)
     (y * dy[rows]).sum().backward()
     (z * dh[rows]).sum().backward()
-    for batch in (x.detach(), x.detach() * 2 + 1):
-        t = target(batch)
+    for batch, hb in ((x.detach(), h.detach()), (x.detach() * 2 + 1, h.detach() * 3 - 1)):
+        t, th = target(batch), target_head(hb)
     return {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "z": z.detach(), "dh": h.grad,
             "head_dw": head.weight.grad, "head_mean": head.running_mean, "head_var": head.running_var,
-            "t": t, "t_mean": target.running_mean, "t_var": target.running_var}
+            "t": t, "t_mean": target.running_mean, "t_var": target.running_var,
+            "th": th, "th_mean": target_head.running_mean, "th_var": target_head.running_var}
 
 
 def test_sync_bn_equals_one_process_of_the_whole_batch(tmp_path):
     ref = bn_case()  # one process: sync is a no-op, plain batch norm over the 8 rows
     ranks = two_ranks(bn_case, tmp_path)
-    for key in ("y", "dx", "z", "dh", "t"):  # per-row tensors: each rank holds its 4 rows
+    for key in ("y", "dx", "z", "dh", "t", "th"):  # per-row tensors: each rank holds its 4 rows
         torch.testing.assert_close(torch.cat([r[key] for r in ranks]), ref[key], rtol=1e-4, atol=1e-5)
     for key in ("dw", "db", "head_dw"):  # parameter gradients: summed over ranks by the all-reduce
         torch.testing.assert_close(ranks[0][key] + ranks[1][key], ref[key], rtol=1e-4, atol=1e-5)
-    for key in ("head_mean", "head_var", "t_mean", "t_var"):  # running statistics: the global batch's
+    for key in ("head_mean", "head_var", "t_mean", "t_var", "th_mean", "th_var"):  # running statistics: the global batch's
         for r in ranks:
             torch.testing.assert_close(r[key], ref[key], rtol=1e-5, atol=1e-6)
-    assert torch.equal(ranks[0]["t_mean"], ranks[1]["t_mean"])  # bit-equal targets on every rank
+    for key in ("t_mean", "th_mean"):  # bit-equal targets on every rank
+        assert torch.equal(ranks[0][key], ranks[1][key])
 
 
 def us3l_step_grads(rank=None, sync=True, size=32, **over):
@@ -198,7 +200,7 @@ def tiny(data, **over):
     # DSPNet: DNs of width and depth, the whole network alone for the first step, a momentum-BN target
     ("train_dspnet.py", {"arch": "resnet18_cifar", "dns": "[[1.0],[0.75],[0.5,1,1,1,1],[0.25]]", "num_subnets": 3,
                          "full_only_epochs": 1, "warmup_epochs": 0, "epochs": 3, "optimizer": "sgd",
-                         "target_bn_momentum": 0.1}),
+                         "momentum_bn": "true"}),
 ])
 def test_two_processes_of_half_the_batch_train_what_one_process_trains(script, extra, cifar_small, tmp_path):
     one = launch(script, tiny(cifar_small, batch_size=16, **extra), tmp_path / "one", 1)

@@ -24,7 +24,8 @@ from utils import parse_config
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
                 "vit_tiny_cifar10"]
-LINEAR_RECIPES = ["linear_cifar", "linear_in"]  # eval_linear.py; loaded in tests/test_linear.py
+LINEAR_RECIPES = ["linear_cifar", "linear_in", "linear_byol_in", "finetune_dspnet_in"]  # eval_linear.py; loaded
+# in tests/test_linear.py
 DSPNET_RECIPES = ["dspnet_cifar10_quick", "mbv3_in", "resnet_dn9_in"]
 # US3L Tables 7-9, one recipe per row (rows that are the same run share a file: README, US3L ablations)
 ABLATIONS = ([f"t7_case{c:02d}" for c in range(1, 18)] + ["t8_dynamic", "t8_groupreg", "t8_dynamic_groupreg",
