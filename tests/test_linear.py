@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import eval_linear
+from config import ConfigError, parse_config
 from data import build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
-from utils import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,9 +207,9 @@ def test_cli_two_cpu_processes_equal_one(cifar_small, one_process, tmp_path):
 def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
     """Features through loader=device and loader=ffcv (a raw .beton: the same pixels, the same rows)
     train the same heads as the torch path: the same accuracies, labeled subset and test subset too."""
-    import data
+    import ffcv_data
     pytest.importorskip("ffcv")
-    data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
+    ffcv_data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
     res = {}
     for kind in ("torch", "device", "ffcv"):
         cfg = tiny_cfg(cifar_small, tmp_path / kind, loader=kind, ffcv_path=str(tmp_path / "beton"),

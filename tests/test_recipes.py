@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import train_dspnet
+import yaml
+from config import parse_config
 from models import ARCHS
 from train_us3l import Config, check_config
-from utils import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
