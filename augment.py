@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (MEAN_STD, EpochSampler, SeededViews, beton_labels, build_dataset, build_ffcv_loader,
-                  pretrain_transform, subset_indices)
-from utils import ConfigError
+from config import ConfigError
+from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, pretrain_transform, subset_indices
+from ffcv_data import beton_labels, build_ffcv_loader
 
 # The reference's constants (data.byol_view); tests/test_augment.py checks them against it.
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
@@ -419,7 +419,7 @@ class TorchLoader:
 
 
 class FFCVViews:
-    """data.build_ffcv_loader (decode + RandomResizedCrop + flip per view in FFCV, uint8 on the device)
+    """ffcv_data.build_ffcv_loader (decode + RandomResizedCrop + flip per view in FFCV, uint8 on the device)
     followed by the rest of each BYOL view batched here (crop=False). The augmentation generator is
     seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG (not reproducible)."""
 
@@ -476,7 +476,7 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
     torch:  TorchLoader over data_path (the reference; any source, per-sample CPU augmentation);
     device: DeviceLoader, data_path's train split decoded once into device memory (CIFAR scale),
             TwoViewAugment per batch on the device;
-    ffcv:   FFCVViews over ffcv_path/train.beton (written by `python data.py write-beton`)."""
+    ffcv:   FFCVViews over ffcv_path/train.beton (written by `python ffcv_data.py`)."""
     if kind == "torch":
         ds = build_dataset(data_path, "train", pretrain_transform(dataset, size), subset=subset)
         return TorchLoader(ds, batch_size, seed, rank, world, num_workers, pin_memory=torch.device(device).type == "cuda")
@@ -488,6 +488,6 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
         path = os.path.join(ffcv_path, "train.beton")
         if not ffcv_path or not os.path.isfile(path):
             raise FileNotFoundError(f"loader=ffcv needs ffcv_path, a folder with train.beton: {path!r} not found. "
-                                    f"Write it once: python data.py write-beton --data_path {data_path} --out DIR")
+                                    f"Write it once: python ffcv_data.py --data_path {data_path} --out DIR")
         return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset)
     raise ConfigError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

@@ -1,17 +1,13 @@
 """Data for slimmable self-supervised pretraining (DSPNet, US3L): sources, BYOL two-view
 augmentation, loaders. Knows no network and no trainer. The torch reference path (PIL + torchvision
-per sample in DataLoader workers) comes first; the fast paths (FFCV, batched on-device) follow it.
+per sample in DataLoader workers) is here; the fast paths build on it: FFCV in ffcv_data.py, batched
+on-device augmentation in augment.py.
 
     python data.py extract-cifar10        # the CIFAR-10 tarball -> data/cifar10 of this repository, once
     python data.py extract-cifar10 --tar T --out DIR      # or CIFAR10_TAR=T DATA_DIR=D (-> D/cifar10)
 
     ds = build_dataset("data/cifar10", "train", pretrain_transform("cifar10"), subset=5000)
     for (v1, v2), y in build_loader(ds, batch_size=256, num_workers=2): ...  # (B, 3, 32, 32) each
-
-    python data.py write-beton --data_path data/cifar10 --out data/cifar10-ffcv --raw   # FFCV, once
-    python data.py write-beton --data_path hf:NAME_OR_PATH --out DIR --max_resolution 256   # JPEG
-    loader = build_ffcv_loader("DIR/train.beton", 256, 224, rank=r, world=w, device=dev)  # once
-    loader.set_epoch(epoch, start)   # then: for (v1, v2), y in loader: ...  uint8 (B, 3, 224, 224)
 
 data_path: DIR with train/ and test/ (or val/) class folders; DIR/cifar-10-batches-py or
 DIR/cifar-100-python (or that folder itself) for torchvision's CIFAR; `hf:PATH_OR_NAME` for
@@ -439,217 +435,17 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(self.epoch, i) for i in self.indices().tolist()])
 
 
-# -----------------------------------------------------------------------------
-# FFCV (.beton): decode, crop and flip in FFCV's compiled threads, uint8 batches on the device; the rest
-# of the BYOL augmentation runs batched there (augment.py). ffcv is optional and slow to import (numba):
-# imported inside these functions only. Accelerate: these loaders are NOT passed to prepare; each process
-# builds its own after Accelerator() exists, with rank=accelerator.process_index,
-# world=accelerator.num_processes, device=accelerator.device. NOTE: sharding is by explicit rows per rank,
-# not ffcv's distributed=True (needs torch.distributed up; DistributedSampler's order, not EpochSampler's).
-
-
-def write_beton(data_path, out, splits=("train", "test"), max_resolution=None, jpeg_quality=90, raw=False,
-                num_workers=None, overwrite=False, image_key=None, label_key=None):
-    """Write OUT/<split>.beton (fields image: RGBImageField, label: IntField) for each split of anything
-    build_dataset reads (image folder, torchvision CIFAR, hf:...; 'test' falls back to val as there).
-    raw: store pixels (small images such as CIFAR: no decoding); else JPEG at jpeg_quality.
-    max_resolution: cap on the longer side (FFCV shrinks with INTER_AREA; ImageNet: 256-512). Each file
-    is written beside its final name and renamed when complete. Returns {split: path}."""
-    out = Path(out).expanduser()
-    targets = {s: out / f"{s}.beton" for s in splits}
-    existing = [str(p) for p in targets.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} exists: pass --overwrite (overwrite=True) to replace it")
-    sources = {s: build_dataset(data_path, s, image_key=image_key, label_key=label_key) for s in splits}
-    from ffcv.fields import IntField, RGBImageField  # after the checks: a bad path fails fast
-    from ffcv.writer import DatasetWriter
-
-    out.mkdir(parents=True, exist_ok=True)
-    image = RGBImageField(write_mode="raw" if raw else "jpg", max_resolution=max_resolution,
-                          jpeg_quality=jpeg_quality)
-    for s, ds in sources.items():
-        tmp = targets[s].with_name(f".{s}.beton.tmp")
-        print(f"{s}: {len(ds)} images from {data_path} -> {targets[s]}")
-        errors = tmp.with_suffix(".errors")
-        errors.unlink(missing_ok=True)
-        try:  # DatasetWriter forks num_workers processes, each reading (PIL RGB image, int) from ds
-            writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()},
-                                   num_workers=num_workers or min(8, os.cpu_count() or 1))
-            writer.from_indexed_dataset(_NoteErrors(ds, errors))
-            if errors.exists():
-                said = errors.read_text().splitlines()
-                raise BadImageError(f"{len(said)} image(s) of {data_path} ({s}) could not be written; the first: "
-                                    f"{said[0]}")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            errors.unlink(missing_ok=True)
-        os.replace(tmp, targets[s])
-    return targets
-
-
-class _NoteErrors(Dataset):
-    """ds for FFCV's writer processes, which hang when one raises: an image that fails is noted in
-    the file `errors` (one line each, appended by any process) and written as an 8x8 placeholder;
-    write_beton then raises, naming it, and deletes the partial file."""
-
-    def __init__(self, ds, errors):
-        self.ds, self.errors = ds, errors
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        try:
-            return self.ds[i]
-        except Exception as e:
-            with open(self.errors, "a") as f:
-                f.write(f"{type(e).__name__}: {e}".replace("\n", " ") + "\n")
-            return Image.new("RGB", (8, 8)), 0
-
-
-def beton_labels(path):
-    """The label column of a .beton (int64 numpy), from its metadata: no image decoding."""
-    from ffcv.reader import Reader
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no .beton file {path}: write one with `python data.py write-beton`")
-    r = Reader(str(path))
-    if "label" not in r.field_names:
-        raise KeyError(f"{path} has fields {r.field_names}, not image and label (write_beton's)")
-    return np.array(r.metadata[f"f{r.field_names.index('label')}"], dtype=np.int64)  # columns f0, f1...
-
-
-class FFCVLoader:
-    """An ffcv Loader reading .beton rows in the order epoch_order(epoch, start) gives (SEQUENTIAL over
-    explicit indices), its outputs renamed: ((v1, v2), y) for kind 'views', (v, y) for 'view', (x, y, idx)
-    for 'eval', idx the rows. set_epoch switches order without a new ffcv Loader, which would recompile
-    its pipeline with numba (about 4 s on 2 busy cores). NOTE: ffcv reuses its output buffers: a batch
-    stays valid for about batches_ahead batches; clone what you keep longer."""
-
-    def __init__(self, path, batch_size, pipelines, kind, device, epoch_order, epoch=0, start=0,
-                 num_workers=None, drop_last=True, batches_ahead=3):
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor
-
-        self.kind, self.batch_size, self.device, self.epoch_order = kind, batch_size, device, epoch_order
-        labels = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(torch.device(device), non_blocking=True)]
-        self.loader = Loader(
-            str(path), batch_size=batch_size, num_workers=num_workers or min(8, os.cpu_count() or 1),
-            order=OrderOption.SEQUENTIAL, indices=np.zeros(0, np.uint64), drop_last=drop_last,
-            pipelines={**pipelines, "label": labels}, batches_ahead=batches_ahead)
-        self.set_epoch(epoch, start)
-
-    def set_epoch(self, epoch, start=0):
-        order = np.asarray(self.epoch_order(epoch, start), dtype=np.uint64)
-        # NOTE: ffcv 1.0.2 keeps the rows in three places: Loader.indices, its traversal order's (which
-        # SEQUENTIAL returns as is) and first_traversal_order (which sets len(loader)).
-        loader = self.loader
-        loader.indices = loader.traversal_order.indices = loader.first_traversal_order = order
-        self.order = torch.as_tensor(order.astype(np.int64), device=self.device)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for k, batch in enumerate(self.loader):
-            if self.kind == "views":  # ffcv 1.0.2 yields the file's fields first, then extra outputs
-                v1, y, v2 = batch
-                yield (v1, v2), y
-            elif self.kind == "view":
-                yield batch
-            else:
-                yield *batch, self.order[k * self.batch_size: k * self.batch_size + len(batch[1])]
-
-
-def _to_device_image(device, flip):
-    """After an image decoder: (B, H, W, 3) uint8 numpy -> (B, 3, H, W) uint8 on the device, in
-    channels_last memory (ToTorchImage permutes)."""
-    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
-
-    tail = [ToTensor(), ToDevice(torch.device(device), non_blocking=True), ToTorchImage()]
-    return [RandomHorizontalFlip(), *tail] if flip else tail
-
-
-def build_ffcv_loader(path, batch_size, size, epoch=0, start=0, seed=0, rank=0, world=1, device="cpu",
-                      two_views=True, min_scale=0.08, indices=None, num_workers=None, batches_ahead=3):
-    """Pretraining batches from a .beton: per view RandomResizedCrop(size, scale=(min_scale, 1)) and a
-    flip in FFCV; yields ((v1, v2), y) (or (v, y) without two_views), v uint8 (B, 3, size, size), y int64
-    (B,), on `device`. Build once, then loader.set_epoch(epoch, start) before each epoch. The order is
-    EpochSampler(n, batch_size, epoch, start, seed, rank, world)'s (n = len(indices) if given, rows of
-    the file to draw from, else the file's size): a function of (seed, epoch), whole global batches,
-    start skips the epoch's first batches by dropping their rows. NOTE: unlike SeededViews, crops and
-    flips come from numba's per-thread RNG, not from (seed, epoch). NOTE: FFCV resizes crops with
-    INTER_AREA, the reference with bicubic."""
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.pipeline import PipelineSpec
-
-    rows = np.arange(len(beton_labels(path))) if indices is None else np.asarray(indices, dtype=np.int64)
-
-    def epoch_order(epoch, start):
-        return rows[EpochSampler(len(rows), batch_size, epoch, start, seed, rank, world).indices().numpy()]
-
-    crop = functools.partial(RandomResizedCropRGBImageDecoder, (size, size), scale=(min_scale, 1.0))
-    pipes = {"image": [crop(), *_to_device_image(device, flip=True)]}
-    if two_views:  # a second decoder of the same stored field: an independent crop and flip
-        pipes["image2"] = PipelineSpec("image", decoder=crop(), transforms=_to_device_image(device, flip=True))
-    return FFCVLoader(path, batch_size, pipes, "views" if two_views else "view", device, epoch_order, epoch,
-                      start, num_workers, drop_last=True, batches_ahead=batches_ahead)
-
-
-def build_ffcv_eval_loader(path, batch_size, size, rank=0, world=1, device="cpu", crop_ratio=None,
-                           num_workers=None, batches_ahead=3, indices=None):
-    """One center crop in file order, for features (kNN, linear): yields (x, y, idx), x uint8
-    (B, 3, size, size), idx the rows. Rank r reads the r-th of `world` equal contiguous shares, the
-    last padded with the first rows (as DistributedSampler): every rank runs the same batches; dedupe
-    by idx after gathering. crop_ratio: crop side / shorter side, resized to size; None: 1.0 at size
-    <= 64 (CIFAR: the whole image, as eval_transform) else 224/256 (Resize + CenterCrop).
-    indices: only these rows (e.g. a labeled subset), in the given order."""
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-
-    rows = np.arange(len(beton_labels(path))) if indices is None else np.asarray(indices, dtype=np.int64)
-    n = len(rows)
-    per = -(-n // world)  # ceil
-    order = rows[np.arange(per * world)[rank * per:(rank + 1) * per] % n]
-    ratio = crop_ratio or (1.0 if size <= 64 else 224 / 256)
-    pipes = {"image": [CenterCropRGBImageDecoder((size, size), ratio), *_to_device_image(device, flip=False)]}
-    return FFCVLoader(path, batch_size, pipes, "eval", device, lambda epoch, start: order[start * batch_size:],
-                      num_workers=num_workers, drop_last=False, batches_ahead=batches_ahead)
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="data.py utilities")
+    parser = argparse.ArgumentParser(description="data.py utilities (.beton files: python ffcv_data.py)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("extract-cifar10", help="once")
     p.add_argument("--tar", default=None, help="default: $CIFAR10_TAR, else ../shared/data/cifar10-jpg.tar.gz "
                    "beside this repository")
     p.add_argument("--out", default=None, help="default: $DATA_DIR/cifar10, else data/cifar10 in this repository")
     p.add_argument("--download", action="store_true", help="no tarball: download with torchvision (internet)")
-    p = sub.add_parser("write-beton", help="FFCV .beton files (OUT/<split>.beton) from any data_path")
-    p.add_argument("--data_path", required=True, help="image folder, CIFAR folder or hf:PATH_OR_NAME")
-    p.add_argument("--out", required=True, help="folder for the .beton files (created)")
-    p.add_argument("--splits", default="train,test", help="comma-separated; test falls back to val")
-    p.add_argument("--max_resolution", type=int, default=None, help="cap on the longer side, e.g. 256 (ImageNet)")
-    p.add_argument("--jpeg_quality", type=int, default=90)
-    p.add_argument("--raw", action="store_true", help="store pixels, not JPEG (small images such as CIFAR)")
-    p.add_argument("--num_workers", type=int, default=None, help="writer processes (default min(8, cores))")
-    p.add_argument("--overwrite", action="store_true", help="replace existing .beton files")
-    p.add_argument("--image_key", default=None, help="HuggingFace image column (default img/image)")
-    p.add_argument("--label_key", default=None, help="HuggingFace label column (default label/fine_label/labels)")
-    p.add_argument("--bad_images", choices=("fail", "skip"), default="fail",
-                   help="an image that does not decode: fail (error naming it) or skip (warn, write the next)")
     args = parser.parse_args()
     try:
-        if args.cmd == "write-beton":
-            BAD_IMAGES = args.bad_images  # the module default, read by the datasets write_beton builds
-            paths = write_beton(args.data_path, args.out, args.splits.split(","), args.max_resolution,
-                                args.jpeg_quality, args.raw, args.num_workers, args.overwrite, args.image_key,
-                                args.label_key)
-            print("wrote " + ", ".join(map(str, paths.values())))
-        else:
-            out = prepare_cifar10(args.out, args.tar, args.download)
-            print(f"CIFAR-10 ready in {out}: use --data_path={out}")
-    except (OSError, KeyError, BadImageError) as e:  # missing data, an existing output, a foreign folder, a bad image
+        out = prepare_cifar10(args.out, args.tar, args.download)
+    except OSError as e:  # no tarball, a foreign folder in the way
         raise SystemExit(f"error: {e}")
+    print(f"CIFAR-10 ready in {out}: use --data_path={out}")

@@ -41,9 +41,9 @@ a path relative to the train split folder (`n01440764/n01440764_10026.JPEG`), a 
 (`n01440764_10026.JPEG`, SimCLR's ImageNet 1% / 10% lists) or an integer index into the train
 split. BN calibration uses training images with or without labels (it needs none).
 
-Under N processes BN is calibrated on the same batches as on 1 process (eval_knn.calibration_shard:
+Under N processes BN is calibrated on the same batches as on 1 process (knn.calibration_shard:
 a seeded draw from the training pool, rank r forwarding batches r, r + N, ...), the features are
-gathered and deduplicated by sample index (eval_knn.extract_features), every rank trains the same
+gathered and deduplicated by sample index (knn.extract_features), every rank trains the same
 head on the same data with the same seed, and rank 0's head is broadcast (bit-equal heads on every
 rank): N processes give 1 process's numbers (tested with 2 CPU processes, fp32). Fine-tuning under
 N processes: each rank takes its share of every global batch, BN uses the global batch's statistics
@@ -86,12 +86,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
+from config import ConfigError, run, save_config
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
-from eval_knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders,  # shared
-                      calibration_shard, default_out_dir, extract_features, load_network, log_results,
-                      networks_to_eval)
+from eval_knn import default_out_dir, load_network, log_results, networks_to_eval
+from knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders, calibration_shard,
+                 extract_features)
 from models import calibrate_bn, export, profile, set_active, set_sync_bn
-from utils import ConfigError, all_reduce_grads_, check_tracker, init_tracker, run, save_config
+from utils import all_reduce_grads_, check_tracker, init_tracker
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Config:
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # feature extraction: torch | device (decoded once onto the device) | ffcv
     # (ffcv_path/{train,test}.beton, rows = the same samples; calibration and augment mode read data_path)
-    ffcv_path: str = ""  # loader=ffcv: the folder `python data.py write-beton --data_path DATA_PATH` wrote
+    ffcv_path: str = ""  # loader=ffcv: the folder `python ffcv_data.py --data_path DATA_PATH` wrote
     autocast: bool = True  # bf16 autocast for the backbone where supported (CPU too); features stay fp32
     seed: int = 0  # subsets, label fractions, calibration images, head init and data order
     out_dir: str = ""  # config.yaml, results.json, linear.png; empty = beside the checkpoint (see linear_kind)
@@ -439,7 +440,7 @@ def main(cfg, backbone=None):
             return _DeviceBatches([torch.cat(t).to(device) for t in (x, y, i)], cfg.batch_size)
         return loader
 
-    # NOTE: the same calibration batches for any process count (eval_knn.calibration_shard), drawn from
+    # NOTE: the same calibration batches for any process count (knn.calibration_shard), drawn from
     # the training pool (labels unused): with per-rank draws N processes would not give 1 process's numbers
     calib = calibration_shard(train, cfg.calib_images, cfg.batch_size, cfg.seed, cfg.num_workers, pool=pool)
     test_loader = shard(test, np.arange(len(test)), "test")

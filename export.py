@@ -4,7 +4,7 @@ weights, its BN recalibrated, each file checked against the slimmed network, its
 A US3L or DSPNet run keeps every width (and ResNet depth) in one set of weights whose BN running
 statistics were never updated (training normalizes with batch statistics), under this repo's layer
 names. For each sub-network asked for, this script recalibrates BN exactly on `calib_images` training
-images with the evaluations' own code path (eval_knn.fixed_calibration_batches, then
+images with the evaluations' own code path (knn.fixed_calibration_batches, then
 models.calibrate_bn: the same images, batches and autocast as eval_knn.py with its defaults), turns the
 slice into a plain network (models.export), writes it in the formats asked for, loads each file back
 and checks its output against the slimmed network in eval mode (max |difference| <= 1e-4, 1e-3 for
@@ -41,10 +41,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from config import ConfigError, run
 from data import MEAN_STD
-from eval_knn import _autocast, fixed_calibration_batches, load_network, net_name, networks_to_eval
+from eval_knn import load_network, net_name, networks_to_eval
+from knn import _autocast, fixed_calibration_batches
 from models import ARCHS, calibrate_bn, export, profile, set_active
-from utils import ConfigError, run
 
 FORMATS = ("pt", "torchscript", "onnx", "torchvision")
 # max |output difference| allowed, times max(1, max |output|): float32 sums in another order (ONNX Runtime's

@@ -64,13 +64,13 @@ from tqdm import tqdm
 import data
 import losses
 from augment import build_train_loader, to_device
+from config import ConfigError, run, save_config
 from data import prepare_cifar10
-from eval_knn import build_knn_loaders, calibration_batches, knn_eval
+from knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, min_width, projection_mlp, set_active, set_sync_bn
-from utils import (LARS, BackgroundSaver, ConfigError, atomic_save, check_finite, check_same_across_processes,
-                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
-                   param_groups, read_results, run, save_config, to_floats, tracker_log, trim_jsonl,
-                   warmup_cosine)
+from utils import (LARS, BackgroundSaver, atomic_save, check_finite, check_same_across_processes, check_tracker, cosine,
+                   ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_, param_groups, read_results,
+                   to_floats, tracker_log, trim_jsonl, warmup_cosine)
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Config:
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
-    ffcv_path: str = ""  # loader=ffcv: folder written by `python data.py write-beton` (the kNN monitor reads data_path)
+    ffcv_path: str = ""  # loader=ffcv: folder written by `python ffcv_data.py` (the kNN monitor reads data_path)
     # model
     arch: str = "resnet18_cifar"  # a key of models.ARCHS
     proj_hidden: int = 2048  # projector / heads hidden size

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import eval_knn  # noqa: E402
+import knn  # noqa: E402
 from data import build_dataset  # noqa: E402
-from eval_knn import build_knn_loaders, fixed_calibration_batches, knn_accuracy, knn_eval  # noqa: E402
+from knn import build_knn_loaders, fixed_calibration_batches, knn_accuracy, knn_eval  # noqa: E402
 from models import set_active  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def warm_up(model, width, x, autocast):
     set_active(model, width)
     model.train()
     x = x.contiguous(memory_format=torch.channels_last)
-    with eval_knn._autocast(x.device, autocast):
+    with knn._autocast(x.device, autocast):
         dims = [model(x).shape[1] for _ in range(2)]
     set_active(model, 1.0)
     model.train(was_training)

@@ -48,9 +48,11 @@ import bench_us3l_step  # noqa: E402
 import train_dspnet  # noqa: E402
 import train_us3l  # noqa: E402
 from augment import build_train_loader  # noqa: E402
-from data import build_dataset, prepare_cifar10, write_beton  # noqa: E402
+from data import build_dataset, prepare_cifar10  # noqa: E402
+from ffcv_data import write_beton  # noqa: E402
 from models import ARCHS, calibrate_bn, export, profile, projection_mlp  # noqa: E402
-from utils import ema_update_, optimizer_step_, param_groups, parse_config  # noqa: E402
+from config import parse_config
+from utils import ema_update_, optimizer_step_, param_groups  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FULL = {  # sizes of each part: the GPU check, and --smoke (the CPU test of the script itself)

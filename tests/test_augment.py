@@ -15,7 +15,7 @@ from PIL import Image
 
 import augment as A
 import data
-from utils import ConfigError
+from config import ConfigError
 
 N = 20_000  # batched draws per distribution test (cheap); torchvision's per-sample draws: 5,000
 

@@ -1,13 +1,13 @@
-"""Config loading (utils.parse_config / save_config): the three layers, coercion and strictness."""
+"""Config loading (config.parse_config / save_config): the three layers, coercion and strictness."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import pytest
-import yaml
 
-from utils import ConfigError, config_help, parse_config, save_config
+import yaml
+from config import ConfigError, config_help, parse_config, save_config
 
 
 @dataclass

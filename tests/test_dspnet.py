@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import ARCHS, BasicBlock, BatchNorm1d, ResNet, SlimBatchNorm2d, calibrate_bn, export, load_backbone, projection_mlp, set_active
+from config import ConfigError
+from models import ARCHS, BasicBlock, ResNet, calibrate_bn, export, load_backbone, projection_mlp, set_active
+from slim import BatchNorm1d, SlimBatchNorm2d
 from tests.test_train_us3l import run
 from train_dspnet import Config, bn_momentum, dn_name, momentum_bns, parse_dns, sample_dns, train_step
-from utils import ConfigError, ema_update_
+from utils import ema_update_
 
 DN9 = [[w, *d] for w in (2 / 3, 5 / 6, 1.0) for d in ([2, 2, 2, 2], [2, 3, 4, 3], [3, 4, 6, 3])]
 

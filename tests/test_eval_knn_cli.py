@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import eval_knn
+from config import ConfigError, parse_config
 from models import ARCHS
-from utils import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--bank_subset=60", "--test_subset=30", "--calib_images=40", "--batch_size=20", "--k=5,20"]
@@ -108,9 +108,9 @@ def test_two_processes_equal_one(cifar_small, tmp_path):
 def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
     """loader=device (tensors on the device) and loader=ffcv (a raw .beton: the same pixels) give the
     torch path's accuracies on the whole (small) splits; subsets with ffcv are a clear error."""
-    import data
+    import ffcv_data
     pytest.importorskip("ffcv")
-    data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
+    ffcv_data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
     common = ["--arch=resnet18_cifar", "--widths=1.0,0.25", f"--data_path={cifar_small}", "--calib_images=40",
               "--batch_size=50", "--k=5,20", "--autocast=false"]
     res = {}

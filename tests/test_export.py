@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from config import ConfigError
 from data import build_dataset, eval_transform
-from eval_knn import _autocast, fixed_calibration_batches
+from knn import _autocast, fixed_calibration_batches
 from export import CLASSIFIER, Config, main, torchvision_model
 from models import ARCHS, calibrate_bn, export, set_active
-from utils import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated, still the format asked for

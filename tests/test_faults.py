@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+import ffcv_data
 from models import ARCHS
 from tests.test_dspnet import tiny_args as dspnet_args
 from tests.test_train_us3l import REPO, run
@@ -108,7 +109,7 @@ def test_checkpoint_never_read_half_written(tmp_path):
 POISON = textwrap.dedent("""
     import os, sys
     import {module} as trainer
-    from utils import run
+    from config import run
 
     step_fn, calls = trainer.{fn}, [0]
 
@@ -213,11 +214,11 @@ def test_write_beton_on_bad_images(cifar_small, tmp_path, monkeypatch):
     """FFCV's writer processes hang when one raises: the bad image must still end the write, named."""
     root = bad_folder(cifar_small, tmp_path / "bad")
     with pytest.raises(data.BadImageError, match=r"2 image\(s\) .* could not be written; the first: .*\.jpg"):
-        data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)
+        ffcv_data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)
     assert not list((tmp_path / "b").iterdir())  # no partial .beton
     monkeypatch.setattr(data, "BAD_IMAGES", "skip")
-    path = data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
-    assert len(data.beton_labels(path)) == 204
+    path = ffcv_data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
+    assert len(ffcv_data.beton_labels(path)) == 204
 
 
 def test_decompression_bomb_follows_the_policy(tmp_path, monkeypatch):
@@ -243,11 +244,11 @@ def test_decompression_bomb_follows_the_policy(tmp_path, monkeypatch):
     assert img.size == (8, 8) and y == ds.labels[big + 1] == 1  # the next readable image, b/0.png
 
     pytest.importorskip("ffcv")
-    path = data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
-    assert len(data.beton_labels(path)) == 5
+    path = ffcv_data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)["train"]
+    assert len(ffcv_data.beton_labels(path)) == 5
     monkeypatch.setattr(data, "BAD_IMAGES", "fail")
     with pytest.raises(data.BadImageError, match=r"1 image\(s\) .* could not be written; the first: .*big\.png"):
-        data.write_beton(root, tmp_path / "c", splits=["train"], raw=True, num_workers=1)
+        ffcv_data.write_beton(root, tmp_path / "c", splits=["train"], raw=True, num_workers=1)
 
 
 # --- bad config and arguments: one line naming the key and what is allowed -------------------------

@@ -1,4 +1,4 @@
-"""data.py's FFCV path: .beton writer (python and CLI), two-view and eval loaders, data order. CPU,
+"""ffcv_data.py: .beton writer (python and CLI), two-view and eval loaders, data order. CPU,
 real CIFAR-10 images (the cifar_small fixture). Most of the time is ffcv's import and numba compiling
 each loader's pipeline (a few seconds per loader), so the tests share three loaders."""
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import ffcv_data
 
 pytest.importorskip("ffcv")
 # NOTE: numba's finalizers raise KeyError when a compiled ffcv loader is garbage collected (ffcv 1.0.2,
@@ -28,11 +29,11 @@ def source_pixels(ds):
 
 
 def cli(*args):
-    """`python data.py write-beton ARGS` run in this process (a subprocess would spend ~8 s importing
+    """`python ffcv_data.py ARGS` run in this process (a subprocess would spend ~8 s importing
     torch and ffcv again): returns the SystemExit message of an error, else None."""
-    with mock.patch.object(sys, "argv", ["data.py", "write-beton", *map(str, args)]):
+    with mock.patch.object(sys, "argv", ["ffcv_data.py", *map(str, args)]):
         try:
-            runpy.run_path(str(REPO / "data.py"), run_name="__main__")
+            runpy.run_path(str(REPO / "ffcv_data.py"), run_name="__main__")
         except SystemExit as e:
             return str(e.code)
 
@@ -41,7 +42,7 @@ def cli(*args):
 def betons(cifar_small, tmp_path_factory):
     """raw/{train,test}.beton written by write_beton, jpg/{train,test}.beton by the CLI."""
     root = tmp_path_factory.mktemp("betons")
-    paths = data.write_beton(cifar_small, root / "raw", raw=True, num_workers=1)
+    paths = ffcv_data.write_beton(cifar_small, root / "raw", raw=True, num_workers=1)
     assert paths == {"train": root / "raw/train.beton", "test": root / "raw/test.beton"}
     assert cli("--data_path", cifar_small, "--out", root / "jpg", "--jpeg_quality", 90, "--num_workers", 1) is None
     assert (root / "jpg/train.beton").is_file() and (root / "jpg/test.beton").is_file()
@@ -51,7 +52,7 @@ def betons(cifar_small, tmp_path_factory):
 @pytest.fixture(scope="module")
 def train_loader(betons):
     """One two-view loader (numba compiles once), moved between epochs with set_epoch."""
-    ALIVE.append(loader := data.build_ffcv_loader(betons / "raw/train.beton", B, 32, seed=3, num_workers=1))
+    ALIVE.append(loader := ffcv_data.build_ffcv_loader(betons / "raw/train.beton", B, 32, seed=3, num_workers=1))
     return loader
 
 
@@ -65,8 +66,8 @@ def collect(loader):
 
 def test_raw_round_trip_exact(cifar_small, betons):
     ds = data.build_dataset(cifar_small, "test")
-    assert np.array_equal(data.beton_labels(betons / "raw/test.beton"), ds.labels)
-    ALIVE.append(loader := data.build_ffcv_eval_loader(betons / "raw/test.beton", 64, 32, num_workers=1))
+    assert np.array_equal(ffcv_data.beton_labels(betons / "raw/test.beton"), ds.labels)
+    ALIVE.append(loader := ffcv_data.build_ffcv_eval_loader(betons / "raw/test.beton", 64, 32, num_workers=1))
     batches = [(x.clone(), y.clone(), i.clone()) for x, y, i in loader]
     assert [len(y) for _, y, _ in batches] == [64, 36]  # no drop_last in eval
     x, y, idx = (torch.cat(t) for t in zip(*batches))
@@ -77,8 +78,8 @@ def test_raw_round_trip_exact(cifar_small, betons):
 
 def test_jpg_round_trip_close(cifar_small, betons):
     ds = data.build_dataset(cifar_small, "train")
-    assert np.array_equal(data.beton_labels(betons / "jpg/train.beton"), ds.labels)
-    ALIVE.append(loader := data.build_ffcv_eval_loader(betons / "jpg/train.beton", 200, 32, num_workers=1))
+    assert np.array_equal(ffcv_data.beton_labels(betons / "jpg/train.beton"), ds.labels)
+    ALIVE.append(loader := ffcv_data.build_ffcv_eval_loader(betons / "jpg/train.beton", 200, 32, num_workers=1))
     x, y, idx = next(iter(loader))
     assert torch.equal(idx, torch.arange(200)) and torch.equal(y, torch.from_numpy(ds.labels))
     err = (x.float() - source_pixels(ds).float()).abs()
@@ -95,9 +96,9 @@ def test_hf_source(cifar_small, tmp_path):
     hf = datasets.Dataset.from_dict({"img": [str(f) for f in files],
                                      "label": [classes.index(f.parent.name) for f in files]}, features=features)
     datasets.DatasetDict(train=hf).save_to_disk(tmp_path / "hf")
-    out = data.write_beton(f"hf:{tmp_path / 'hf'}", tmp_path / "b", splits=["train"], raw=True, num_workers=1)
+    out = ffcv_data.write_beton(f"hf:{tmp_path / 'hf'}", tmp_path / "b", splits=["train"], raw=True, num_workers=1)
     ds = data.build_dataset(f"hf:{tmp_path / 'hf'}", "train")
-    assert np.array_equal(data.beton_labels(out["train"]), ds.labels) and len(ds) == 40
+    assert np.array_equal(ffcv_data.beton_labels(out["train"]), ds.labels) and len(ds) == 40
     meta = Reader(str(out["train"])).metadata["f0"]  # raw pixels at data_ptr: read them without a loader
     for i in (0, 17, 39):
         stored = np.fromfile(out["train"], np.uint8, 32 * 32 * 3, offset=int(meta["data_ptr"][i]))
@@ -106,12 +107,12 @@ def test_hf_source(cifar_small, tmp_path):
 
 def test_writer_errors(cifar_small, betons, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
-        data.write_beton(cifar_small, betons / "raw", raw=True)
+        ffcv_data.write_beton(cifar_small, betons / "raw", raw=True)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        data.write_beton(tmp_path / "nowhere", tmp_path / "out")
+        ffcv_data.write_beton(tmp_path / "nowhere", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(FileNotFoundError, match="write-beton"):
-        data.beton_labels(tmp_path / "none.beton")
+    with pytest.raises(FileNotFoundError, match="ffcv_data.py"):
+        ffcv_data.beton_labels(tmp_path / "none.beton")
 
 
 def test_cli_errors(betons, tmp_path, cifar_small):
@@ -125,7 +126,7 @@ def test_cli_errors(betons, tmp_path, cifar_small):
 
 
 def test_two_views(betons, train_loader):
-    labels = data.beton_labels(betons / "raw/train.beton")
+    labels = ffcv_data.beton_labels(betons / "raw/train.beton")
     train_loader.set_epoch(0)
     batches = collect(train_loader)
     assert len(train_loader) == len(batches) == 200 // B
@@ -161,7 +162,7 @@ def test_mid_epoch_start(train_loader):
 def test_rank_shards(betons):
     path = betons / "raw/train.beton"
     for epoch in (0, 4):
-        shards = [data.build_ffcv_loader(path, B, 32, epoch=epoch, seed=3, rank=r, world=2, num_workers=1)
+        shards = [ffcv_data.build_ffcv_loader(path, B, 32, epoch=epoch, seed=3, rank=r, world=2, num_workers=1)
                   for r in range(2)]
         orders = [s.order for s in shards]
         assert [len(s) for s in shards] == [6, 6] and not set(orders[0].tolist()) & set(orders[1].tolist())
@@ -171,13 +172,13 @@ def test_rank_shards(betons):
         together = torch.cat([orders[0].view(6, B), orders[1].view(6, B)], 1).flatten()  # (6, 2B) -> flat
         glob = torch.randperm(200, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch))
         assert torch.equal(together, glob[:6 * 2 * B])
-    sub = data.build_ffcv_loader(path, B, 32, seed=3, indices=np.arange(100, 200), num_workers=1)
+    sub = ffcv_data.build_ffcv_loader(path, B, 32, seed=3, indices=np.arange(100, 200), num_workers=1)
     assert len(sub) == 100 // B and set(sub.order.tolist()) <= set(range(100, 200))
 
 
 def test_eval_shards(betons):
     path = betons / "raw/test.beton"
-    shards = [data.build_ffcv_eval_loader(path, 16, 32, rank=r, world=3, num_workers=1) for r in range(3)]
+    shards = [ffcv_data.build_ffcv_eval_loader(path, 16, 32, rank=r, world=3, num_workers=1) for r in range(3)]
     assert [len(s.order) for s in shards] == [34, 34, 34] and [len(s) for s in shards] == [3, 3, 3]
     rows = torch.cat([s.order for s in shards])
     assert torch.equal(rows.unique(), torch.arange(100)) and rows[-2:].tolist() == [0, 1]  # padded
@@ -185,10 +186,10 @@ def test_eval_shards(betons):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda(cifar_small, betons):
-    ALIVE.append(loader := data.build_ffcv_eval_loader(betons / "raw/test.beton", 64, 32, device="cuda"))
+    ALIVE.append(loader := ffcv_data.build_ffcv_eval_loader(betons / "raw/test.beton", 64, 32, device="cuda"))
     x, y, idx = (torch.cat(t) for t in zip(*[(x.clone(), y.clone(), i.clone()) for x, y, i in loader]))
     ds = data.build_dataset(cifar_small, "test")
     assert x.is_cuda and y.is_cuda and idx.is_cuda and torch.equal(x.cpu(), source_pixels(ds))
-    ALIVE.append(loader := data.build_ffcv_loader(betons / "raw/train.beton", B, 24, device="cuda"))
+    ALIVE.append(loader := ffcv_data.build_ffcv_loader(betons / "raw/train.beton", B, 24, device="cuda"))
     (v1, v2), y = next(iter(loader))
     assert v1.is_cuda and v1.dtype == torch.uint8 and v2.shape == (B, 3, 24, 24) and y.device == v1.device

@@ -1,4 +1,4 @@
-"""eval_knn.py: the weighted kNN equals a brute-force reference, is perfect on separable data, knn_eval
+"""knn.py: the weighted kNN equals a brute-force reference, is perfect on separable data, knn_eval
 leaves the backbone as it found it, and 2 processes (unequal and padded shards) give exactly the
 1-process features, order and accuracies."""
 
@@ -12,11 +12,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import eval_knn
-from eval_knn import (build_knn_loaders, calibration_batches, calibration_shard, extract_features, knn_accuracy,
-                      knn_eval, knn_predict)
+import knn
 from data import build_dataset, eval_transform
-from models import ARCHS, BasicBlock, ResNet, SlimConv2d, calibrate_bn
+from knn import (build_knn_loaders, calibration_batches, calibration_shard, extract_features, knn_accuracy, knn_eval,
+                 knn_predict)
+from models import ARCHS, BasicBlock, ResNet, calibrate_bn
+from slim import SlimConv2d
 
 
 def brute_force_scores(train, train_y, test, num_classes, k, T):
@@ -108,14 +109,14 @@ def test_calibration_shard_same_batches_for_any_process_count(monkeypatch):
     for world in (2, 3):
         shares = []
         for rank in range(world):
-            monkeypatch.setattr(eval_knn, "_world", lambda rank=rank, world=world: (rank, world))
+            monkeypatch.setattr(knn, "_world", lambda rank=rank, world=world: (rank, world))
             shares.append([b.flatten().tolist() for b in calibration_shard(Indexed(), 11, 3, seed=0, pool=pool)])
         assert shares == [one[r::world] for r in range(world)]
-    monkeypatch.setattr(eval_knn, "_world", lambda: (0, 5))
+    monkeypatch.setattr(knn, "_world", lambda: (0, 5))
     with pytest.raises(ValueError, match="4 calibration batch"):  # every rank raises: none hangs
         calibration_shard(Indexed(), 11, 3, pool=pool)
     # without a pool: the whole dataset, as calibration_batches draws on 1 process
-    monkeypatch.setattr(eval_knn, "_world", lambda: (0, 1))
+    monkeypatch.setattr(knn, "_world", lambda: (0, 1))
     ref = calibration_batches(DataLoader(Indexed(), batch_size=8), 20, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(calibration_shard(Indexed(), 20, 8, seed=3), ref, strict=True))
 
@@ -220,5 +221,5 @@ def test_merge_topk_of_shards_is_the_whole_banks_topk():
         s, i = sim[:, p].topk(min(12, sim[:, p].shape[1]), dim=1)
         sims.append(F.pad(s, (0, 12 - s.shape[1]), value=float("-inf")))
         labs.append(F.pad(labels[:, p].gather(1, i), (0, 12 - s.shape[1])))
-    got_sim, got_labels = eval_knn.merge_topk(sims, labs, 12)
+    got_sim, got_labels = knn.merge_topk(sims, labs, 12)
     assert torch.equal(got_sim, ref_sim) and torch.equal(got_labels, labels.gather(1, ref_pos))

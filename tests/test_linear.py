@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import eval_linear
+from config import ConfigError, parse_config
 from data import build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
-from utils import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def test_finetune_trains_each_subnetwork_and_reports_every_width(cifar_small, tm
     assert eval_linear.schedule(Config(finetune=True), 12_811, 1_281_167) == (30, 0.01)  # SimCLR's 1% list
     assert eval_linear.schedule(Config(), 100, 100) == (100, 0.1)
     assert eval_linear.schedule(Config(head_bn=False, epochs=80), 100, 100) == (80, 0.2)
-    from models import SlimBatchNorm2d
+    from slim import SlimBatchNorm2d
 
     model = tiny_resnet()
     params = [p.clone() for p in model.parameters()]
@@ -297,9 +297,9 @@ def test_cli_two_cpu_processes_equal_one(cifar_small, one_process, tmp_path):
 def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
     """Features through loader=device and loader=ffcv (a raw .beton: the same pixels, the same rows)
     train the same heads as the torch path: the same accuracies, labeled subset and test subset too."""
-    import data
+    import ffcv_data
     pytest.importorskip("ffcv")
-    data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
+    ffcv_data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
     res = {}
     for kind in ("torch", "device", "ffcv"):
         cfg = tiny_cfg(cifar_small, tmp_path / kind, loader=kind, ffcv_path=str(tmp_path / "beton"),

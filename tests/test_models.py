@@ -4,7 +4,8 @@ BN calibration."""
 import pytest
 import torch
 
-from models import (ARCHS, SlimBatchNorm2d, calibrate_bn, export, make_divisible, profile, set_active)
+from models import ARCHS, calibrate_bn, export, profile, set_active
+from slim import SlimBatchNorm2d, make_divisible
 
 RESNETS = [a for a in ARCHS if a.startswith("resnet")]
 

@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_us3l
-from models import ARCHS, BatchNorm1d, SlimBatchNorm2d, calibrate_bn, projection_mlp, set_active, set_sync_bn
+from models import ARCHS, calibrate_bn, projection_mlp, set_active, set_sync_bn
+from slim import BatchNorm1d, SlimBatchNorm2d
 from utils import all_reduce_grads_, optimizer_step_
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import yaml
 
 import train_dspnet
 import train_us3l
+from config import parse_config
 from models import ARCHS, BasicBlock, ResNet
 from train_us3l import Config, check_config
-from utils import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",

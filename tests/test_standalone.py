@@ -96,3 +96,21 @@ def test_licence_and_citation():
     assert "CVPR" in us3l["conference"]["name"] and dspnet["authors"][0]["family-names"] == "Wang"
     readme = (REPO / "README.md").read_text()
     assert "MIT" in readme and "CITATION.cff" in readme and "docs/design.md" in readme
+
+
+def test_layout_table_matches_the_files():
+    """README's layout table names every top-level script and folder of the repository and nothing that
+    is not there; every Python file stays within the style's budget of about 500 lines."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("## Layout"):]
+    table = table[:table.index("\n## ")]
+    named = {name.rstrip("/") for row in table.splitlines() if row.startswith("| `")
+             for name in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    files = repo_files()
+    top = {f for f in files if "/" not in f and f.endswith(".py")}
+    folders = {f.split("/")[0] for f in files if "/" in f and not f.startswith(".")}
+    assert top - named == set(), f"README's layout table lacks {sorted(top - named)}"
+    assert folders - named - {"docs"} == set(), f"README's layout table lacks {sorted(folders - named)}"
+    assert {n for n in named if not (REPO / n).exists()} == set()
+    long = {f: n for f in files if f.endswith(".py") and (n := len((REPO / f).read_text().splitlines())) > 520}
+    assert not long, f"past the ~500-line budget, split along a seam: {long}"

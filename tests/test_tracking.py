@@ -11,17 +11,18 @@ from dataclasses import replace
 
 import pytest
 import torch
-import yaml
 
 import eval_knn
 import eval_linear
 import train_dspnet
 import train_us3l
+import yaml
+from config import ConfigError, parse_config
 from models import ARCHS
 from tests.test_dspnet import tiny_args as dspnet_args
 from tests.test_train_us3l import REPO, run
 from tests.test_train_us3l import tiny_args as us3l_args
-from utils import ConfigError, check_tracker, parse_config, tracker_config
+from utils import check_tracker, tracker_config
 
 FAST_KNN = ["--bank_subset=60", "--test_subset=30", "--calib_images=40", "--batch_size=20", "--k=5,20"]
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import losses
+from config import ConfigError
 from models import calibrate_bn, export, load_backbone
 from train_us3l import Config, check_config, pair_loss, sample_widths
-from utils import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_device_and_ffcv_loaders(cifar_small, tmp_path):
     train, log and finish like the torch path, from the same initial weights (the kNN of the random
     init is the same: the loaders are built before the seeded model); a missing .beton is a clear error."""
     beton = tmp_path / "beton"
-    p = run([sys.executable, "data.py", "write-beton", f"--data_path={cifar_small}", f"--out={beton}", "--raw",
+    p = run([sys.executable, "ffcv_data.py", f"--data_path={cifar_small}", f"--out={beton}", "--raw",
              "--splits=train", "--num_workers=1"])
     assert p.returncode == 0, p.stderr[-3000:]
     init = {}
@@ -176,4 +176,4 @@ def test_device_and_ffcv_loaders(cifar_small, tmp_path):
     assert init["device"] == init["ffcv"]  # the ffcv run's monitor reads data_path with the torch loader
     p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "x", loader="ffcv",
                                                          ffcv_path=tmp_path / "none")])
-    assert p.returncode != 0 and "train.beton" in p.stderr and "write-beton" in p.stderr
+    assert p.returncode != 0 and "train.beton" in p.stderr and "ffcv_data.py" in p.stderr

@@ -17,16 +17,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
-from utils import (
-    LARS,
-    atomic_save,
-    check_finite,
-    cosine,
-    ema_update_,
-    log_jsonl,
-    param_groups,
-    warmup_cosine,
-)
+from utils import LARS, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +165,8 @@ TWO_PROC = textwrap.dedent("""
     import dataclasses, torch
     from accelerate import Accelerator
     from torch import nn
-    from utils import LARS, check_finite, param_groups, run
+    from config import run
+    from utils import LARS, check_finite, param_groups
 
     @dataclasses.dataclass
     class Config:

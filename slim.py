@@ -1,0 +1,278 @@
+"""Slimmable layers: one set of weights, many widths (leading-channel slices). The architectures
+built from them, and what you do with a sub-network (set_active, calibrate_bn, export, profile), are
+in models.py.
+
+A layer with C channels at full width runs at width w with make_divisible(C*w) leading channels; its
+input width is whatever arrives (x.shape[1]), so the only state is the width each layer is set to
+(set_width, called by models.set_active).
+
+    conv = SlimConv2d(64, 128, 3)        # weight allocated at full width (128, 64, 3, 3)
+    conv.set_width(0.5)                  # forward now outputs 64 channels, from however many come in
+    bn = SlimBatchNorm2d(128)            # per-channel statistics and affine, sliced the same way
+    plain = conv.to_plain(cin=32)        # a plain nn.Conv2d holding the slice (models.export)
+
+BN across processes: with `sync` set (models.set_sync_bn), SlimBatchNorm2d and the heads' BatchNorm1d
+normalize with the statistics of the global batch (every process's batch of the active channel
+slice), so N processes of batch B/N train what one process of batch B trains. Generic collectives
+(all_reduce of sums), so it runs on gloo (CPU) and NCCL alike.
+
+This file imports nothing from the rest of the repo; models.py imports only this file.
+"""
+
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_divisible(v, divisor=8):
+    """Round v to a multiple of divisor: never below divisor, never more than 10% below v."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+# ----------------------------------------------------------------------------------------------
+# Slimmable primitives. Weights are allocated at full width and sliced in forward (views, never
+# stored copies). `out_base * factor` is the full output size; at width w a layer outputs
+# make_divisible(out_base * w, divisor) * factor channels (factor > 1 keeps MobileNetV2's expanded
+# layers exactly `t` times their input, as in the standard width-w MobileNetV2). slim_out=False
+# pins the output (classifier, MobileNetV2's last 1x1 conv).
+
+class _Slim:
+    def _init_slim(self, out_base, factor, divisor, slim_out):
+        self.out_base, self.factor, self.divisor, self.slim_out = out_base, factor, divisor, slim_out
+        self.set_width(1.0)
+
+    def set_width(self, w):
+        self.width = w
+        c = make_divisible(self.out_base * w, self.divisor) if self.slim_out and w != 1.0 else self.out_base
+        self.out_active = min(c, self.out_base) * self.factor
+
+
+class SlimConv2d(nn.Conv2d, _Slim):
+    def __init__(self, cin, cout, k, stride=1, padding=None, depthwise=False, bias=False,
+                 factor=1, divisor=8, slim_out=True):
+        super().__init__(cin, cout, k, stride, (k - 1) // 2 if padding is None else padding,
+                         groups=cout if depthwise else 1, bias=bias)
+        self.depthwise = depthwise
+        self._init_slim(cout // factor, factor, divisor, slim_out)
+
+    def forward(self, x):
+        cin, cout = x.shape[1], self.out_active
+        if self.depthwise:  # NOTE: a depthwise layer's output follows its input, not its own width
+            cout = cin
+        weight, bias = self.weight, self.bias
+        if cout != weight.shape[0] or (cin != weight.shape[1] and not self.depthwise):
+            # at full width the slice is skipped: its backward would allocate a weight-sized zero tensor
+            weight = self.weight[:cout] if self.depthwise else self.weight[:cout, :cin]
+            bias = self.bias[:cout] if self.bias is not None else None
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
+                        cout if self.depthwise else 1)
+
+    def to_plain(self, cin):
+        cout = cin if self.depthwise else self.out_active
+        m = nn.Conv2d(cin, cout, self.kernel_size, self.stride, self.padding,
+                      groups=cout if self.depthwise else 1, bias=self.bias is not None)
+        m.weight.data.copy_(self.weight[:cout] if self.depthwise else self.weight[:cout, :cin])
+        if self.bias is not None:
+            m.bias.data.copy_(self.bias[:cout])
+        return m
+
+
+class SlimLinear(nn.Linear, _Slim):
+    """Linear whose rows/columns may be structured in groups (ViT: q|k|v x heads, heads x head_dim);
+    slimming then keeps the leading entries of every group, so each head shrinks, none is dropped."""
+
+    def __init__(self, cin, cout, bias=True, factor=1, divisor=8, slim_out=True, in_groups=1, out_groups=1):
+        super().__init__(cin, cout, bias)
+        self.in_groups, self.out_groups = in_groups, out_groups
+        self._init_slim(cout // factor, factor, divisor, slim_out)
+
+    def _sliced(self, cin):
+        cout, og, ig = self.out_active, self.out_groups, self.in_groups
+        if cout == self.out_features and cin == self.in_features:
+            return self.weight, self.bias
+        if og == 1 and ig == 1:
+            w = self.weight[:cout, :cin]
+        else:  # (O, I) -> (og, O/og, ig, I/ig), keep the leading part of every group
+            w = self.weight.view(og, -1, ig, self.in_features // ig)[:, :cout // og, :, :cin // ig]
+            w = w.reshape(cout, cin)
+        b = None if self.bias is None else self.bias.view(og, -1)[:, :cout // og].reshape(cout)
+        return w, b
+
+    def forward(self, x):
+        return F.linear(x, *self._sliced(x.shape[-1]))
+
+    def to_plain(self, cin):
+        w, b = self._sliced(cin)
+        m = nn.Linear(cin, w.shape[0], bias=b is not None)
+        m.weight.data.copy_(w)
+        if b is not None:
+            m.bias.data.copy_(b)
+        return m
+
+
+def _sync_active():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _f32(x):  # bf16/fp16 -> fp32 for statistics; fp32 and fp64 stay as they are
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _pooled_moments(x):
+    """Per-channel (mean, biased var) of x (B, C[, H, W]) over the batch of every process: each rank's
+    count, mean and E[x^2] summed in float64 by one all-reduce (as calibrate_bn pools batches).
+    -> (C,) fp32 (fp64 for fp64 inputs) each, the same on every rank, and the total count. Every rank
+    must call it (a collective)."""
+    dims = [0, *range(2, x.ndim)]
+    var, mean = torch.var_mean(_f32(x), dim=dims, correction=0)
+    n = x.numel() // x.shape[1]
+    mean64 = mean.double()
+    s = torch.cat([mean64 * n, (var.double() + mean64 * mean64) * n, mean64.new_full((1,), n)])
+    dist.all_reduce(s)
+    c = mean.numel()
+    mean64 = s[:c] / s[-1]
+    return mean64.to(mean.dtype), (s[c:2 * c] / s[-1] - mean64 * mean64).clamp_min(0).to(mean.dtype), s[-1]
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm whose statistics are those of the global batch (all processes), with
+    the matching backward: the gradient through the shared mean and variance collects every rank's
+    dy (one more all-reduce). Generic tensor ops, so it runs on CPU (tests, gloo) and GPU alike; torch's
+    nn.SyncBatchNorm is GPU-only and knows no width slicing. Returns y and the pooled (mean, var).
+    NOTE: on CUDA the fused kernels nn.SyncBatchNorm runs (torch.batch_norm_stats, ..._elemt,
+    ..._backward_reduce) would save a few elementwise passes per BN; not measured, as no GPU was at hand."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        mean, var, n = _pooled_moments(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        y = (_f32(x) - mean.view(shape)) * scale.view(shape)
+        if bias is not None:
+            y = y + bias.to(y.dtype).view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd, n)
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        dims, shape = [0, *range(2, x.ndim)], (1, -1) + (1,) * (x.ndim - 2)
+        dy = dy.to(mean.dtype)
+        xhat = (_f32(x) - mean.view(shape)) * invstd.view(shape)
+        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)  # this rank's d bias, d weight
+        g = torch.cat([sum_dy, sum_dy_xhat]).double()
+        dist.all_reduce(g)
+        mean_dy, mean_dy_xhat = (g / n).to(mean.dtype).chunk(2)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        dx = (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape)) * scale.view(shape)
+        dw = None if weight is None else sum_dy_xhat.to(weight.dtype)
+        return dx.to(x.dtype), dw, None if weight is None else sum_dy.to(weight.dtype), None
+
+
+@torch.no_grad()
+def _momentum_stats_(bn, x, c, sync):
+    """Momentum BN ("Momentum^2 Teacher", Li et al. 2021): the running statistics of the first c
+    channels move toward this batch's (biased) mean and variance by the weight bn.stats_momentum, and
+    normalize in place of the batch's (weight 1: plain batch norm). The first batch (num_batches_tracked
+    0) sets them outright. sync: the global batch's statistics, so the same on every process.
+    -> (mean, var) to normalize with."""
+    if sync:
+        mean, var, _ = _pooled_moments(x)
+    else:
+        var, mean = torch.var_mean(_f32(x), dim=[0, *range(2, x.ndim)], correction=0)
+    m = torch.where(bn.num_batches_tracked == 0, 1.0, bn.stats_momentum).to(bn.running_mean)  # no host sync
+    bn.running_mean[:c].lerp_(mean.to(m), m)
+    bn.running_var[:c].lerp_(var.to(m), m)
+    bn.num_batches_tracked += 1
+    return bn.running_mean[:c], bn.running_var[:c]
+
+
+class SlimBatchNorm2d(nn.BatchNorm2d):
+    """BN shared by all widths: affine parameters sliced; batch statistics during training (running
+    statistics mean nothing across widths), exact per-width statistics from calibrate_bn for eval.
+    sync=True (set_sync_bn): in training, statistics of the active channel slice over every process's
+    batch, so N processes of batch B/N normalize as one process of batch B."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.stats_channels = None  # how many channels calibrate_bn last wrote; eval refuses others
+        self.stats_momentum = None  # momentum BN: the weight in [0, 1] of each new batch's statistics (set
+        # by train_dspnet.py on its target only, every step: a schedule); None: off
+        self.sync = False
+
+    def forward(self, x):
+        c = x.shape[1]
+        w, b = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        sync = self.training and self.sync and _sync_active()
+        if self.training and self.stats_momentum is not None:  # momentum BN: normalize with an EMA of batch
+            mean, var = _momentum_stats_(self, x, c, sync)  # statistics (the target: no gradient through them)
+            return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
+        if sync:
+            return _SyncBatchNorm.apply(x, w, b, self.eps)[0]
+        if self.training:
+            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        if self.stats_channels != c:
+            raise RuntimeError(f"BN statistics are not calibrated for this width ({c} channels, calibrated for "
+                               f"{self.stats_channels}): call calibrate_bn(model, batches, width=...) first")
+        return F.batch_norm(x, self.running_mean[:c], self.running_var[:c], w, b, False, 0.0, self.eps)
+
+    def to_plain(self, c, check_stats=True):
+        if check_stats and self.stats_channels != c:
+            raise RuntimeError("export needs calibrated BN statistics: call calibrate_bn with the same "
+                               "width and depth first")
+        m = nn.BatchNorm2d(c, eps=self.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(m, name).data.copy_(getattr(self, name)[:c])
+        return m
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d (the projector and heads: never slimmed) with the same sync switch: in training
+    with sync=True, statistics over every process's batch, running statistics updated from them.
+    stats_momentum: momentum BN as SlimBatchNorm2d's (DSPNet's target projector)."""
+
+    def __init__(self, c, affine=True):
+        super().__init__(c, affine=affine)
+        self.sync = False
+        self.stats_momentum = None  # momentum BN weight (train_dspnet.py's target); None: off
+
+    def forward(self, x):
+        if self.training and self.stats_momentum is not None:
+            mean, var = _momentum_stats_(self, x, x.shape[1], self.sync and _sync_active())
+            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        if not (self.training and self.sync and _sync_active()):
+            return super().forward(x)
+        y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():  # as nn.BatchNorm1d: running var unbiased over the global batch
+            n = x.shape[0] * dist.get_world_size()  # every rank holds the same batch size (drop_last)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked += 1
+        return y
+
+
+class SlimLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        c = x.shape[-1]
+        if c == self.normalized_shape[0]:
+            return F.layer_norm(x, (c,), self.weight, self.bias, self.eps)
+        return F.layer_norm(x, (c,), self.weight[:c], self.bias[:c], self.eps)
+
+    def to_plain(self, c):
+        m = nn.LayerNorm(c, eps=self.eps)
+        m.weight.data.copy_(self.weight[:c])
+        m.bias.data.copy_(self.bias[:c])
+        return m
+
+
+SLIM = (SlimConv2d, SlimLinear, SlimBatchNorm2d, SlimLayerNorm)
+
+
+def conv_bn(cin, cout, k=3, stride=1, act=nn.ReLU, **kw):
+    layers = [SlimConv2d(cin, cout, k, stride, **kw), SlimBatchNorm2d(cout)]
+    return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
