@@ -41,8 +41,9 @@ Decisions where the paper is silent or loose (NOTE; README and docs/design.md, U
   keys are gathered from all processes.
 Under N processes every BN (backbone at any width, heads, teacher) normalizes with the statistics of
 the global batch (sync_bn, models.set_sync_bn), so N processes of batch B/N train what one process of
-batch B trains (tested to 1e-4 in fp32) and the teacher's keys carry no per-process BN statistics
-(MoCo's "BN leak"); fp16 scales the loss (GradScaler) and skips an overflowing step on every rank.
+batch B trains (tested with 2 processes in fp64: equal to 1e-12) and the teacher's keys carry no
+per-process BN statistics (MoCo's "BN leak"); fp16 scales the loss (GradScaler) and skips an
+overflowing step on every rank.
 
 Re-running the same command resumes from out_dir/checkpoints (resume=auto). At the end out_dir holds
 backbone.pt (online backbone + EMA teacher, plain tensors; models.load_backbone reads it),
