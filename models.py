@@ -224,14 +224,46 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos position embedding (1, grid*grid + 1, dim), the class token's row zero (MoCo v3).
+    Frequencies omega_i = 10000^(-i / (dim/4)), i < dim/4; every patch at (row h, column w) gets
+    sin(w omega_i), cos(w omega_i), sin(h omega_i), cos(h omega_i) for each i. NOTE: the channels are
+    ordered frequency by frequency (4 channels per omega_i, highest frequency first), not MoCo v3's
+    [sin w | cos w | sin h | cos h] blocks (a fixed channel permutation: the same network at full
+    width). So the leading C channels that a slimmed ViT runs are a 2-D sin-cos of both axes at the
+    C/4 highest frequencies, and every width adds to a shared channel exactly what the full width
+    adds. Slicing the block layout would leave width 0.5 with the column code only; computing a
+    separate sin-cos at each width would give a shared channel a different code at every width."""
+    if dim % 4:
+        raise ValueError(f"sincos_pos_embed: dim={dim} must be a multiple of 4")
+    omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    h, w = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                          indexing="ij")
+    aw, ah = w.reshape(-1, 1) * omega, h.reshape(-1, 1) * omega  # (grid*grid, dim/4)
+    pe = torch.stack([aw.sin(), aw.cos(), ah.sin(), ah.cos()], -1).reshape(grid * grid, dim)
+    return torch.cat([torch.zeros(1, dim, dtype=pe.dtype), pe]).unsqueeze(0).float()
+
+
 class ViT(nn.Module):
-    def __init__(self, dim=192, depth=12, heads=3, img_size=224, patch_size=16, num_classes=0):
+    """pos_embed: learned (a Parameter, trunc-normal 0.02 init) | sincos (MoCo v3: fixed, a buffer, never
+    trained or decayed; sincos_pos_embed). frozen_patch_embed: MoCo v3's stability trick (Sec. 4.2),
+    a random patch projection that is never trained (requires_grad=False: no gradient, not in the
+    optimizer, no decay; the EMA teacher keeps the same values)."""
+
+    def __init__(self, dim=192, depth=12, heads=3, img_size=224, patch_size=16, num_classes=0,
+                 pos_embed="learned", frozen_patch_embed=False):
         super().__init__()
         divisor = 8 * heads
         self.img_size = img_size
         self.patch_embed = SlimConv2d(3, dim, patch_size, patch_size, padding=0, bias=True, divisor=divisor)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // patch_size) ** 2 + 1, dim) * 0.02)
+        grid = img_size // patch_size
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, grid ** 2 + 1, dim) * 0.02)
+        elif pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_pos_embed(dim, grid))
+        else:
+            raise ValueError(f"pos_embed={pos_embed!r}, allowed: learned, sincos")
         self.blocks = nn.Sequential(*[Block(dim, heads, divisor) for _ in range(depth)])
         self.norm = SlimLayerNorm(dim, eps=1e-6)
         self.feature_dim = dim
@@ -241,6 +273,10 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if frozen_patch_embed:  # MoCo v3: Xavier-uniform over the flattened (dim, 3 * p * p) weight
+            bound = math.sqrt(6.0 / (3 * patch_size ** 2 + dim))
+            nn.init.uniform_(self.patch_embed.weight, -bound, bound)
+            self.patch_embed.requires_grad_(False)
 
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
@@ -249,12 +285,18 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])  # class token
 
 
-def projection_mlp(in_dim, hidden_dim, out_dim, last_bn=False):
-    """Projector / predictor / US3L's auxiliary head: Linear-BN-ReLU-Linear (BYOL). The first Linear
-    takes whatever width arrives (a slimmed backbone's D_w leading features); the rest is fixed."""
-    layers = [SlimLinear(in_dim, hidden_dim, bias=False, slim_out=False), BatchNorm1d(hidden_dim),
-              nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=not last_bn)]
-    return nn.Sequential(*layers, *([BatchNorm1d(out_dim, affine=False)] if last_bn else []))
+def projection_mlp(in_dim, hidden_dim, out_dim, last_bn=False, layers=2):
+    """Projector / predictor / US3L's auxiliary head: Linear-BN-ReLU-Linear (BYOL), with layers=3 one
+    more Linear(hidden, hidden, no bias)-BN-ReLU (MoCo v3's projector; give it last_bn=True). The
+    first Linear takes whatever width arrives (a slimmed backbone's D_w leading features); the rest
+    is fixed. last_bn: a BN without affine after the last Linear (which then has no bias)."""
+    if layers not in (2, 3):
+        raise ValueError(f"projection_mlp: layers={layers}, allowed: 2, 3")
+    mods = [SlimLinear(in_dim, hidden_dim, bias=False, slim_out=False), BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+    if layers == 3:
+        mods += [nn.Linear(hidden_dim, hidden_dim, bias=False), BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+    mods.append(nn.Linear(hidden_dim, out_dim, bias=not last_bn))
+    return nn.Sequential(*mods, *([BatchNorm1d(out_dim, affine=False)] if last_bn else []))
 
 
 ARCHS = {
@@ -274,6 +316,9 @@ ARCHS = {
     "vit_small": partial(ViT, 384, 12, 6),
     "vit_tiny_cifar": partial(ViT, 192, 12, 3, img_size=32, patch_size=4),  # 64 tokens at 32 px
     "vit_small_cifar": partial(ViT, 384, 12, 6, img_size=32, patch_size=4),
+    # MoCo v3's ViT: fixed 2-D sin-cos position embedding, frozen random patch projection
+    "vit_tiny_cifar_mocov3": partial(ViT, 192, 12, 3, img_size=32, patch_size=4, pos_embed="sincos",
+                                     frozen_patch_embed=True),
 }
 
 
@@ -442,6 +487,8 @@ def export(model, width=1.0, depth=None, check_stats=True):
             plain = m.to_plain(cin, check_stats)
         else:
             plain = m.to_plain(cin)
+        if not any(p.requires_grad for p in m.parameters()):  # a frozen layer (ViT patch projection) stays so
+            plain.requires_grad_(False)
         setattr(parent, attr, plain)
     for m in net.modules():
         if isinstance(m, ResNet):  # drop the blocks this depth skips
@@ -450,7 +497,8 @@ def export(model, width=1.0, depth=None, check_stats=True):
         if isinstance(m, ViT):
             c = m.norm.normalized_shape[0]
             m.cls_token = nn.Parameter(m.cls_token.data[..., :c].clone())
-            m.pos_embed = nn.Parameter(m.pos_embed.data[..., :c].clone())
+            pe = m.pos_embed.data[..., :c].clone()  # a Parameter (learned) or a buffer (sincos) as before
+            m.pos_embed = nn.Parameter(pe, m.pos_embed.requires_grad) if isinstance(m.pos_embed, nn.Parameter) else pe
     left = [n for n, m in net.named_modules() if isinstance(m, SLIM)]
     assert not left, f"export left slimmable layers behind: {left}"
     set_active(model, 1.0)

@@ -34,7 +34,11 @@ Decisions where the paper is silent or loose (NOTE; README and docs/design.md, U
   gives wd 1e-4 with no exception and the release decays them too. Projector Linear(D, 2048, no
   bias)-BN-ReLU-Linear(2048, 128) (BYOL's, 2 layers); the aux head g (and the predictor of an MSE
   base loss) is the same MLP on 128-d; the paper gives no shape (the release: a 3-layer 2048-2048-
-  256 projector).
+  256 projector). The ViT recipe is MoCo v3's (the paper used its code): proj_layers=3 (Linear-BN-
+  ReLU twice, then Linear-BN without affine, hidden 4096, out 256), predictor=true (Linear-BN-ReLU-
+  Linear on the base network's query side only; the teacher's keys never pass it), arch
+  vit_tiny_cifar_mocov3 (models.ViT). With a predictor and no aux head, sub-networks distill
+  through the predictor (as with base_loss=mse); with one, g alone.
 - The two views run as one batch (BN statistics over both, as SimCLR); the model is not wrapped in
   DDP: each width has its own backward and the gradients are all-reduced once per step by hand (DDP
   would need no_sync and unused-parameter handling for the heads that some widths skip); InfoNCE
@@ -91,6 +95,10 @@ class Config:
     arch: str = "resnet18_cifar"  # a key of models.ARCHS
     proj_hidden: int = 2048  # projector / heads hidden size
     proj_dim: int = 128  # output of projector, predictor and auxiliary head
+    proj_layers: int = 2  # projector: 2 (BYOL: Linear-BN-ReLU-Linear) | 3 (MoCo v3: BN after every layer,
+    # the last BN without affine)
+    predictor: bool = False  # MoCo v3: a predictor MLP (proj_dim -> proj_hidden -> proj_dim) on the query
+    # side of the base network's InfoNCE (base_loss=mse always has one)
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
     # US3L (Table 7 switchboard; defaults = case 13)
     width_min: float = 0.25  # smallest width trained (R_min at the end of dynamic sampling)
@@ -155,6 +163,8 @@ def check_config(cfg):
     if cfg.num_widths < (2 if cfg.sandwich else 1):
         raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)"
                           if cfg.sandwich else f"config error: num_widths={cfg.num_widths} must be >= 1")
+    if cfg.proj_layers not in (2, 3):
+        raise ConfigError(f"config error: proj_layers={cfg.proj_layers}, allowed: 2, 3")
     if not cfg.temperature > 0:
         raise ConfigError(f"config error: temperature={cfg.temperature} must be > 0")
     check_tracker(cfg.tracker)
@@ -216,8 +226,9 @@ def main(cfg):
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     backbone = ARCHS[cfg.arch]()
     student = nn.ModuleDict({"backbone": backbone,
-                             "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim)})
-    if cfg.base_loss == "mse":
+                             "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim,
+                                                         last_bn=cfg.proj_layers == 3, layers=cfg.proj_layers)})
+    if cfg.base_loss == "mse" or cfg.predictor:
         student["predictor"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
     if cfg.aux_head and cfg.distill_loss != "none":
         student["aux"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
@@ -231,8 +242,10 @@ def main(cfg):
                           f"result depends on the number of processes")
 
     # optimizer: weight decay is applied by hand as group regularization (backbone, eqs. 4-5) and
-    # plain L2 (heads); no decay and no LARS adaptation for biases and norms (p.ndim <= 1)
-    groups = param_groups(student.parameters(), 0.0)
+    # plain L2 (heads); no decay and no LARS adaptation for biases and norms (p.ndim <= 1); frozen
+    # parameters (a ViT's patch projection with MoCo v3's recipe) are in none of these lists
+    trained = [p for p in student.parameters() if p.requires_grad]
+    groups = param_groups(trained, 0.0)
     lr_peak = cfg.base_lr * cfg.batch_size * world / 256
     if cfg.optimizer == "lars":
         optimizer = LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum)
@@ -243,9 +256,9 @@ def main(cfg):
     # NOTE: eq. (5) needs dim 0 in slimming order; a ViT's fused qkv rows (q|k|v x heads) and other
     # grouped layers are not, so they get plain decay (alpha 0).
     grouped = {m.weight for m in backbone.modules() if getattr(m, "out_groups", 1) > 1}
-    decay_backbone = [p for p in backbone.parameters() if p.ndim > 1 and p not in grouped]
-    decay_plain = list(grouped) + [p for k, m in student.items() if k != "backbone" for p in m.parameters()
-                                   if p.ndim > 1]
+    decay_backbone = [p for p in backbone.parameters() if p.ndim > 1 and p.requires_grad and p not in grouped]
+    decay_plain = [p for p in grouped if p.requires_grad] + [p for k, m in student.items() if k != "backbone"
+                                                             for p in m.parameters() if p.ndim > 1]
     accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; "
                       f"global batch {cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, "
                       f"{total} steps")
@@ -296,7 +309,7 @@ def main(cfg):
 
     # one step = the full-width base network and the sub-networks of sample_widths, each with its
     # own backward (activations of one width are freed before the next), one optimizer step
-    params = [p for p in student.parameters()]
+    params = trained
     last_save, t_log, seen = time.time(), time.time(), 0
     t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
@@ -419,12 +432,12 @@ def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scal
             set_active(student["backbone"], w)
             z = student["projector"](student["backbone"](x))
             if i == 0:  # base network: L_Base against the teacher (or its own other view)
-                q = student["predictor"](z) if cfg.base_loss == "mse" else z
+                q = student["predictor"](z) if "predictor" in student else z  # MoCo v3: query side only
                 own = not cfg.momentum_target_base
                 loss = pair_loss(cfg.base_loss, q, z if own else keys, cfg, own)
                 base_z = z.detach()
             elif distill is None:  # Table 7 'x': the base loss on the sub-network's own outputs
-                q = student["predictor"](z) if cfg.base_loss == "mse" else z
+                q = student["predictor"](z) if "predictor" in student else z
                 own = not cfg.momentum_target_sub
                 loss = pair_loss(cfg.base_loss, q, z if own else keys, cfg, own)
             else:  # L_Distill through the auxiliary head g to the teacher (or the base network)

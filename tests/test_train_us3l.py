@@ -1,6 +1,9 @@
 """train_us3l.py: the width schedule, a smoke run (2 CPU processes: tests/test_multiprocess.py),
 clear errors for bad config and missing data (kill and resume: tests/test_faults.py)."""
 
+import contextlib
+import copy
+import functools
 import json
 import os
 import subprocess
@@ -10,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import losses
-from config import ConfigError
-from models import calibrate_bn, export, load_backbone
-from train_us3l import Config, check_config, pair_loss, sample_widths
+import train_us3l
+from config import ConfigError, parse_config
+from models import ARCHS, ViT, calibrate_bn, export, load_backbone, projection_mlp
+from train_us3l import Config, check_config, forward_backward, pair_loss, sample_widths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +73,7 @@ def test_width_schedule_without_sandwich(dynamic):
     ({"temperature": 0.0}, "config error: temperature=0.0 must be > 0"),
     ({"num_widths": 1}, "config error: num_widths=1: the sandwich needs >= 2"),
     ({"num_widths": 0, "sandwich": False}, "config error: num_widths=0 must be >= 1"),
+    ({"proj_layers": 4}, "config error: proj_layers=4, allowed: 2, 3"),
 ])
 def test_loss_and_sampling_keys_are_checked(over, message):
     with pytest.raises(ConfigError, match=message):
@@ -177,3 +183,57 @@ def test_device_and_ffcv_loaders(cifar_small, tmp_path):
     p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "x", loader="ffcv",
                                                          ffcv_path=tmp_path / "none")])
     assert p.returncode != 0 and "train.beton" in p.stderr and "ffcv_data.py" in p.stderr
+
+
+def test_mocov3_predictor_on_the_query_side():
+    """predictor=true: the base network's InfoNCE is predictor(projector(backbone(x))) against the
+    teacher's keys (projector output, no predictor); the predictor gets gradients, the frozen patch
+    projection none."""
+    torch.manual_seed(0)
+    cfg = replace(Config(), predictor=True, proj_layers=3, infonce_negatives="other_view", temperature=0.2,
+                  aux_head=False, precision="no")
+    backbone = ViT(48, 1, 2, img_size=16, patch_size=4, pos_embed="sincos", frozen_patch_embed=True)
+    student = nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(48, 32, 16, last_bn=True, layers=3),
+                             "predictor": projection_mlp(16, 32, 16)})
+    teacher = copy.deepcopy(nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})).requires_grad_(False)
+    x = torch.randn(8, 3, 16, 16)
+    losses_, _ = forward_backward(student, teacher, x, [1.0], cfg, contextlib.nullcontext)
+    with torch.no_grad():
+        z = student["projector"](backbone(x))
+        keys = teacher["projector"](teacher["backbone"](x))
+        want = pair_loss("infonce", student["predictor"](z), keys, cfg)
+        without = pair_loss("infonce", z, keys, cfg)
+    torch.testing.assert_close(losses_[0], want)
+    assert not torch.allclose(want, without)
+    assert all(p.grad is not None for p in student["predictor"].parameters())
+    assert backbone.patch_embed.weight.grad is None and backbone.blocks[0].fc1.weight.grad is not None
+
+
+def test_vit_mocov3_recipe_trains(cifar_small, tmp_path, monkeypatch):
+    """yaml/vit_tiny_cifar10.yaml's keys, 2 steps on a 1-block 64-d ViT (8 px patches at 32 px: the kNN monitor runs at 32 px): the frozen patch projection
+    and the sin-cos buffer leave the run as they came (student and teacher), the rest trains."""
+    monkeypatch.setitem(ARCHS, "vit_mocov3_test", functools.partial(
+        ViT, 64, 1, 2, img_size=32, patch_size=8, pos_embed="sincos", frozen_patch_embed=True))
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "vit_tiny_cifar10.yaml")])
+    assert (cfg.arch, cfg.proj_layers, cfg.predictor, cfg.optimizer) == ("vit_tiny_cifar_mocov3", 3, True, "adamw")
+    tiny = {"data_path": str(cifar_small), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8,
+            "arch": "vit_mocov3_test", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
+            "knn_bank_subset": 20, "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "num_workers": 0,
+            "warmup_epochs": 0, "base_lr": 1e-2}
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = train_us3l.main(replace(cfg, **tiny))
+    finally:
+        torch.set_num_threads(n)
+    assert set(results["knn_top1"]) == {"1.0", "0.25"}
+    torch.manual_seed(cfg.seed)
+    init = ARCHS["vit_mocov3_test"]().state_dict()  # the run's initial weights (seeded the same way)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    for net in (ckpt["student"], ckpt["teacher"]):
+        for k in ("backbone.patch_embed.weight", "backbone.patch_embed.bias", "backbone.pos_embed"):
+            assert torch.equal(net[k], init[k.removeprefix("backbone.")]), k
+        assert not torch.equal(net["backbone.blocks.0.fc1.weight"], init["blocks.0.fc1.weight"])
+    assert any(k.startswith("predictor.") for k in ckpt["student"])
+    assert not any(k.startswith("predictor.") for k in ckpt["teacher"])
+    assert "projector.7.running_mean" in ckpt["teacher"]  # the 3-layer projector's last BN
