@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slim import (SLIM, BatchNorm1d, SlimBatchNorm2d, SlimConv2d, SlimLayerNorm, SlimLinear, _Slim, conv_bn,
-                  make_divisible)
+                  make_divisible, sincos_pos_embed)
 
 # ----------------------------------------------------------------------------------------------
 # ResNet (BasicBlock / Bottleneck, ImageNet or CIFAR stem, any stage widths and depths)
@@ -224,32 +224,7 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
-def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos position embedding (1, grid*grid + 1, dim), the class token's row zero (MoCo v3).
-    Frequencies omega_i = 10000^(-i / (dim/4)), i < dim/4; every patch at (row h, column w) gets
-    sin(w omega_i), cos(w omega_i), sin(h omega_i), cos(h omega_i) for each i. NOTE: the channels are
-    ordered frequency by frequency (4 channels per omega_i, highest frequency first), not MoCo v3's
-    [sin w | cos w | sin h | cos h] blocks (a fixed channel permutation: the same network at full
-    width). So the leading C channels that a slimmed ViT runs are a 2-D sin-cos of both axes at the
-    C/4 highest frequencies, and every width adds to a shared channel exactly what the full width
-    adds. Slicing the block layout would leave width 0.5 with the column code only; computing a
-    separate sin-cos at each width would give a shared channel a different code at every width."""
-    if dim % 4:
-        raise ValueError(f"sincos_pos_embed: dim={dim} must be a multiple of 4")
-    omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    h, w = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                          indexing="ij")
-    aw, ah = w.reshape(-1, 1) * omega, h.reshape(-1, 1) * omega  # (grid*grid, dim/4)
-    pe = torch.stack([aw.sin(), aw.cos(), ah.sin(), ah.cos()], -1).reshape(grid * grid, dim)
-    return torch.cat([torch.zeros(1, dim, dtype=pe.dtype), pe]).unsqueeze(0).float()
-
-
 class ViT(nn.Module):
-    """pos_embed: learned (a Parameter, trunc-normal 0.02 init) | sincos (MoCo v3: fixed, a buffer, never
-    trained or decayed; sincos_pos_embed). frozen_patch_embed: MoCo v3's stability trick (Sec. 4.2),
-    a random patch projection that is never trained (requires_grad=False: no gradient, not in the
-    optimizer, no decay; the EMA teacher keeps the same values)."""
-
     def __init__(self, dim=192, depth=12, heads=3, img_size=224, patch_size=16, num_classes=0,
                  pos_embed="learned", frozen_patch_embed=False):
         super().__init__()
@@ -258,10 +233,10 @@ class ViT(nn.Module):
         self.patch_embed = SlimConv2d(3, dim, patch_size, patch_size, padding=0, bias=True, divisor=divisor)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         grid = img_size // patch_size
-        if pos_embed == "learned":
+        if pos_embed == "sincos":  # MoCo v3's: fixed, a buffer (never trained or decayed)
+            self.register_buffer("pos_embed", sincos_pos_embed(dim, grid))  # dim: a multiple of 8 * heads
+        elif pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, grid ** 2 + 1, dim) * 0.02)
-        elif pos_embed == "sincos":
-            self.register_buffer("pos_embed", sincos_pos_embed(dim, grid))
         else:
             raise ValueError(f"pos_embed={pos_embed!r}, allowed: learned, sincos")
         self.blocks = nn.Sequential(*[Block(dim, heads, divisor) for _ in range(depth)])
@@ -273,9 +248,8 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if frozen_patch_embed:  # MoCo v3: Xavier-uniform over the flattened (dim, 3 * p * p) weight
-            bound = math.sqrt(6.0 / (3 * patch_size ** 2 + dim))
-            nn.init.uniform_(self.patch_embed.weight, -bound, bound)
+        if frozen_patch_embed:  # MoCo v3's: random (Xavier-uniform), never trained (requires_grad=False)
+            nn.init.xavier_uniform_(self.patch_embed.weight.data.view(dim, -1))
             self.patch_embed.requires_grad_(False)
 
     def forward(self, x):
@@ -286,14 +260,10 @@ class ViT(nn.Module):
 
 
 def projection_mlp(in_dim, hidden_dim, out_dim, last_bn=False, layers=2):
-    """Projector / predictor / US3L's auxiliary head: Linear-BN-ReLU-Linear (BYOL), with layers=3 one
-    more Linear(hidden, hidden, no bias)-BN-ReLU (MoCo v3's projector; give it last_bn=True). The
-    first Linear takes whatever width arrives (a slimmed backbone's D_w leading features); the rest
-    is fixed. last_bn: a BN without affine after the last Linear (which then has no bias)."""
-    if layers not in (2, 3):
-        raise ValueError(f"projection_mlp: layers={layers}, allowed: 2, 3")
+    """Projector / predictor / aux head: Linear-BN-ReLU-Linear (BYOL; layers=3: one more Linear-BN-ReLU, MoCo
+    v3). The first Linear takes whatever width arrives (a slimmed backbone's D_w features); the rest is fixed."""
     mods = [SlimLinear(in_dim, hidden_dim, bias=False, slim_out=False), BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-    if layers == 3:
+    for _ in range(layers - 2):
         mods += [nn.Linear(hidden_dim, hidden_dim, bias=False), BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
     mods.append(nn.Linear(hidden_dim, out_dim, bias=not last_bn))
     return nn.Sequential(*mods, *([BatchNorm1d(out_dim, affine=False)] if last_bn else []))
@@ -316,9 +286,8 @@ ARCHS = {
     "vit_small": partial(ViT, 384, 12, 6),
     "vit_tiny_cifar": partial(ViT, 192, 12, 3, img_size=32, patch_size=4),  # 64 tokens at 32 px
     "vit_small_cifar": partial(ViT, 384, 12, 6, img_size=32, patch_size=4),
-    # MoCo v3's ViT: fixed 2-D sin-cos position embedding, frozen random patch projection
-    "vit_tiny_cifar_mocov3": partial(ViT, 192, 12, 3, img_size=32, patch_size=4, pos_embed="sincos",
-                                     frozen_patch_embed=True),
+    "vit_tiny_cifar_mocov3": partial(ViT, 192, 12, 3, img_size=32, patch_size=4, pos_embed="sincos",  # MoCo v3's
+                                     frozen_patch_embed=True),  # fixed sin-cos, frozen patch projection
 }
 
 
@@ -487,8 +456,7 @@ def export(model, width=1.0, depth=None, check_stats=True):
             plain = m.to_plain(cin, check_stats)
         else:
             plain = m.to_plain(cin)
-        if not any(p.requires_grad for p in m.parameters()):  # a frozen layer (ViT patch projection) stays so
-            plain.requires_grad_(False)
+        plain.requires_grad_(any(p.requires_grad for p in m.parameters()))  # a frozen layer stays frozen
         setattr(parent, attr, plain)
     for m in net.modules():
         if isinstance(m, ResNet):  # drop the blocks this depth skips

@@ -276,3 +276,16 @@ SLIM = (SlimConv2d, SlimLinear, SlimBatchNorm2d, SlimLayerNorm)
 def conv_bn(cin, cout, k=3, stride=1, act=nn.ReLU, **kw):
     layers = [SlimConv2d(cin, cout, k, stride, **kw), SlimBatchNorm2d(cout)]
     return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
+
+
+def sincos_pos_embed(dim, grid):
+    """MoCo v3's fixed 2-D sin-cos position embedding (1, grid^2 + 1, dim), class token row 0: patch (h, w)
+    gets sin(w o_i), cos(w o_i), sin(h o_i), cos(h o_i), o_i = 10000^(-4i/dim). NOTE: ordered frequency
+    by frequency (not MoCo v3's [sin w|cos w|sin h|cos h] blocks: a channel permutation), so the leading
+    C channels a slimmed models.ViT runs are a sin-cos of both axes, and a channel's code is the same
+    at every width (docs/design.md)."""
+    omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    h, w = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
+    aw, ah = w.reshape(-1, 1) * omega, h.reshape(-1, 1) * omega  # (grid^2, dim/4)
+    pe = torch.stack([aw.sin(), aw.cos(), ah.sin(), ah.cos()], -1).reshape(grid * grid, dim)
+    return torch.cat([torch.zeros(1, dim, dtype=pe.dtype), pe]).unsqueeze(0).float()
