@@ -52,6 +52,7 @@ def reference(arch, width, depth, data, x):
     ("resnet50", 0.37, None, False),
     ("mobilenetv3_large", 0.37, None, False),
     ("vit_tiny_cifar", 0.37, None, False),
+    ("vit_tiny_cifar_mocov3", 0.37, None, False),  # fixed sin-cos buffer, frozen patch projection
 ])
 def test_every_format_equals_the_slimmed_network(arch, width, depth, dynamo, cifar_small, tmp_path):
     import onnxruntime

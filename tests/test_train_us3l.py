@@ -237,3 +237,6 @@ def test_vit_mocov3_recipe_trains(cifar_small, tmp_path, monkeypatch):
     assert any(k.startswith("predictor.") for k in ckpt["student"])
     assert not any(k.startswith("predictor.") for k in ckpt["teacher"])
     assert "projector.7.running_mean" in ckpt["teacher"]  # the 3-layer projector's last BN
+    model, _ = load_backbone(tmp_path / "backbone.pt")  # backbone.pt: loads, slims, exports
+    assert not model.patch_embed.weight.requires_grad and torch.equal(model.pos_embed, init["pos_embed"])
+    assert export(model, 0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 16)
