@@ -14,7 +14,8 @@ input width is whatever arrives (x.shape[1]), so the only state is the width eac
 BN across processes: with `sync` set (models.set_sync_bn), SlimBatchNorm2d and the heads' BatchNorm1d
 normalize with the statistics of the global batch (every process's batch of the active channel
 slice), so N processes of batch B/N train what one process of batch B trains. Generic collectives
-(all_reduce of sums), so it runs on gloo (CPU) and NCCL alike.
+(all_reduce of sums), so it runs on gloo (CPU) and NCCL alike. sincos_pos_embed: a fixed ViT position
+code whose leading-channel slices are themselves 2-D sin-cos codes (MoCo v3's ViT recipe).
 
 This file imports nothing from the rest of the repo; models.py imports only this file.
 """
