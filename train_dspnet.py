@@ -72,6 +72,7 @@ class Config:
     # desired networks, [width] or [width, depth per stage...]; default: the paper's MobileNetV3 widths
     proj_hidden: int = 4096  # BYOL projector / predictor hidden size
     proj_dim: int = 256  # BYOL projection size
+    predictor_lr: float = 1.0  # the predictor's lr as a multiple of the lr (paper, BYOL: 1)
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
     # DSPNet
     num_subnets: int = 4  # n of the sandwich rule: largest, smallest, n-2 others (paper: 4)
@@ -104,6 +105,7 @@ class Config:
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
     knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
+    knn_dns: str = "ends"  # the DNs the kNN monitor evaluates: ends (largest and smallest) | all
     knn_batch_size: int = 128
     tracker: str = ""  # tensorboard | wandb (optional, pip install wandb) | "": files in out_dir; log.jsonl always
 
@@ -154,7 +156,8 @@ def sample_dns(step, full_only_steps, num_dns, cfg):
 def main(cfg):
     for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no", "fp64"),
                          "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
-                         "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}.items():
+                         "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip"),
+                         "knn_dns": ("ends", "all")}.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if cfg.num_subnets < 1:
@@ -212,7 +215,9 @@ def main(cfg):
         accelerator.print(f"NOTE: sync_bn=false: BN statistics per process ({cfg.batch_size} x 2 views), so the "
                           f"result depends on the number of processes")
     lr_peak = cfg.base_lr * cfg.batch_size * world / 256
-    groups = param_groups(online.parameters(), cfg.weight_decay)  # no decay / adaptation for p.ndim <= 1
+    groups = param_groups([p for k in ("backbone", "projector") for p in online[k].parameters()], cfg.weight_decay)
+    groups += [{**g, "lr_mult": cfg.predictor_lr} for g in param_groups(online["predictor"].parameters(),
+                                                                          cfg.weight_decay)]  # no decay for ndim <= 1
     optimizer = (LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum, eta=cfg.lars_eta) if cfg.optimizer == "lars"
                  else torch.optim.SGD(groups, lr=lr_peak, momentum=cfg.sgd_momentum))
     accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; global batch "
@@ -241,10 +246,10 @@ def main(cfg):
     if run_id:
         results["wandb_id"] = run_id
 
-    def monitor(tag):  # weighted kNN on the online encoder at the largest and the smallest DN
+    def monitor(tag):  # weighted kNN on the online encoder at the largest and the smallest DN (or all DNs)
         t0, acc = time.time(), {}
         calib = calibration_batches(bank_loader, 2000, cfg.seed)
-        for dn in sorted({0, len(dns) - 1}):
+        for dn in range(len(dns)) if cfg.knn_dns == "all" else sorted({0, len(dns) - 1}):
             a = knn_eval(online["backbone"], bank_loader, test_loader, calib, [dns[dn]["width"]], device,
                          k=cfg.knn_k, temperature=cfg.knn_temperature, depth=dns[dn]["depth"],
                          autocast=cfg.precision == "bf16", all_reduce=world > 1,
@@ -284,7 +289,7 @@ def main(cfg):
             for m in target_bns:
                 m.stats_momentum = bn_m
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_mult", 1.0)
             picked = sample_dns(step, full_only_steps, len(dns), cfg)
             x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total

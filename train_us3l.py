@@ -58,7 +58,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -141,6 +141,7 @@ class Config:
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
     knn_test_subset: int = 0  # > 0: class-balanced subset of the test split
+    knn_widths: list[float] = field(default_factory=list)  # widths the kNN monitor evaluates ([]: 1.0, width_min)
     knn_batch_size: int = 128  # 128 was the fastest on the 2-core CPU (bf16, channels_last)
     tracker: str = ""  # tensorboard | wandb (optional, pip install wandb) | "": files in out_dir; log.jsonl always
 
@@ -160,6 +161,8 @@ def check_config(cfg):
     if cfg.width_min < floor:
         raise ConfigError(f"config error: width_min={cfg.width_min} is below {cfg.arch}'s minimum width {floor:.4g} "
                           f"(every layer at its channel floor); allowed: [{floor:.4g}, 1]")
+    if any(not floor <= w <= 1 for w in cfg.knn_widths):
+        raise ConfigError(f"config error: knn_widths={cfg.knn_widths}: each must be in [{floor:.4g}, 1]")
     if cfg.num_widths < (2 if cfg.sandwich else 1):
         raise ConfigError(f"config error: num_widths={cfg.num_widths}: the sandwich needs >= 2 (full + smallest)"
                           if cfg.sandwich else f"config error: num_widths={cfg.num_widths} must be >= 1")
@@ -286,7 +289,7 @@ def main(cfg):
         results["wandb_id"] = run_id
 
     def monitor(tag):  # weighted kNN on the online backbone, BN recalibrated per width
-        widths = sorted({1.0, cfg.width_min}, reverse=True)
+        widths = sorted(set(cfg.knn_widths) or {1.0, cfg.width_min}, reverse=True)
         t0 = time.time()
         calib = calibration_batches(bank_loader, 2000, cfg.seed)  # US-Nets calibrate on ~2k images
         acc = knn_eval(student["backbone"], bank_loader, test_loader, calib, widths, device, k=cfg.knn_k,

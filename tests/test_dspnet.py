@@ -173,11 +173,12 @@ def tiny_args(data, out, **over):
 
 def test_smoke_run_backbone_and_eval_lists_every_dn(cifar_small, tmp_path):
     out = tmp_path / "run"
-    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out)])
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out, knn_dns="all")])
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    for key in ("knn_top1", "knn_top1_init"):  # the largest and the smallest DN
-        assert set(res[key]) == {"1.0", "0.25_d1-1-1-1"} and all(0 <= a <= 1 for a in res[key].values())
+    for key in ("knn_top1", "knn_top1_init"):  # knn_dns=all: every DN (the default, ends: the largest and smallest)
+        assert set(res[key]) == {"1.0", "0.5", "0.5_d1-1-1-1", "0.25_d1-1-1-1"}
+        assert all(0 <= a <= 1 for a in res[key].values())
     assert res["num_processes"] == 1
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6, 8]
@@ -200,13 +201,15 @@ def test_smoke_run_backbone_and_eval_lists_every_dn(cifar_small, tmp_path):
              "--batch_size=25", "--epochs=2"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert list(json.loads((tmp_path / "lin" / "results.json").read_text())) == names
-    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out)])
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, out, knn_dns="all")])
     assert p.returncode == 0 and "nothing to do" in p.stdout
 
 
 def test_clear_errors(cifar_small, tmp_path):
     p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, tmp_path / "o", dns="[[1.0],[0.5,9,9,9,9]]")])
     assert p.returncode != 0 and "dns entry [0.5, 9.0, 9.0, 9.0, 9.0]" in p.stderr
+    p = run([sys.executable, "train_dspnet.py", *tiny_args(cifar_small, tmp_path / "o", knn_dns="some")])
+    assert p.returncode != 0 and "knn_dns='some', allowed: ends, all" in p.stderr
     p = run([sys.executable, "train_dspnet.py", "--num_subnet=3"])
     assert p.returncode != 0 and "num_subnets" in p.stderr
 

@@ -159,6 +159,8 @@ def test_clear_errors(cifar_small, tmp_path):
     assert p.returncode != 0 and str(tmp_path / "nope") in p.stderr
     p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "o2", distill_loss="kl")])
     assert p.returncode != 0 and "distill_loss" in p.stderr and "infonce" in p.stderr
+    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "o3", knn_widths="[1.0,0.01]")])
+    assert p.returncode != 0 and "knn_widths=[1.0, 0.01]" in p.stderr
 
 
 def test_device_and_ffcv_loaders(cifar_small, tmp_path):
@@ -172,12 +174,13 @@ def test_device_and_ffcv_loaders(cifar_small, tmp_path):
     init = {}
     for kind, extra in (("device", {}), ("ffcv", {"ffcv_path": beton})):
         out = tmp_path / kind
-        p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out, loader=kind, max_steps=4, **extra)])
+        p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out, loader=kind, max_steps=4,
+                                                             knn_widths="[1.0,0.5,0.25]", **extra)])
         assert p.returncode == 0, p.stderr[-3000:]
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == [2, 4] and all(r["loss/1.0"] > 0 and 0 <= r["data_wait"] < 1 for r in log)
         results = json.loads((out / "results.json").read_text())
-        assert set(results["knn_top1"]) == {"1.0", "0.25"}
+        assert set(results["knn_top1"]) == set(results["knn_top1_init"]) == {"1.0", "0.5", "0.25"}  # knn_widths
         init[kind] = results["knn_top1_init"]
     assert init["device"] == init["ffcv"]  # the ffcv run's monitor reads data_path with the torch loader
     p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "x", loader="ffcv",
