@@ -419,9 +419,9 @@ class TorchLoader:
 
 
 class FFCVViews:
-    """ffcv_data.build_ffcv_loader (decode + RandomResizedCrop + flip per view in FFCV, uint8 on the device)
-    followed by the rest of each BYOL view batched here (crop=False). The augmentation generator is
-    seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG (not reproducible)."""
+    """ffcv_data.build_ffcv_loader (in FFCV one decode per image, RandomResizedCrop + flip per view, uint8 on
+    the device) followed by the rest of each BYOL view batched here (crop=False). The augmentation
+    generator is seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG (not reproducible)."""
 
     def __init__(self, path, dataset, size, batch_size, seed, rank, world, device, num_workers=None, subset=0):
         rows = None
@@ -487,7 +487,9 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
     if kind == "ffcv":
         path = os.path.join(ffcv_path, "train.beton")
         if not ffcv_path or not os.path.isfile(path):
+            cap = "--raw" if dataset.startswith("cifar") else "--max_resolution 256"
             raise FileNotFoundError(f"loader=ffcv needs ffcv_path, a folder with train.beton: {path!r} not found. "
-                                    f"Write it once: python ffcv_data.py --data_path {data_path} --out DIR")
+                                    f"Write it once: python ffcv_data.py --data_path {data_path} "
+                                    f"--out {ffcv_path or 'DIR'} {cap}")
         return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset)
     raise ConfigError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

@@ -1,6 +1,6 @@
-"""FFCV (.beton) data: write once, then decode, crop and flip in FFCV's compiled threads and get uint8
-batches on the device; the rest of the BYOL augmentation runs batched there (augment.py). The loader
-for ImageNet-size runs (loader=ffcv in the trainers and the evaluations).
+"""FFCV (.beton) data: write once, then decode (once per image for both views), crop and flip in FFCV's
+compiled threads and get uint8 batches on the device; the rest of the BYOL augmentation runs batched
+there (augment.py). The loader for ImageNet-size runs (loader=ffcv in the trainers and the evaluations).
 
     python ffcv_data.py --data_path data/cifar10 --out data/cifar10-ffcv --raw            # CIFAR, once
     python ffcv_data.py --data_path hf:NAME_OR_PATH --out DIR --max_resolution 256        # ImageNet, JPEG
@@ -17,7 +17,6 @@ order, so the same subset indices select the same images on either path.
 """
 
 import argparse
-import functools
 import os
 from pathlib import Path
 
@@ -35,8 +34,13 @@ def write_beton(data_path, out, splits=("train", "test"), max_resolution=None, j
     """Write OUT/<split>.beton (fields image: RGBImageField, label: IntField) for each split of anything
     build_dataset reads (image folder, torchvision CIFAR, hf:...; 'test' falls back to val as there).
     raw: store pixels (small images such as CIFAR: no decoding); else JPEG at jpeg_quality.
-    max_resolution: cap on the longer side (FFCV shrinks with INTER_AREA; ImageNet: 256-512). Each file
-    is written beside its final name and renamed when complete. Returns {split: path}."""
+    max_resolution: cap on the longer side (FFCV shrinks with INTER_AREA), required for JPEG: FFCV's
+    loaders allocate a pinned decode buffer per batch row for the largest stored image, and ImageNet has
+    images over 4000 px. Each file is written beside its final name and renamed when complete.
+    Returns {split: path}."""
+    if not raw and not max_resolution:
+        raise ValueError("JPEG .beton files need --max_resolution (max_resolution=), the cap on the longer side: "
+                         "256-384 for ImageNet at 224 px (FFCV's ImageNet example: ~256-512); --raw for CIFAR")
     out = Path(out).expanduser()
     targets = {s: out / f"{s}.beton" for s in splits}
     existing = [str(p) for p in targets.values() if p.exists()]
@@ -137,8 +141,9 @@ class FFCVLoader:
 
     def __iter__(self):
         for k, batch in enumerate(self.loader):
-            if self.kind == "views":  # ffcv 1.0.2 yields the file's fields first, then extra outputs
-                v1, y, v2 = batch
+            if self.kind == "views":  # (B, 2, H, W, 3) -> two (B, 3, H, W) views of the same buffer
+                x, y = batch
+                v1, v2 = x.permute(1, 0, 4, 2, 3)
                 yield (v1, v2), y
             elif self.kind == "view":
                 yield batch
@@ -155,28 +160,90 @@ def _to_device_image(device, flip):
     return [RandomHorizontalFlip(), *tail] if flip else tail
 
 
+def _mirror(image):
+    """Flip an (H, W, 3) array left-right in place (numba code; a copy per flip, `image[:, ::-1].copy()`, cost
+    the pair decoder 25% of its rate in bench/bench_data.py on 2 CPU threads)."""
+    w = image.shape[1]
+    for r in range(image.shape[0]):
+        for c in range(w // 2):
+            for ch in range(3):
+                image[r, c, ch], image[r, w - 1 - c, ch] = image[r, w - 1 - c, ch], image[r, c, ch]
+
+
+def _pair_decoder(size, min_scale):
+    """An FFCV decoder that decodes each stored image once (JPEG; raw pixels are used as stored) and
+    writes two independent RandomResizedCrop(size, scale=(min_scale, 1)) views of it, each flipped with
+    probability 1/2: output (B, 2, size, size, 3) uint8. It exists because FFCV's decoders give one crop
+    per decode, and a second PipelineSpec on the same field decodes every JPEG again: at ImageNet size
+    the decode, not the crop, is most of the loader's time. The class is built here so that importing
+    this module does not import ffcv."""
+    from dataclasses import replace
+
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    class PairDecoder(RandomResizedCropRGBImageDecoder):
+        def declare_state_and_memory(self, previous_state):  # the parent's buffers, two views per row
+            state, (out, scratch) = super().declare_state_and_memory(previous_state)
+            shape = (2, *out.shape)
+            return replace(state, shape=shape), (replace(out, shape=shape), scratch)
+
+        def generate_code(self):
+            jpg, read, rows = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            random_crop, mirror_c = Compiler.compile(get_random_crop), Compiler.compile(_mirror)
+            scale, ratio = np.array(self.scale), np.array(self.ratio)
+
+            def decode(batch_indices, storage, metadata, storage_state):
+                out, scratch = storage  # out (B, 2, size, size, 3); scratch (B, 3 * largest H * W)
+                for k in rows(len(batch_indices)):  # numba prange: rows in parallel threads
+                    field = metadata[batch_indices[k]]
+                    h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                    data = read(field["data_ptr"], storage_state)
+                    if field["mode"] == jpg:
+                        imdecode_c(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
+                        image = scratch[k][:3 * h * w].reshape(h, w, 3)
+                    else:
+                        image = data.reshape(h, w, 3)
+                    for v in range(2):  # crop and flip draws: numba's per-thread RNG, independent per view
+                        i, j, ch, cw = random_crop(h, w, scale, ratio)
+                        resize_crop_c(image, i, i + ch, j, j + cw, out[k, v])  # needs a contiguous out[k, v]
+                        if np.random.rand() < 0.5:
+                            mirror_c(out[k, v])
+                return out[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return PairDecoder((size, size), scale=(min_scale, 1.0))
+
+
 def build_ffcv_loader(path, batch_size, size, epoch=0, start=0, seed=0, rank=0, world=1, device="cpu",
                       two_views=True, min_scale=0.08, indices=None, num_workers=None, batches_ahead=3):
     """Pretraining batches from a .beton: per view RandomResizedCrop(size, scale=(min_scale, 1)) and a
-    flip in FFCV; yields ((v1, v2), y) (or (v, y) without two_views), v uint8 (B, 3, size, size), y int64
-    (B,), on `device`. Build once, then loader.set_epoch(epoch, start) before each epoch. The order is
-    EpochSampler(n, batch_size, epoch, start, seed, rank, world)'s (n = len(indices) if given, rows of
-    the file to draw from, else the file's size): a function of (seed, epoch), whole global batches,
-    start skips the epoch's first batches by dropping their rows. NOTE: unlike SeededViews, crops and
-    flips come from numba's per-thread RNG, not from (seed, epoch). NOTE: FFCV resizes crops with
-    INTER_AREA, the reference with bicubic."""
+    flip in FFCV, both views cut from one decode of each image; yields ((v1, v2), y) (or (v, y) without
+    two_views), v uint8 (B, 3, size, size), y int64 (B,), on `device`. Build once, then
+    loader.set_epoch(epoch, start) before each epoch. The order is EpochSampler(n, batch_size, epoch,
+    start, seed, rank, world)'s (n = len(indices) if given, rows of the file to draw from, else the
+    file's size): a function of (seed, epoch), whole global batches, start skips the epoch's first
+    batches by dropping their rows. NOTE: unlike SeededViews, crops and flips come from numba's
+    per-thread RNG, not from (seed, epoch). NOTE: FFCV resizes crops with INTER_AREA, the reference with
+    bicubic."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToDevice, ToTensor
 
     rows = np.arange(len(beton_labels(path))) if indices is None else np.asarray(indices, dtype=np.int64)
 
     def epoch_order(epoch, start):
         return rows[EpochSampler(len(rows), batch_size, epoch, start, seed, rank, world).indices().numpy()]
 
-    crop = functools.partial(RandomResizedCropRGBImageDecoder, (size, size), scale=(min_scale, 1.0))
-    pipes = {"image": [crop(), *_to_device_image(device, flip=True)]}
-    if two_views:  # a second decoder of the same stored field: an independent crop and flip
-        pipes["image2"] = PipelineSpec("image", decoder=crop(), transforms=_to_device_image(device, flip=True))
+    if two_views:  # (B, 2, size, size, 3) on the device; FFCVLoader splits the views
+        to_device = ToDevice(torch.device(device), non_blocking=True)
+        pipes = {"image": [_pair_decoder(size, min_scale), ToTensor(), to_device]}
+    else:
+        crop = RandomResizedCropRGBImageDecoder((size, size), scale=(min_scale, 1.0))
+        pipes = {"image": [crop, *_to_device_image(device, flip=True)]}
     return FFCVLoader(path, batch_size, pipes, "views" if two_views else "view", device, epoch_order, epoch,
                       start, num_workers, drop_last=True, batches_ahead=batches_ahead)
 
@@ -206,7 +273,8 @@ if __name__ == "__main__":
     parser.add_argument("--data_path", required=True, help="image folder, CIFAR folder or hf:PATH_OR_NAME")
     parser.add_argument("--out", required=True, help="folder for the .beton files (created)")
     parser.add_argument("--splits", default="train,test", help="comma-separated; test falls back to val")
-    parser.add_argument("--max_resolution", type=int, default=None, help="cap on the longer side, e.g. 256 (ImageNet)")
+    parser.add_argument("--max_resolution", type=int, default=None,
+                        help="cap on the longer side, required without --raw: 256-384 for ImageNet at 224 px")
     parser.add_argument("--jpeg_quality", type=int, default=90)
     parser.add_argument("--raw", action="store_true", help="store pixels, not JPEG (small images such as CIFAR)")
     parser.add_argument("--num_workers", type=int, default=None, help="writer processes (default min(8, cores))")
@@ -220,6 +288,7 @@ if __name__ == "__main__":
     try:
         paths = write_beton(args.data_path, args.out, args.splits.split(","), args.max_resolution, args.jpeg_quality,
                             args.raw, args.num_workers, args.overwrite, args.image_key, args.label_key)
-    except (OSError, KeyError, BadImageError) as e:  # missing data, an existing output, a foreign folder, a bad image
+    except (OSError, KeyError, ValueError, BadImageError) as e:  # missing data, an existing output, a foreign
+        # folder, JPEG without --max_resolution, a bad image
         raise SystemExit(f"error: {e}")
     print("wrote " + ", ".join(map(str, paths.values())))

@@ -375,8 +375,9 @@ def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_su
     paths = [os.path.join(ffcv_path, f"{split}.beton") for split in ("train", "test")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
+        cap = "--raw" if dataset_name.startswith("cifar") else "--max_resolution 256"
         raise ConfigError(f"config error: loader=ffcv: {', '.join(missing)} not found; write them with "
-                          "`python ffcv_data.py --data_path DIR --out FFCV_PATH`")
+                          f"`python ffcv_data.py --data_path DIR --out {ffcv_path or 'FFCV_PATH'} {cap}`")
     rank, world = _world()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset_name])
     size = 32 if dataset_name.startswith("cifar") else 224

@@ -15,6 +15,12 @@ Rates are images (= two-view pairs) per second.
     python bench/bench_data.py                    # 5000 images at 32 px, 1000 at 224 px, CPU or GPU
     python bench/bench_data.py --images 512       # quick: 512 at 32 px, 102 at 224 px
     python bench/bench_data.py --threads 1        # a CPU shared with other jobs (see NOTE)
+    python bench/bench_data.py --images 0         # only FFCV's two views: decode once against twice
+
+FFCV pairs (--ffcv_images, needs ffcv): CIFAR images upscaled to 256 px JPEGs, written to a .beton
+(max_resolution 256, as an ImageNet one), read as two 224 px views per image by
+ffcv_data.build_ffcv_loader (one decode, two crops and flips) and by two FFCV pipelines on the image
+field (the loader before: two decodes), epochs interleaved; prints the rates and their ratio.
 
 NOTE (2-core CPU, AVX512-BF16, shared with other jobs): multi-threaded torch ops wait for
 descheduled threads at every op (batched 32 px: 0.9k img/s with 2 threads, 4.6k with 1), so take
@@ -132,6 +138,40 @@ def upscaled_folder(src, n, size, out):
     return out
 
 
+def ffcv_pairs(src, n, args, device):
+    """img/s of decode-once (build_ffcv_loader) and decode-twice two-view FFCV loaders over n upscaled
+    JPEGs, and their ratio."""
+    import ffcv_data
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.pipeline import PipelineSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        upscaled_folder(src, n, 256, tmp)
+        beton = ffcv_data.write_beton(tmp, os.path.join(tmp, "ffcv"), ("train",), max_resolution=256,
+                                      num_workers=args.workers or 1)["train"]
+        batch, workers = args.batch_size_224, args.ffcv_workers or os.cpu_count()
+        once = ffcv_data.build_ffcv_loader(beton, batch, 224, device=device, num_workers=workers)
+        crop = [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.08, 1.0)) for _ in range(2)]
+        pipes = {"image": [crop[0], *ffcv_data._to_device_image(device, flip=True)],
+                 "image2": PipelineSpec("image", decoder=crop[1], transforms=ffcv_data._to_device_image(device, True))}
+        twice = ffcv_data.FFCVLoader(beton, batch, pipes, "view", device, once.epoch_order, num_workers=workers)
+        rates = {"once": [], "twice": []}
+        for r in range(args.repeats + 1):  # interleaved; epoch 0 warms up (numba compiles on first use)
+            for name, loader in (("once", once), ("twice", twice)):
+                loader.set_epoch(r)
+                t0, count = time.perf_counter(), 0
+                for batch_out in loader:
+                    count += len(batch_out[1])
+                sync(device)
+                if r:
+                    rates[name].append(count / (time.perf_counter() - t0))
+    once_s, twice_s = statistics.median(rates["once"]), statistics.median(rates["twice"])
+    print(f"\nFFCV two views at 224 px: {n} CIFAR images as 256 px JPEGs, batch {batch}, {workers} FFCV threads")
+    print(f"  decode twice (two pipelines)      {twice_s:9.0f} img/s")
+    print(f"  decode once (build_ffcv_loader)   {once_s:9.0f} img/s   = {once_s / twice_s:.2f}x")
+    return {"decode_once_img_per_s": once_s, "decode_twice_img_per_s": twice_s, "ratio": once_s / twice_s}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data_path", default="data/cifar10")
@@ -146,6 +186,8 @@ def main():
     ap.add_argument("--step_batch_224", type=int, default=16)
     ap.add_argument("--step_repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="> 0: torch threads of the main process")
+    ap.add_argument("--ffcv_images", type=int, default=512, help="FFCV pairs: upscaled JPEGs in the .beton; 0: skip")
+    ap.add_argument("--ffcv_workers", type=int, default=0, help="FFCV threads; 0: one per CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.threads:
@@ -155,7 +197,8 @@ def main():
     device = torch.device(args.device)
     print(f"P4 on {device}, {torch.get_num_threads()} threads in the main process, {os.cpu_count()} CPUs")
 
-    compare("CIFAR-10", args.data_path, args.images, "cifar10", 32, args, device, "resnet18_cifar")
+    if args.images:
+        compare("CIFAR-10", args.data_path, args.images, "cifar10", 32, args, device, "resnet18_cifar")
     if args.images_224:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -163,6 +206,8 @@ def main():
             upscaled_folder(src, args.images_224, 224, tmp)
             print(f"\n(wrote {args.images_224} 224 px JPEGs in {time.perf_counter() - t0:.1f} s)")
             compare("CIFAR-10 upscaled to 224 px JPEGs", tmp, 0, "imagenet", 224, args, device, "resnet18")
+    if args.ffcv_images:
+        ffcv_pairs(data.build_dataset(args.data_path, "train", subset=args.ffcv_images), args.ffcv_images, args, device)
 
 
 if __name__ == "__main__":

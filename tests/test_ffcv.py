@@ -10,6 +10,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import ffcv_data
@@ -44,7 +45,8 @@ def betons(cifar_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("betons")
     paths = ffcv_data.write_beton(cifar_small, root / "raw", raw=True, num_workers=1)
     assert paths == {"train": root / "raw/train.beton", "test": root / "raw/test.beton"}
-    assert cli("--data_path", cifar_small, "--out", root / "jpg", "--jpeg_quality", 90, "--num_workers", 1) is None
+    assert cli("--data_path", cifar_small, "--out", root / "jpg", "--max_resolution", 32, "--jpeg_quality", 90,
+               "--num_workers", 1) is None
     assert (root / "jpg/train.beton").is_file() and (root / "jpg/test.beton").is_file()
     return root
 
@@ -109,16 +111,21 @@ def test_writer_errors(cifar_small, betons, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         ffcv_data.write_beton(cifar_small, betons / "raw", raw=True)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ffcv_data.write_beton(tmp_path / "nowhere", tmp_path / "out")
+        ffcv_data.write_beton(tmp_path / "nowhere", tmp_path / "out", max_resolution=256)
+    with pytest.raises(ValueError, match="--max_resolution .*256-384"):  # JPEG: FFCV's buffers fit the largest image
+        ffcv_data.write_beton(cifar_small, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="ffcv_data.py"):
         ffcv_data.beton_labels(tmp_path / "none.beton")
 
 
 def test_cli_errors(betons, tmp_path, cifar_small):
-    msg = cli("--data_path", tmp_path / "nowhere", "--out", tmp_path / "out")
+    msg = cli("--data_path", tmp_path / "nowhere", "--out", tmp_path / "out", "--raw")
     assert msg.startswith("error:") and str(tmp_path / "nowhere") in msg and not (tmp_path / "out").exists()
-    msg = cli("--data_path", cifar_small, "--out", betons / "jpg")
+    msg = cli("--data_path", cifar_small, "--out", tmp_path / "out")  # JPEG without a cap: one line, the flag
+    assert msg.startswith("error:") and "--max_resolution" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+    msg = cli("--data_path", cifar_small, "--out", betons / "jpg", "--max_resolution", 32)
     assert msg.startswith("error:") and "train.beton" in msg and "--overwrite" in msg
 
 
@@ -136,6 +143,37 @@ def test_two_views(betons, train_loader):
     assert (v1 != v2).float().mean() > 0.5  # independent crops of the same images
     order = data.EpochSampler(200, B, 0, seed=3).indices()
     assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(labels)[order])
+    specs = train_loader.loader.pipeline_specs  # one decode per image: no second image pipeline
+    assert sorted(specs) == ["image", "label"] and type(specs["image"].decoder).__name__ == "PairDecoder"
+
+
+@pytest.mark.parametrize("mode", ["jpg", "raw"])
+def test_views_of_one_decode(tmp_path, mode):
+    """Both views of a pair are cut from the row's own image: 20 images of different sizes, red constant
+    and distinct per row, green a left-to-right ramp (so crops and flips show), in EpochSampler's order
+    with their labels; the two views' crops and flips are independent."""
+    for r in range(20):
+        ramp = np.zeros((30 + r, 40 + 2 * r, 3), np.uint8)
+        ramp[..., 0], ramp[..., 1] = 8 + 12 * r, np.linspace(0, 255, ramp.shape[1])
+        (tmp_path / f"src/train/c{r % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ramp).save(tmp_path / f"src/train/c{r % 3}/{r:02d}.png")
+    ds = data.build_dataset(tmp_path / "src", "train")
+    red = torch.tensor([float(np.array(ds[i][0])[0, 0, 0]) for i in range(len(ds))])
+    path = ffcv_data.write_beton(tmp_path / "src", tmp_path / mode, ["train"], max_resolution=64, raw=mode == "raw",
+                                 jpeg_quality=100, num_workers=1)["train"]
+    ALIVE.append(loader := ffcv_data.build_ffcv_loader(path, 4, 16, epoch=1, seed=5, num_workers=1))
+    assert torch.equal(loader.order, data.EpochSampler(20, 4, 1, seed=5).indices())
+    flips = []
+    for k, ((v1, v2), y) in enumerate(loader):
+        rows = loader.order[4 * k:4 * k + 4]
+        assert v1.shape == v2.shape == (4, 3, 16, 16) and v1.dtype == torch.uint8 and y.dtype == torch.int64
+        assert torch.equal(y, torch.from_numpy(ds.labels)[rows])
+        for v in (v1, v2):  # the row's red, within JPEG's error (chroma subsampling), rows 12 apart
+            assert (v[:, 0].float() - red[rows, None, None]).abs().max() <= (5 if mode == "jpg" else 0)
+        assert (v1[:, 1] != v2[:, 1]).float().mean() > 0.5  # different crops of the ramp
+        flips.append(torch.stack([v[:, 1, :, -1].float().mean(1) < v[:, 1, :, 0].float().mean(1) for v in (v1, v2)]))
+    flips = torch.cat(flips, 1)  # (2 views, 20 pairs): True where the ramp runs right to left
+    assert len(flips[0]) == 20 and (flips[0] == flips[1]).any() and (flips[0] != flips[1]).any()  # P(fail) 2^-19
 
 
 def test_order_by_seed_and_epoch(train_loader):

@@ -45,6 +45,21 @@ def test_dspnet_recipe_loads(name):
     assert dns[0]["width"] == 1.0 and len(dns) == len(cfg.dns)
 
 
+@pytest.mark.parametrize("name", ["r18_in", "r50_in", "mbv3_in", "resnet_dn9_in"])
+def test_imagenet_recipes_default_to_ffcv(name, tmp_path):
+    """The ImageNet pretraining recipes read a .beton; the recipe says how to write it, and so does the
+    error when it is missing."""
+    from augment import build_train_loader
+
+    script = train_us3l if name in US3L_RECIPES else train_dspnet
+    cfg = parse_config(script.Config, ["--config", str(REPO / "yaml" / f"{name}.yaml")])
+    assert (cfg.loader, cfg.ffcv_path) == ("ffcv", "data/imagenet_ffcv")
+    assert ("python ffcv_data.py --data_path data/imagenet --out data/imagenet_ffcv\n# --max_resolution 256"
+            in (REPO / "yaml" / f"{name}.yaml").read_text())
+    with pytest.raises(FileNotFoundError, match=f"--out {tmp_path} --max_resolution 256"):
+        build_train_loader(cfg.loader, cfg.data_path, str(tmp_path), cfg.dataset, 224, cfg.batch_size)
+
+
 def test_every_recipe_has_a_test():
     assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES + LINEAR_RECIPES
                                                                              + DSPNET_RECIPES)
@@ -165,7 +180,8 @@ def test_readme_commands_run(cifar_small, tmp_path):
         env = dict(os.environ)
         if "accelerate launch" in cmd:  # ImageNet recipes: 2 steps of batch 4 at 64 px on the CIFAR images
             cmd = cmd.replace("accelerate launch", f"{accelerate} launch", 1)
-            small = "--batch_size=4 --image_size=64" if "_in.yaml" in cmd else ""
+            # the ImageNet recipes read a .beton (loader=ffcv): here the torch reference path on CIFAR images
+            small = "--batch_size=4 --image_size=64 --loader=torch" if "_in.yaml" in cmd else ""
             cmd = f"{cmd} {tiny} {small} --num_workers=0 --out_dir={tmp_path}/launch{launched}"
             launched += 1
             if "--num_processes 2" in cmd:
