@@ -182,12 +182,12 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(overlap, tmp_pat
     assert torch.equal(ranks[0][1]["w"], ranks[1][1]["w"])  # and the ranks still agree
 
 
-def overlap_case(rank, trainer, overlap):
+def overlap_case(rank, trainer):
     """Two steps' gradients of a trainer's per-width (US3L) or per-DN (DSPNet) backward passes on
-    rank's 16 images, fp64, all-reduced blocking or overlapped with the last backward (1 MB buckets),
-    and how many buckets were out before finish(). The steps: US3L 3 widths, then the full width
-    alone (the aux head has no gradient); DSPNet the whole network then a shallower DN (whose
-    backward skips blocks), then the whole network alone."""
+    rank's 8 images, fp64, all-reduced blocking, then the same steps overlapped with the last backward
+    (1 MB buckets), with how many buckets were out before finish(). The steps: US3L 3 widths, then
+    the full width alone (the aux head has no gradient); DSPNet the whole network then a shallower DN
+    (whose backward skips blocks), then the whole network alone."""
     torch.manual_seed(0)
     backbone = ARCHS["resnet18_cifar"]()
     head = "aux" if trainer == "us3l" else "predictor"
@@ -195,36 +195,40 @@ def overlap_case(rank, trainer, overlap):
                                  head: projection_mlp(32, 64, 32)}).double()
     set_sync_bn(model, True)
     teacher = copy.deepcopy(torch.nn.ModuleDict({k: model[k] for k in ("backbone", "projector")}))
-    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1 + rank), dtype=torch.float64)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1 + rank), dtype=torch.float64)
     params = list(model.parameters())
-    sync = OverlappedAllReduce(params, 2, bucket_mb=1) if overlap else None
-    arm = None if sync is None else sync.arm
     full, shallow = {"width": 1.0, "depth": None}, {"width": 0.5, "depth": [1, 1, 1, 1]}
-    out = []
-    for nets in ([[1.0, 0.8, 0.5], [1.0]] if trainer == "us3l" else [[full, shallow], [full]]):
-        if trainer == "us3l":
-            train_us3l.forward_backward(model, teacher, x, nets, train_us3l.Config(proj_hidden=64, proj_dim=32),
-                                        contextlib.nullcontext, before_last=arm)
-        else:
-            train_dspnet.train_step(model, teacher, x, nets, contextlib.nullcontext, before_last=arm)
-        early = 0 if sync is None else len(sync.sent)
-        sync.finish() if sync is not None else all_reduce_grads_(params, 2)
-        out.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, early))
-        model.zero_grad(set_to_none=True)
-    return out, 0 if sync is None else len(sync.buckets)
+    out = {}
+    for sync in (None, OverlappedAllReduce(params, 2, bucket_mb=1)):
+        arm = None if sync is None else sync.arm
+        for k, nets in enumerate([[1.0, 0.8, 0.5], [1.0]] if trainer == "us3l" else [[full, shallow], [full]]):
+            if trainer == "us3l":
+                train_us3l.forward_backward(model, teacher, x, nets, train_us3l.Config(proj_hidden=64, proj_dim=32),
+                                            contextlib.nullcontext, before_last=arm)
+            else:
+                train_dspnet.train_step(model, teacher, x, nets, contextlib.nullcontext, before_last=arm)
+            early = None if sync is None else len(sync.sent)
+            if sync is None:
+                all_reduce_grads_(params, 2)
+            else:
+                sync.finish()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            out[sync is not None, k] = grads, early, None if sync is None else len(sync.buckets)
+            model.zero_grad(set_to_none=True)
+    return out
 
 
 @pytest.mark.parametrize("trainer", ["us3l", "dspnet"])
 def test_overlapped_all_reduce_equals_the_blocking_one(trainer, tmp_path):
-    blocking = two_ranks(functools.partial(overlap_case, trainer=trainer, overlap=False), tmp_path)
-    overlapped = two_ranks(functools.partial(overlap_case, trainer=trainer, overlap=True), tmp_path)
-    for (b_steps, _), (o_steps, buckets) in zip(blocking, overlapped):
-        assert buckets > 5  # 1 MB buckets of a fp64 ResNet-18
-        for (b, _), (o, early) in zip(b_steps, o_steps):
-            assert b.keys() == o.keys()
-            for name in b:
-                assert torch.equal(o[name], b[name]), name  # the same sums of the same values: bit for bit
+    for out in two_ranks(functools.partial(overlap_case, trainer=trainer), tmp_path):
+        for k in range(2):
+            (blocking, _, _), (overlapped, early, buckets) = out[False, k], out[True, k]
+            assert blocking.keys() == overlapped.keys() and buckets > 5  # 1 MB buckets of a fp64 ResNet-18
+            for name in blocking:
+                assert torch.equal(overlapped[name], blocking[name]), name  # the same sums: bit for bit
             assert early == buckets  # every bucket was out before finish(), unreached parameters included
+
+
 # ------------------------------------------------------------------------------------------------
 # The trainers: 2 processes of batch B/2 against 1 process of batch B
 
