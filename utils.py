@@ -117,6 +117,8 @@ class OverlappedAllReduce:
 
     def __init__(self, params, world: int, bucket_mb: float = 25.0):
         self.world, self.buckets, self.hooks, self.sent, size = world, [[]], [], [], 0
+        # its own group: sync BN's all-reduces in the backward then never queue behind a bucket (NCCL: a stream each)
+        self.group = torch.distributed.new_group()
         for p in reversed([p for p in params if p.requires_grad]):
             if size and size + p.numel() * p.element_size() > bucket_mb * 2**20:
                 self.buckets.append([])
@@ -146,7 +148,8 @@ class OverlappedAllReduce:
     def _send(self):
         grads = [p.grad for p in self.buckets[len(self.sent)] if p.grad is not None]  # None alike on every rank
         flat = torch.cat([g.flatten() for g in grads]) if grads else None
-        self.sent.append((torch.distributed.all_reduce(flat, async_op=True) if grads else None, flat, grads))
+        self.sent.append((torch.distributed.all_reduce(flat, group=self.group, async_op=True) if grads else None,
+                          flat, grads))
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -373,10 +376,7 @@ def optimizer_step_(optimizer, scaler, params, world: int, regularize=None, over
     overflowed is skipped on every process alike, since the all-reduce spreads an inf or NaN of any
     rank to all ranks before each one's scaler looks; the scaler then lowers its scale everywhere. Its
     check is one host sync. With a disabled scaler (bf16, fp32) this is all-reduce, regularize, step."""
-    if overlap is not None:
-        overlap.finish()
-    else:
-        all_reduce_grads_(params, world)
+    overlap.finish() if overlap is not None else all_reduce_grads_(params, world)
     scaler.unscale_(optimizer)
     if regularize is not None:
         regularize()

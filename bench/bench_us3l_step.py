@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from models import ARCHS, profile, projection_mlp  # noqa: E402
+from models import ARCHS, profile, projection_mlp, set_sync_bn  # noqa: E402
 from train_us3l import Config, forward_backward  # noqa: E402
 from utils import OverlappedAllReduce, all_reduce_grads_, optimizer_step_  # noqa: E402
 
@@ -217,6 +217,7 @@ def allreduce(args):
     accelerator = Accelerator()
     device, world, fmt = accelerator.device, accelerator.num_processes, torch.channels_last
     cfg, student, teacher = build(device, fmt)
+    set_sync_bn(student, True)  # as the trainers: its all-reduces run in the backward, between the buckets
     params = list(student.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -225,7 +226,7 @@ def allreduce(args):
     overlap = OverlappedAllReduce(params, world)
     mb = sum(p.numel() * p.element_size() for p in params) / 2**20
     accelerator.print(f"{world} processes on {device} ({torch.distributed.get_backend()}), {cfg.arch}, batch "
-                      f"{args.batch_size} x 2 views per process, bf16, {torch.get_num_threads()} thread(s) each; "
+                      f"{args.batch_size} x 2 views per process, bf16, sync BN, {torch.get_num_threads()} thread(s) each; "
                       f"{mb:.0f} MB of gradients, {len(overlap.buckets)} buckets")
     g = torch.Generator().manual_seed(0)
     draws = [[1.0, u(r, q), r] for q in ((torch.randperm(args.repeats, generator=g) + 0.5) / args.repeats).tolist()
