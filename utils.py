@@ -2,9 +2,9 @@
 eval_knn.py, eval_linear.py); their config parsing is config.py.
 
 Schedules of the global step (cosine, warmup_cosine), LARS and param_groups, ema_update_, the end of a
-step of several backward passes (all_reduce_grads_ or OverlappedAllReduce, optimizer_step_ with fp16 loss
-scaling), atomic checkpoints (atomic_save, BackgroundSaver), resume (load_resume, read_results), log_jsonl and
-check_finite, trackers (check_tracker, init_tracker, tracker_log: TensorBoard or W&B under out_dir).
+step of several backward passes (all_reduce_grads_ or OverlappedAllReduce, optimizer_step_ with fp16
+loss scaling), atomic checkpoints (atomic_save, BackgroundSaver), resume (load_resume, read_results),
+log_jsonl, check_finite, trackers (check_tracker, init_tracker, tracker_log: TensorBoard or W&B under out_dir).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class OverlappedAllReduce:
 
     def __init__(self, params, world: int, bucket_mb: float = 25.0):
         self.world, self.buckets, self.hooks, self.sent, size = world, [[]], [], [], 0
-        # its own group: sync BN's all-reduces in the backward then never queue behind a bucket (NCCL: a stream each)
+        # own group: sync BN's all-reduces in the backward never wait behind a bucket (NCCL: one stream per group)
         self.group = torch.distributed.new_group()
         for p in reversed([p for p in params if p.requires_grad]):
             if size and size + p.numel() * p.element_size() > bucket_mb * 2**20:
