@@ -16,12 +16,13 @@ A DN is [width] or [width, depth of stage 1, ..., depth of stage S] (depths: Res
 list is `dns` in the config. Decisions where the paper is silent (NOTE): the two views run as one
 batch (BN statistics over both, as in train_us3l.py); "largest" and "smallest" are by MACs at the
 training resolution; the sandwich's others are distinct DNs; the projector's first Linear reads the
-DN's leading features; gradients are all-reduced once per step by hand (no DDP wrapper); under N
-processes every BN (online, target, heads) uses the global batch's statistics (sync_bn), so N
-processes of batch B/N train what one process of batch B trains; fp16 scales the loss; momentum BN
-(`momentum_bn`, on in the ImageNet recipes) is in every BN of the target, backbone and projector,
-its weight on each new batch falling by cosine from 1 to 0 over the run (bn_momentum); the DN list
-must hold the whole network (width 1.0 at full depth: the paper's Theta = theta_M).
+DN's leading features; gradients are all-reduced once per step by hand (no DDP wrapper), in buckets
+sent while the last DN's backward runs (overlap_allreduce); under N processes every BN (online,
+target, heads) uses the global batch's statistics (sync_bn), so N processes of batch B/N train what
+one process of batch B trains; fp16 scales the loss; momentum BN (`momentum_bn`, on in the ImageNet
+recipes) is in every BN of the target, backbone and projector, its weight on each new batch falling
+by cosine from 1 to 0 over the run (bn_momentum); the DN list must hold the whole network (width 1.0
+at full depth: the paper's Theta = theta_M).
 
 The run folder, resume (same command again), log.jsonl, collapse monitor, NaN stop and kNN monitor
 work as in train_us3l.py. backbone.pt records `dns`, so eval_knn.py / eval_linear.py evaluate every DN.
@@ -48,9 +49,9 @@ from eval_knn import net_name
 from knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, min_width, profile, projection_mlp, set_active, set_sync_bn
 from slim import BatchNorm1d, SlimBatchNorm2d
-from utils import (LARS, BackgroundSaver, atomic_save, check_finite, check_same_across_processes, check_tracker, cosine,
-                   ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_, param_groups, read_results,
-                   to_floats, tracker_log, trim_jsonl, warmup_cosine)
+from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_same_across_processes,
+                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
+                   param_groups, read_results, to_floats, tracker_log, trim_jsonl, warmup_cosine)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Config:
     sgd_momentum: float = 0.9
     precision: str = "bf16"  # bf16 | fp16 (with loss scaling: V100, T4) | no (fp32) | fp64 (exactness tests)
     sync_bn: bool = True  # BN statistics over every process's batch (no effect on 1 process); false: per process
+    overlap_allreduce: bool = True  # N processes: gradient buckets all-reduced while the last backward runs
+    # (utils.OverlappedAllReduce); false: one blocking all-reduce after it (the fallback, and the bench's baseline)
     seed: int = 0
     # run
     out_dir: str = "out/dspnet"
@@ -270,6 +273,9 @@ def main(cfg):
         write_results()
 
     params = list(online.parameters())
+    # N processes: the gradients' all-reduce overlaps the last DN's backward (bucketed, asynchronous)
+    grad_sync = OverlappedAllReduce(params, world) if cfg.overlap_allreduce and world > 1 else None
+    arm = grad_sync.arm if grad_sync is not None else None  # called before the last backward of a step
     last_save, t_log, seen = time.time(), time.time(), 0
     t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(len(dns), device=device)  # loss sums per DN since the last log
@@ -294,11 +300,11 @@ def main(cfg):
             x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
             step_losses, stats = train_step(online, target, x, [dns[i] for i in picked], accelerator.autocast, log_now,
-                                            scaler.scale)
+                                            scaler.scale, arm)
             for i, loss in zip(picked, step_losses):  # int indices: a list index would be a host-to-device copy
                 sums[i] += loss
                 counts[i] += 1
-            optimizer_step_(optimizer, scaler, params, world)  # one all-reduce per step, not per backward
+            optimizer_step_(optimizer, scaler, params, world, overlap=grad_sync)  # one all-reduce per step
             ema_update_(target, encoder, tau, buffers=not cfg.momentum_bn)  # momentum BN: the target's own stats
             step += 1
             seen += x1.shape[0] * world
@@ -371,24 +377,27 @@ def dn_name(dn):
     return net_name(dn["width"], dn["depth"])
 
 
-def train_step(online, target, x, dns, autocast, log=False, scale=None):
+def train_step(online, target, x, dns, autocast, log=False, scale=None, before_last=None):
     """Gradients of one DSPNet iteration (Sec. 4) for the two views x = cat(v, v'): the target projects
     both views once, shared by every DN; then each DN in turn (largest first) runs the online encoder,
     projector and predictor on both views and back-propagates its symmetric BYOL loss (eq. 5 and its
     mirror) on its own, so only one DN's activations are alive at a time; gradients accumulate
     (the sum over DNs of the paper's total loss). scale: the fp16 loss scaling (GradScaler.scale)
-    applied before each backward. Returns the per-DN losses (detached, unscaled) and, when log, the
-    collapse monitor (std of the normalized projections) per DN."""
+    applied before each backward; before_last(loss) before the last (OverlappedAllReduce.arm). Returns
+    the per-DN losses (detached, unscaled) and, when log, the collapse monitor (std of the normalized
+    projections) per DN."""
     with torch.no_grad(), autocast():
         z_t = losses.f32(target["projector"](target["backbone"](x)))  # (2B, D), full width and depth
     t1, t2 = z_t.chunk(2)
     out, stats = [], {}
-    for dn in dns:
+    for i, dn in enumerate(dns):
         with autocast():
             set_active(online["backbone"], dn["width"], dn["depth"])
             z = online["projector"](online["backbone"](x))
             p1, p2 = online["predictor"](z).chunk(2)  # (2B, D) -> 2 x (B, D)
             loss = losses.normalized_mse(p1, t2) + losses.normalized_mse(p2, t1)
+        if before_last is not None and i == len(dns) - 1:
+            before_last(loss)
         (scale(loss) if scale else loss).backward()
         out.append(loss.detach())
         if log:

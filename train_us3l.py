@@ -40,9 +40,10 @@ Decisions where the paper is silent or loose (NOTE; README and docs/design.md, U
   vit_tiny_cifar_mocov3 (models.ViT). With a predictor and no aux head, sub-networks distill
   through the predictor (as with base_loss=mse); with one, g alone.
 - The two views run as one batch (BN statistics over both, as SimCLR); the model is not wrapped in
-  DDP: each width has its own backward and the gradients are all-reduced once per step by hand (DDP
-  would need no_sync and unused-parameter handling for the heads that some widths skip); InfoNCE
-  keys are gathered from all processes.
+  DDP: each width has its own backward and the gradients are all-reduced once per step by hand, in
+  buckets sent while the last width's backward runs (overlap_allreduce; DDP would need no_sync and
+  unused-parameter handling for the heads that some widths skip); InfoNCE keys are gathered from all
+  processes.
 Under N processes every BN (backbone at any width, heads, teacher) normalizes with the statistics of
 the global batch (sync_bn, models.set_sync_bn), so N processes of batch B/N train what one process of
 batch B trains (tested with 2 processes in fp64: equal to 1e-12) and the teacher's keys carry no
@@ -73,9 +74,9 @@ from config import ConfigError, run, save_config
 from data import prepare_cifar10
 from knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, min_width, projection_mlp, set_active, set_sync_bn
-from utils import (LARS, BackgroundSaver, atomic_save, check_finite, check_same_across_processes, check_tracker, cosine,
-                   ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_, param_groups, read_results,
-                   to_floats, tracker_log, trim_jsonl, warmup_cosine)
+from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_same_across_processes,
+                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
+                   param_groups, read_results, to_floats, tracker_log, trim_jsonl, warmup_cosine)
 
 
 @dataclass
@@ -128,6 +129,8 @@ class Config:
     sgd_momentum: float = 0.9
     precision: str = "bf16"  # bf16 | fp16 (with loss scaling: V100, T4) | no (fp32) | fp64 (exactness tests)
     sync_bn: bool = True  # BN statistics over every process's batch (no effect on 1 process); false: per process
+    overlap_allreduce: bool = True  # N processes: gradient buckets all-reduced while the last backward runs
+    # (utils.OverlappedAllReduce); false: one blocking all-reduce after it (the fallback, and the bench's baseline)
     seed: int = 0
     # run
     out_dir: str = "out/us3l"
@@ -313,6 +316,9 @@ def main(cfg):
     # one step = the full-width base network and the sub-networks of sample_widths, each with its
     # own backward (activations of one width are freed before the next), one optimizer step
     params = trained
+    # N processes: the gradients' all-reduce overlaps the last width's backward (bucketed, asynchronous)
+    grad_sync = OverlappedAllReduce(params, world) if cfg.overlap_allreduce and world > 1 else None
+    arm = grad_sync.arm if grad_sync is not None else None  # called before the last backward of a step
     last_save, t_log, seen = time.time(), time.time(), 0
     t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
@@ -333,7 +339,7 @@ def main(cfg):
             x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
             step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now,
-                                                  scaler.scale)
+                                                  scaler.scale, arm)
             sums[:len(widths)] += step_losses
 
             def regularize():
@@ -345,7 +351,7 @@ def main(cfg):
                     losses.add_group_reg_grad_(decay_plain, cfg.weight_decay, alpha=0.0)
 
             # one all-reduce per step, not per backward (no DDP); regularize on unscaled gradients
-            optimizer_step_(optimizer, scaler, params, world, regularize)
+            optimizer_step_(optimizer, scaler, params, world, regularize, grad_sync)
             if cfg.momentum_target_base or cfg.momentum_target_sub:
                 ema_update_(teacher, online, tau)
             step += 1
@@ -418,13 +424,14 @@ def pair_loss(kind, q, t, cfg, own=False):
     return both / 2 if cfg.loss_views == "mean" else both
 
 
-def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scale=None):
+def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scale=None, before_last=None):
     """One US3L iteration's gradients (Algorithm 1, lines 4-17) for the two views x = cat(x1, x2):
     the base network (widths[0]: 1.0, or the largest drawn without the sandwich rule) and each
     sub-network in turn, each followed by its own backward, so only one width's activations are
     alive at a time (peak memory of a single full-width step); gradients accumulate. scale: the fp16
-    loss scaling (GradScaler.scale) applied before each backward. Returns the per-width losses
-    (detached, unscaled) and, when log, the collapse monitor per width."""
+    loss scaling (GradScaler.scale) applied before each backward; before_last(loss) before the last
+    (OverlappedAllReduce.arm). Returns the per-width losses (detached, unscaled) and, when log, the
+    collapse monitor per width."""
     distill = {"mse": "mse", "infonce": "nce"}.get(cfg.distill_loss)
     keys, stats, out = None, {}, []
     if cfg.momentum_target_base or cfg.momentum_target_sub:
@@ -446,6 +453,8 @@ def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scal
             else:  # L_Distill through the auxiliary head g to the teacher (or the base network)
                 q = student["aux"](z) if "aux" in student else (student["predictor"](z) if "predictor" in student else z)
                 loss = pair_loss(distill, q, keys if cfg.momentum_target_sub else base_z, cfg)
+        if before_last is not None and i == len(widths) - 1:
+            before_last(loss)
         (scale(loss) if scale else loss).backward()
         out.append(loss.detach())
         if log:

@@ -18,12 +18,21 @@ models.profile at 32 px) say what a compute-bound device gets; the paper counts 
 widths instead ("we do not consider the effect of model size"), 3 against 4.
 
     python bench/bench_us3l_step.py [--batch_size 128] [--repeats 8]
+    python bench/bench_us3l_step.py --allreduce [--batch_size 16]   # starts 2 processes itself
+
+--allreduce: the time of a whole training step (stage-2 widths [1, U(R_min, 1), R_min], the step end
+of utils.optimizer_step_) in 2 processes, the gradients all-reduced in one blocking flat buffer after
+the last backward or in buckets sent while it runs (utils.OverlappedAllReduce, the trainers' default),
+side by side on the same width draws. It re-runs this script under `accelerate launch --multi_gpu
+--num_processes 2` (printed): gloo on the CPU (ACCELERATE_USE_CPU=true), NCCL with 2 or more GPUs.
 """
 
 import argparse
 import copy
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -31,8 +40,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from models import ARCHS, profile, projection_mlp  # noqa: E402
+from models import ARCHS, profile, projection_mlp, set_sync_bn  # noqa: E402
 from train_us3l import Config, forward_backward  # noqa: E402
+from utils import OverlappedAllReduce, all_reduce_grads_, optimizer_step_  # noqa: E402
 
 
 class SavedTensorMeter:
@@ -104,7 +114,10 @@ def main():
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--allreduce", action="store_true", help="overlapped vs blocking all-reduce, 2 processes")
     args = ap.parse_args()
+    if args.allreduce:
+        return allreduce(args)
     device = torch.device(args.device)
     fmt = torch.channels_last
     cfg, student, teacher = build(device, fmt)
@@ -182,6 +195,66 @@ def p3(student, teacher, x, cfg, autocast, n, device):
     return {"ms": {k: 1e3 * v for k, v in mean.items()}, "macs": cost, "p3_time": stage2, "p3_macs": stage2_macs,
             "run_time": (mean["stage 1 (full only)"] / naive + 3 * stage2) / 4,
             "run_macs": (cost["stage 1 (full only)"] / naive_macs + 3 * stage2_macs) / 4}
+
+
+def allreduce(args):
+    """Prints (rank 0) and returns the mean step time with each all-reduce, their ratio (overlapped
+    over blocking) and the time of the blocking all-reduce alone: {"blocking_ms", "overlapped_ms",
+    "ratio", "allreduce_ms"}."""
+    if "LOCAL_RANK" not in os.environ:  # not launched yet: start 2 processes of this script
+        gpus = torch.cuda.device_count() >= 2 and args.device == "cuda"
+        with socket.socket() as sock:  # a free port: other jobs on this machine may hold accelerate's default
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend",
+               "no", *sys.argv]
+        env = {**os.environ, **({} if gpus else {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})}
+        print(("" if gpus else "ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 ") + " ".join(cmd[2:]).replace(
+            "accelerate.commands.launch", "accelerate launch"), flush=True)
+        return subprocess.run(cmd, env=env, check=True)
+    from accelerate import Accelerator
+    accelerator = Accelerator()
+    device, world, fmt = accelerator.device, accelerator.num_processes, torch.channels_last
+    cfg, student, teacher = build(device, fmt)
+    set_sync_bn(student, True)  # as the trainers: its all-reduces run in the backward, between the buckets
+    params = list(student.parameters())
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16)  # noqa: E731
+    x = torch.randn(2 * args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    overlap = OverlappedAllReduce(params, world)
+    mb = sum(p.numel() * p.element_size() for p in params) / 2**20
+    accelerator.print(f"{world} processes on {device} ({torch.distributed.get_backend()}), {cfg.arch}, batch "
+                      f"{args.batch_size} x 2 views per process, bf16, sync BN, {torch.get_num_threads()} thread(s) each; "
+                      f"{mb:.0f} MB of gradients, {len(overlap.buckets)} buckets")
+    g = torch.Generator().manual_seed(0)
+    draws = [[1.0, u(r, q), r] for q in ((torch.randperm(args.repeats, generator=g) + 0.5) / args.repeats).tolist()
+             for r in (0.75, 0.5, 0.25)]  # stage 2: the three phases, stratified random widths
+    times = {"blocking": [], "overlapped": []}
+    for k, widths in enumerate(draws[:3] + draws):  # the first 3 warm up
+        for name, sync in (("blocking", None), ("overlapped", overlap)):  # interleaved: noise hits both alike
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            forward_backward(student, teacher, x, widths, cfg, autocast, before_last=None if sync is None else sync.arm)
+            optimizer_step_(optimizer, scaler, params, world, overlap=sync)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k >= 3:
+                times[name].append(time.perf_counter() - t0)
+    forward_backward(student, teacher, x, [1.0], cfg, autocast)  # what there is to hide: the flat all-reduce alone
+    alone = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        all_reduce_grads_(params, world)
+        alone.append(time.perf_counter() - t0)
+    r = {f"{k}_ms": 1e3 * statistics.mean(v) for k, v in times.items()}
+    r["ratio"], r["allreduce_ms"] = r["overlapped_ms"] / r["blocking_ms"], 1e3 * statistics.median(alone)
+    accelerator.print(f"all-reduce: blocking {r['blocking_ms']:.0f} ms/step, overlapped {r['overlapped_ms']:.0f} "
+                      f"ms/step (mean of {len(draws)} steps); overlapped / blocking = {r['ratio']:.3f}; the "
+                      f"blocking all-reduce alone takes {r['allreduce_ms']:.0f} ms")
+    return r
 
 
 def u(lo, q):  # the q-quantile of U(lo, 1)

@@ -15,6 +15,8 @@ cannot run is null in the JSON with its reason under "errors" (the others still 
     p3_time_ratio                  P3 of bench/bench_us3l_step.py in time (ResNet-18 CIFAR, batch 128)
     p4_224_ratio                   P4 of bench/bench_data.py at 224 px: the batched on-device augmentation
                                    over the torchvision DataLoader (CIFAR-10 upscaled to 224 px JPEGs)
+    copy_224_ratio                 the copy of a two-view batch to the device as augment.to_device does it (per
+                                   view, pinned, non_blocking, cat on the device) over the old cat-then-copy
     loader_img_per_s               loader=torch and loader=ffcv (a .beton written here from the same JPEGs)
                                    at 224 px, against us3l_img_per_s: does the loader keep up
     cifar10_knn                    the US3L quick recipe (ResNet-18 CIFAR, loader=device) for as many steps
@@ -154,7 +156,8 @@ def p4_and_loaders(device, s, folder, beton, us3l_rate):
                     break
             sync(device)
         rates[kind] = n / (time.perf_counter() - t0)
-    return {"p4_224_ratio": r["p4"], "loader_img_per_s": rates,
+    copy = bench_data.copies(device, s["p4_batch"], s["size"], max(s["repeats"], 3))
+    return {"p4_224_ratio": r["p4"], "copy_224_ratio": copy["ratio"], "loader_img_per_s": rates,
             "loader_vs_us3l": {k: v / us3l_rate for k, v in rates.items()} if us3l_rate else None}
 
 
@@ -246,7 +249,7 @@ def main():
             return {}
 
         part("images_224", [], images)
-        part("p4_and_loaders", ["p4_224_ratio", "loader_img_per_s", "loader_vs_us3l"],
+        part("p4_and_loaders", ["p4_224_ratio", "copy_224_ratio", "loader_img_per_s", "loader_vs_us3l"],
              lambda: p4_and_loaders(device, s, folder, beton, res.get("us3l_img_per_s")))
         part("dspnet_p5", ["dspnet_p5", "dspnet_p5_macs"], lambda: dspnet_p5(device, s, folder))
     # the quick recipe's step (batch 256, 3 widths) from P3's stage-2 steps at p3_batch (1 s if P3 failed)

@@ -395,3 +395,32 @@ def test_to_device_prefetches_one_batch_ahead_in_order():
     rest = list(it)
     assert [int(b[1][0]) for b in rest] == [1, 2] and torch.equal(rest[1][0][1], torch.full((2, 3), -2.0))
     assert list(A.to_device(iter([]), torch.device("cpu"))) == []
+
+
+def to_device_matches_the_loader(device):
+    """to_device over a seeded DeviceLoader yields the batches of iterating it directly, in order; the
+    streams its generator body ran on (CUDA: the side stream, not the training one)."""
+    images, labels = A.decode_dataset(toy_dataset(48, size=32))
+    loader = A.DeviceLoader((images, labels), 8, device, A.TwoViewAugment("cifar10").to(device), seed=3)
+    direct, streams = list(loader), []
+
+    def watched():
+        for batch in loader:
+            streams.append(torch.cuda.current_stream() if device == "cuda" else None)
+            yield batch
+
+    got = list(A.to_device(watched(), torch.device(device)))
+    assert len(got) == len(direct) == 6
+    for ((a1, a2), ay), ((b1, b2), by) in zip(got, direct):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(ay, by)
+    return streams
+
+
+def test_to_device_yields_the_loaders_batches_in_order():
+    to_device_matches_the_loader("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_augments_on_a_side_stream_with_the_same_batches():
+    streams = to_device_matches_the_loader("cuda")
+    assert all(s != torch.cuda.default_stream() for s in streams)  # the augmentation ran off the training stream

@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["device", "torch", "precision", "plain_img_per_s", "us3l_img_per_s", "us3l_vs_limit", "p3_time_ratio",
-        "p4_224_ratio", "loader_img_per_s", "loader_vs_us3l", "cifar10_knn", "dspnet_p5"]
+        "p4_224_ratio", "copy_224_ratio", "loader_img_per_s", "loader_vs_us3l", "cifar10_knn", "dspnet_p5"]
 
 
 def test_smoke(cifar_small, tmp_path):

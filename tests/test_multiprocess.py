@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import train_dspnet
 import train_us3l
 from models import ARCHS, calibrate_bn, projection_mlp, set_active, set_sync_bn
 from slim import BatchNorm1d, SlimBatchNorm2d
-from utils import all_reduce_grads_, optimizer_step_
+from utils import OverlappedAllReduce, all_reduce_grads_, optimizer_step_
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,32 +149,84 @@ def test_calibration_stays_per_process(tmp_path):
         assert all(syncs)  # the switch is restored afterwards
 
 
-def fp16_steps(rank):
+def fp16_steps(rank, overlap=False):
     """Two steps of the trainers' step end with a GradScaler: rank 1's gradients overflow in the
-    first (an inf injected after its backward), the second is clean."""
+    first (an inf in its input), the second is clean. overlap: all-reduced during the backward."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    x = torch.randn(2, 4) + rank
+    sync = OverlappedAllReduce(list(model.parameters()), 2, bucket_mb=0) if overlap else None  # a bucket each
     out = []
     for step in range(2):
-        scaler.scale(model(x).square().mean()).backward()
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step)) + rank
         if step == 0 and rank == 1:
-            model.weight.grad[0, 0] = float("inf")
+            x[0, 0] = float("inf")
+        loss = model(x).square().mean()
+        if sync is not None:
+            sync.arm(loss)
+        scaler.scale(loss).backward()
         before = [p.detach().clone() for p in model.parameters()]
-        optimizer_step_(opt, scaler, list(model.parameters()), 2)
+        optimizer_step_(opt, scaler, list(model.parameters()), 2, overlap=sync)
         changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
         out.append({"changed": changed, "scale": scaler.get_scale(), "w": model.weight.detach().clone()})
     return out
 
 
-def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    ranks = two_ranks(fp16_steps, tmp_path)
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(overlap, tmp_path):
+    ranks = two_ranks(functools.partial(fp16_steps, overlap=overlap), tmp_path)
     for steps in ranks:
         assert steps[0]["changed"] is False and steps[0]["scale"] == 512.0  # skipped, scale halved
         assert steps[1]["changed"] is True and steps[1]["scale"] == 512.0  # then a normal step
     assert torch.equal(ranks[0][1]["w"], ranks[1][1]["w"])  # and the ranks still agree
+
+
+def overlap_case(rank, trainer):
+    """Two steps' gradients of a trainer's per-width (US3L) or per-DN (DSPNet) backward passes on
+    rank's 8 images, fp64, all-reduced blocking, then the same steps overlapped with the last backward
+    (1 MB buckets), with how many buckets were out before finish(). The steps: US3L 3 widths, then
+    the full width alone (the aux head has no gradient); DSPNet the whole network then a shallower DN
+    (whose backward skips blocks), then the whole network alone."""
+    torch.manual_seed(0)
+    backbone = ARCHS["resnet18_cifar"]()
+    head = "aux" if trainer == "us3l" else "predictor"
+    model = torch.nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(backbone.feature_dim, 64, 32),
+                                 head: projection_mlp(32, 64, 32)}).double()
+    set_sync_bn(model, True)
+    teacher = copy.deepcopy(torch.nn.ModuleDict({k: model[k] for k in ("backbone", "projector")}))
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1 + rank), dtype=torch.float64)
+    params = list(model.parameters())
+    full, shallow = {"width": 1.0, "depth": None}, {"width": 0.5, "depth": [1, 1, 1, 1]}
+    out = {}
+    for sync in (None, OverlappedAllReduce(params, 2, bucket_mb=1)):
+        arm = None if sync is None else sync.arm
+        for k, nets in enumerate([[1.0, 0.8, 0.5], [1.0]] if trainer == "us3l" else [[full, shallow], [full]]):
+            if trainer == "us3l":
+                train_us3l.forward_backward(model, teacher, x, nets, train_us3l.Config(proj_hidden=64, proj_dim=32),
+                                            contextlib.nullcontext, before_last=arm)
+            else:
+                train_dspnet.train_step(model, teacher, x, nets, contextlib.nullcontext, before_last=arm)
+            early = None if sync is None else len(sync.sent)
+            if sync is None:
+                all_reduce_grads_(params, 2)
+            else:
+                sync.finish()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            out[sync is not None, k] = grads, early, None if sync is None else len(sync.buckets)
+            model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("trainer", ["us3l", "dspnet"])
+def test_overlapped_all_reduce_equals_the_blocking_one(trainer, tmp_path):
+    for out in two_ranks(functools.partial(overlap_case, trainer=trainer), tmp_path):
+        for k in range(2):
+            (blocking, _, _), (overlapped, early, buckets) = out[False, k], out[True, k]
+            assert blocking.keys() == overlapped.keys() and buckets > 5  # 1 MB buckets of a fp64 ResNet-18
+            for name in blocking:
+                assert torch.equal(overlapped[name], blocking[name]), name  # the same sums: bit for bit
+            assert early == buckets  # every bucket was out before finish(), unreached parameters included
 
 
 # ------------------------------------------------------------------------------------------------
