@@ -23,7 +23,7 @@ FFCV pairs (--ffcv_images, needs ffcv): CIFAR images upscaled to 256 px JPEGs, w
 ffcv_data.build_ffcv_loader (one decode, two crops and flips) and by two FFCV pipelines on the image
 field (the loader before: two decodes), epochs interleaved; prints the rates and their ratio.
 
-The copy line (printed first): a two-view batch to the device (224 px, batch 64, fp32): the old path,
+The copy line (printed first): a two-view batch copied to the device (224 px, batch 64, fp32): the old path,
 torch.cat([x1, x2]).to(device) (a new pageable host tensor per batch), against augment.to_device's
 (each view on its own, pinned on CUDA as TorchLoader pins, non_blocking, then the trainer's cat on the
 device), per batch, side by side. On a CPU no copy exists: it measures the host-side cost of where
