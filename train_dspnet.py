@@ -73,7 +73,6 @@ class Config:
     # desired networks, [width] or [width, depth per stage...]; default: the paper's MobileNetV3 widths
     proj_hidden: int = 4096  # BYOL projector / predictor hidden size
     proj_dim: int = 256  # BYOL projection size
-    predictor_lr: float = 1.0  # the predictor's lr as a multiple of the lr (paper, BYOL: 1)
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
     # DSPNet
     num_subnets: int = 4  # n of the sandwich rule: largest, smallest, n-2 others (paper: 4)
@@ -218,9 +217,7 @@ def main(cfg):
         accelerator.print(f"NOTE: sync_bn=false: BN statistics per process ({cfg.batch_size} x 2 views), so the "
                           f"result depends on the number of processes")
     lr_peak = cfg.base_lr * cfg.batch_size * world / 256
-    groups = param_groups([p for k in ("backbone", "projector") for p in online[k].parameters()], cfg.weight_decay)
-    groups += [{**g, "lr_mult": cfg.predictor_lr} for g in param_groups(online["predictor"].parameters(),
-                                                                          cfg.weight_decay)]  # no decay for ndim <= 1
+    groups = param_groups(online.parameters(), cfg.weight_decay)  # no decay / adaptation for p.ndim <= 1
     optimizer = (LARS(groups, lr=lr_peak, momentum=cfg.sgd_momentum, eta=cfg.lars_eta) if cfg.optimizer == "lars"
                  else torch.optim.SGD(groups, lr=lr_peak, momentum=cfg.sgd_momentum))
     accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; global batch "
@@ -295,7 +292,7 @@ def main(cfg):
             for m in target_bns:
                 m.stats_momentum = bn_m
             for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_mult", 1.0)
+                g["lr"] = lr
             picked = sample_dns(step, full_only_steps, len(dns), cfg)
             x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
