@@ -19,8 +19,8 @@ cannot run is null in the JSON with its reason under "errors" (the others still 
                                    view, pinned, non_blocking, cat on the device) over the old cat-then-copy
     loader_img_per_s               loader=torch and loader=ffcv (a .beton written here from the same JPEGs)
                                    at 224 px, against us3l_img_per_s: does the loader keep up
-    cifar10_knn                    the US3L quick recipe (ResNet-18 CIFAR, loader=device) for as many steps
-                                   as fit in --knn_minutes, kNN top-1 per width before and after, wall time
+    cifar10_knn                    the US3L quick recipe (its stride-2-stem ResNet-18, loader=device) for as many
+                                   steps as fit in --knn_minutes, kNN top-1 per width before and after, wall time
     dspnet_p5                      P5 of bench/bench_dspnet.py in time (MobileNetV3-Large, 5 widths, 128 px)
 
 Data: CIFAR-10 from --data_path (the default data/cifar10 is extracted from the shared tarball as

@@ -104,6 +104,17 @@ def test_profile_depth_and_full_networks():
     assert abs(profile(ARCHS["vit_small"](num_classes=1000), 1.0)[0] - 22.05e6) / 22.05e6 < 0.01
 
 
+def test_cifar_s2_stem_is_resnet18_cifar_at_a_quarter_of_the_macs():
+    """The quick runs' network: resnet18_cifar's weights, a stride-2 stem (16x16 first stage at 32 px)."""
+    full, s2 = ARCHS["resnet18_cifar"](), ARCHS["resnet18_cifar_s2"]()
+    assert {k: v.shape for k, v in full.state_dict().items()} == {k: v.shape for k, v in s2.state_dict().items()}
+    assert s2.stem[0].stride == (2, 2) and full.stem[0].stride == (1, 1)
+    for w in (1.0, 0.25):
+        p, m = profile(full, w, input_size=32)
+        p2, m2 = profile(s2, w, input_size=32)
+        assert p == p2 and 0.24 < m2 / m < 0.26, (w, m2 / m)
+
+
 def bn_inputs(model, batches):
     """Brute force: every BN input of the train-mode forward, concatenated over all batches."""
     seen = {}
