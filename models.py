@@ -75,8 +75,7 @@ class ResNet(nn.Module):
         # The stem follows the first stage's width (64 for the standard ResNets; DSPNet's wider DNs
         # scale it with the stages, which the paper does not spell out).
         c = widths[0]
-        if stem in ("cifar", "cifar_s2"):  # 3x3 conv, no max-pool: 32 px inputs keep a 32x32 first stage;
-            # cifar_s2 (stride 2) halves it to 16x16: 4x fewer MACs, for the quick runs on a CPU
+        if stem in ("cifar", "cifar_s2"):  # 3x3 conv, no max-pool: 32x32 first stage at 32 px (cifar_s2: 16x16)
             self.stem = conv_bn(3, c, 3, 2 if stem == "cifar_s2" else 1)
         else:
             self.stem = nn.Sequential(conv_bn(3, c, 7, 2), nn.MaxPool2d(3, 2, 1))
@@ -140,9 +139,8 @@ class SqueezeExcite(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    # (t, c, n, s) from the MobileNetV2 paper
     CFG = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-           (6, 320, 1, 1)]
+           (6, 320, 1, 1)]  # (t, c, n, s) from the MobileNetV2 paper
 
     def __init__(self, cifar=False, num_classes=0):
         super().__init__()
