@@ -1,8 +1,7 @@
 """Batched on-device BYOL two-view augmentation and an on-device CIFAR loader: `loader=device`,
 and the batched part of `loader=ffcv` (docs/design.md, The three loaders). The CPU reference is
 data.byol_view (PIL + torchvision per sample); this module draws the same distributions with
-per-sample random parameters, vectorized over the batch, on whatever device the uint8 batch lives
-on (CPU or CUDA).
+per-sample random parameters, vectorized over the batch, on the uint8 batch's device (CPU or CUDA).
 
     aug = TwoViewAugment("cifar10").to(device)            # 32 px, no blur; "imagenet": 224 px, blur
     g = torch.Generator(device).manual_seed(0)
@@ -424,12 +423,13 @@ class FFCVViews:
     the device) followed by the rest of each BYOL view batched here (crop=False). The augmentation
     generator is seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG (not reproducible)."""
 
-    def __init__(self, path, dataset, size, batch_size, seed, rank, world, device, num_workers=None, subset=0):
+    def __init__(self, path, dataset, size, batch_size, seed, rank, world, device, num_workers=None, subset=0,
+                 min_scale=0.08):
         rows = None
         if subset:
             rows = subset_indices(beton_labels(path), subset)
         self.loader = build_ffcv_loader(path, batch_size, size, seed=seed, rank=rank, world=world, device=device,
-                                        indices=rows, num_workers=num_workers)
+                                        min_scale=min_scale, indices=rows, num_workers=num_workers)
         self.n = len(rows) if rows is not None else len(beton_labels(path))
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.view1 = BatchAugment(dataset, size, 1, crop=False).to(device)
@@ -493,17 +493,19 @@ def to_device(batches, device):
 
 
 def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, subset=0, seed=0, rank=0, world=1,
-                       device="cpu", num_workers=0):
+                       device="cpu", num_workers=0, min_scale=0.08):
     """The two-view pretraining loader of config key `loader`:
     torch:  TorchLoader over data_path (the reference; any source, per-sample CPU augmentation);
     device: DeviceLoader, data_path's train split decoded once into device memory (CIFAR scale),
             TwoViewAugment per batch on the device;
     ffcv:   FFCVViews over ffcv_path/train.beton (written by `python ffcv_data.py`)."""
+    if not 0 < min_scale <= 1:
+        raise ConfigError(f"config error: min_scale={min_scale}: the crop's area fraction must be in (0, 1]")
     if kind == "torch":
-        ds = build_dataset(data_path, "train", pretrain_transform(dataset, size), subset=subset)
+        ds = build_dataset(data_path, "train", pretrain_transform(dataset, size, min_scale), subset=subset)
         return TorchLoader(ds, batch_size, seed, rank, world, num_workers, pin_memory=torch.device(device).type == "cuda")
     if kind == "device":
-        aug = TwoViewAugment(dataset, size).to(device)
+        aug = TwoViewAugment(dataset, size, min_scale=min_scale).to(device)
         return DeviceLoader(build_dataset(data_path, "train", subset=subset), batch_size, device, aug, seed=seed,
                             rank=rank, world=world, num_workers=num_workers)
     if kind == "ffcv":
@@ -513,5 +515,6 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
             raise FileNotFoundError(f"loader=ffcv needs ffcv_path, a folder with train.beton: {path!r} not found. "
                                     f"Write it once: python ffcv_data.py --data_path {data_path} "
                                     f"--out {ffcv_path or 'DIR'} {cap}")
-        return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset)
+        return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset,
+                         min_scale)
     raise ConfigError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

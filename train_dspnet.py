@@ -61,6 +61,7 @@ class Config:
     # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
+    min_scale: float = 0.08  # each view's RandomResizedCrop keeps [min_scale, 1] of the image area (BYOL: 0.08)
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
     num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
@@ -193,7 +194,8 @@ def main(cfg):
             prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
     train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
-                                      cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers)
+                                      cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers,
+                                      cfg.min_scale)
     steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
     # with max_steps the epoch-based phases shrink with the run, as the schedules do

@@ -424,3 +424,23 @@ def test_to_device_yields_the_loaders_batches_in_order():
 def test_to_device_augments_on_a_side_stream_with_the_same_batches():
     streams = to_device_matches_the_loader("cuda")
     assert all(s != torch.cuda.default_stream() for s in streams)  # the augmentation ran off the training stream
+
+
+def test_min_scale_reaches_every_loaders_crops(cifar_small, tmp_path, monkeypatch):
+    """Config key min_scale sets the RandomResizedCrop area range of both views for each loader kind;
+    outside (0, 1] it is a config error naming the key."""
+    t = A.build_train_loader("torch", cifar_small, "", "cifar10", 32, 32, min_scale=0.2)
+    crops = [op for view in (t.dataset.transform.t1, t.dataset.transform.t2) for op in view.transforms
+             if isinstance(op, T.RandomResizedCrop)]
+    assert [c.scale for c in crops] == [(0.2, 1.0)] * 2
+    d = A.build_train_loader("device", cifar_small, "", "cifar10", 32, 32, min_scale=0.2)
+    assert d.augment.view1.scale == d.augment.view2.scale == (0.2, 1.0)
+    seen = {}
+    monkeypatch.setattr(A, "beton_labels", lambda path: np.zeros(200, np.int64))
+    monkeypatch.setattr(A, "build_ffcv_loader", lambda *a, **k: seen.update(k))
+    (tmp_path / "train.beton").touch()
+    A.build_train_loader("ffcv", cifar_small, str(tmp_path), "cifar10", 32, 32, min_scale=0.2)
+    assert seen["min_scale"] == 0.2
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=f"min_scale={bad}"):
+            A.build_train_loader("device", cifar_small, "", "cifar10", 32, 32, min_scale=bad)
