@@ -13,7 +13,7 @@ ONNX, times the largest output where it exceeds 1), then describes it in OUT.jso
     python export.py --ckpt out/cifar10_quick/backbone.pt --width 0.5 --out exports/r18c_w050
     python export.py --ckpt out/cifar10_quick/backbone.pt --widths 1.0,0.5 --formats pt,torchscript,onnx --latency
     python export.py --ckpt out/cifar10_quick/backbone.pt --budget_ms 6.0 --batch_size 1   # widest that fits
-    python export.py --ckpt out/dspnet_cifar10_quick/backbone.pt --dn 2          # or --dn 0.5,2,2,1,1
+    python export.py --ckpt out/dspnet_cifar10_quick/backbone.pt --dn 2          # or --dn 0.5 (a DN's entry)
     python export.py --ckpt out/dspnet_resnet_dn9_in/backbone.pt --dn 0.6667,2,2,2,2 --formats torchvision  # ResNet-18
     python export.py --arch resnet18_cifar --width 0.37 --formats pt,onnx       # seeded random init (baseline)
 
