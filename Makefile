@@ -1,7 +1,7 @@
 # Set-up and checks. `make test` installs first when needed; `make install` twice is a no-op.
 #   make install   system packages for FFCV (Debian), then .venv/ with requirements.txt
 #   make quick     the quick US3L CIFAR-10 run (QUICK_ARGS="--data_path=DIR" to point elsewhere)
-#   make test      ruff + pytest (PYTEST_ARGS="-k config" to narrow)
+#   make test      ruff + pytest on 2 workers (PYTEST_ARGS="-k config" to narrow, PYTEST_WORKERS=0 for one process)
 #   make lint      ruff only
 #   make clean     remove .venv/ and caches (not data, not runs)
 
@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 QUICK_ARGS ?=
 # What FFCV's source build needs: libturbojpeg, OpenCV headers, pkg-config to find both.
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
@@ -57,7 +58,7 @@ quick: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

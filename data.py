@@ -1,13 +1,16 @@
 """Data for slimmable self-supervised pretraining (DSPNet, US3L): sources, BYOL two-view
-augmentation, loaders. Knows no network and no trainer. The torch reference path (PIL + torchvision
-per sample in DataLoader workers) is here; the fast paths build on it: FFCV in ffcv_data.py, batched
-on-device augmentation in augment.py.
+augmentation, the seeded order and views of the torch loader. Knows no network and no trainer. The
+torch reference path (PIL + torchvision per sample in DataLoader workers) is here; the fast paths
+build on it: FFCV in ffcv_data.py, batched on-device augmentation in augment.py.
 
     python data.py extract-cifar10        # the CIFAR-10 tarball -> data/cifar10 of this repository, once
     python data.py extract-cifar10 --tar T --out DIR      # or CIFAR10_TAR=T DATA_DIR=D (-> D/cifar10)
 
     ds = build_dataset("data/cifar10", "train", pretrain_transform("cifar10"), subset=5000)
-    for (v1, v2), y in build_loader(ds, batch_size=256, num_workers=2): ...  # (B, 3, 32, 32) each
+    (v1, v2), y = ds[0]                                   # two views (3, 32, 32) of image 0, its label
+    # the trainers' torch loader (augment.TorchLoader), per epoch: this rank's (epoch, index) keys, in order
+    sampler = EpochSampler(len(ds), 256, epoch, rank=rank, world=world)
+    for (v1, v2), y in DataLoader(SeededViews(ds), 256, sampler=sampler, num_workers=2): ...  # (B, 3, 32, 32)
 
 data_path: DIR with train/ and test/ (or val/) class folders; DIR/cifar-10-batches-py or
 DIR/cifar-100-python (or that folder itself) for torchvision's CIFAR; `hf:PATH_OR_NAME` for
@@ -25,9 +28,7 @@ inside this repository; it downloads only with --download.
 """
 
 import argparse
-import functools
 import os
-import random
 import shutil
 import tarfile
 import tempfile
@@ -39,7 +40,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parent
 SPLITS = {"train": ["train"], "test": ["test", "val", "validation"], "val": ["val", "validation", "test"]}
@@ -366,30 +367,6 @@ def eval_transform(dataset, size=None):
 
 # -----------------------------------------------------------------------------
 # Loader
-
-
-def seed_worker(rank, worker_id):
-    # The base seed comes from the loader's generator, which Accelerate keeps identical on all
-    # ranks (same shuffle), so without the rank every rank would draw the same crops and colors.
-    seed = (torch.initial_seed() + rank * 1_000_003) % 2**63
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=0, rank=None,
-                 pin_memory=None, collate_fn=None):
-    """Plain torch DataLoader, batch_size per process. The trainers call accelerator.prepare on it,
-    which shards the batches across processes with one shuffle order for all. rank (default $RANK,
-    else 0) only decorrelates the augmentation of different processes."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0,  # no worker restart (and dataset re-pickle) per epoch
-        worker_init_fn=functools.partial(seed_worker, rank) if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn,
-    )
 
 
 class SeededViews(Dataset):

@@ -275,6 +275,8 @@ ARCHS = {
     "resnet18_cifar": partial(ResNet, BasicBlock, [2, 2, 2, 2], stem="cifar"),
     "resnet18_cifar_s2": partial(ResNet, BasicBlock, [2, 2, 2, 2], stem="cifar_s2"),  # the quick runs' network
     "resnet50_cifar": partial(ResNet, Bottleneck, [3, 4, 6, 3], stem="cifar"),
+    # ResNet-18 at a quarter of the widths (0.7M params): the test suite's network, and a smoke run's
+    "resnet18_cifar_tiny": partial(ResNet, BasicBlock, [2, 2, 2, 2], widths=(16, 32, 64, 128), stem="cifar"),
     # DSPNet's 9 ResNet DNs live in this one network: stage widths {64,80,96} x [1,2,4,8] are
     # widths 2/3, 5/6, 1 of it, depths [2,2,2,2] / [2,3,4,3] / [3,4,6,3] are depth slices.
     "resnet34_w96": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(96, 192, 384, 768)),

@@ -173,11 +173,13 @@ def check_same_across_processes(module: torch.nn.Module, accelerator, buffers: b
     of a run with more than one process."""
     if accelerator.num_processes <= 1:
         return
-    tensors = [*module.parameters(), *(b for b in module.buffers() if buffers and b.is_floating_point())]
-    sums = torch.stack([t.detach().double().sum() for t in tensors])
+    named = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if buffers and b.is_floating_point())]
+    sums = torch.stack([t.detach().double().sum() for _, t in named])
     gathered = accelerator.gather(sums[None])  # (world, P)
-    if not torch.equal(gathered.min(0).values, gathered.max(0).values):
-        raise RuntimeError("parameters or BN statistics differ across processes at the end of training")
+    differ = [n for (n, _), lo, hi in zip(named, gathered.min(0).values, gathered.max(0).values) if lo != hi]
+    if differ:
+        raise RuntimeError(f"parameters or BN statistics differ across processes at the end of training: "
+                           f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}")
 
 
 @torch.no_grad()
@@ -305,8 +307,10 @@ def load_resume(cfg, ckpt_path, modules: dict, accelerator, extra: dict | None =
     except ConfigError as e:
         error = str(e)
     except Exception as e:  # a rank that cannot read the file says why, and all stop
+        hint = ("with several nodes, out_dir must be a folder every node sees" if accelerator.num_processes > 1 else
+                "a file cut short by a full disk or a copy: remove it, or pass --resume=none to start over")
         error = (f"config error: process {accelerator.process_index} cannot resume from {path} ({type(e).__name__}: "
-                 f"{e}); with several nodes, out_dir must be a folder every node sees")
+                 f"{e}); {hint}")
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
         reports = gather_object([(error, step)])

@@ -153,9 +153,9 @@ def test_resized_crop_and_flip_match_torchvision():
             torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
 
 
-def test_resized_crop_matches_pil_reference(cifar_small):
+def test_resized_crop_matches_pil_reference(image_folder):
     """On real uint8 images against the reference itself (PIL crop + bicubic resize, 8-bit rounding)."""
-    ds = data.build_dataset(cifar_small, "train")
+    ds = data.build_dataset(image_folder, "train")
     imgs = [ds[k][0] for k in range(0, 200, 10)]
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in imgs])  # (20, 3, 32, 32) uint8
     g = torch.Generator().manual_seed(0)
@@ -245,10 +245,11 @@ def assert_same_mean(a, b, what):
 
 
 @pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("imagenet", 96)])
-def test_views_match_reference_statistics(cifar_small, dataset, size):
-    """Per-view channel means and stds and the grayscale fraction over many views of real images,
+def test_views_match_reference_statistics(cifar_real, dataset, size):
+    """Per-view channel means and stds and the grayscale fraction over many views of real images (the
+    real-data test: jitter, grayscale and blur statistics depend on natural images' colours and edges),
     batched vs the PIL reference (data.pretrain_transform); 96 px upscaled CIFAR exercises the blur."""
-    ds = data.build_dataset(cifar_small, "train")
+    ds = data.build_dataset(cifar_real, "train")
     imgs = [ds[k][0].resize((size, size), Image.BICUBIC) for k in range(len(ds))]
     repeats = 4 if size == 32 else 1
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in imgs]).repeat(repeats, 1, 1, 1)
@@ -349,8 +350,8 @@ def test_device_loader_resume_mid_epoch():
     assert not torch.equal(next(iter(full))[2], steps[0][2])  # a new epoch, a new order
 
 
-def test_device_loader_from_image_folder(cifar_small):
-    ds = data.build_dataset(cifar_small, "train")
+def test_device_loader_from_image_folder(image_folder):
+    ds = data.build_dataset(image_folder, "train")
     loader = A.DeviceLoader(ds, 32, "cpu", A.TwoViewAugment("cifar10"), seed=0)
     assert loader.images.shape == (200, 3, 32, 32) and torch.equal(loader.labels, torch.from_numpy(ds.labels))
     n = 0
@@ -359,7 +360,7 @@ def test_device_loader_from_image_folder(cifar_small):
         n += 1
     assert n == 6
     with pytest.raises(TypeError, match="transform=None"):
-        A.decode_dataset(data.build_dataset(cifar_small, "test", data.eval_transform("cifar10")))
+        A.decode_dataset(data.build_dataset(image_folder, "test", data.eval_transform("cifar10")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -426,21 +427,21 @@ def test_to_device_augments_on_a_side_stream_with_the_same_batches():
     assert all(s != torch.cuda.default_stream() for s in streams)  # the augmentation ran off the training stream
 
 
-def test_min_scale_reaches_every_loaders_crops(cifar_small, tmp_path, monkeypatch):
+def test_min_scale_reaches_every_loaders_crops(image_folder, tmp_path, monkeypatch):
     """Config key min_scale sets the RandomResizedCrop area range of both views for each loader kind;
     outside (0, 1] it is a config error naming the key."""
-    t = A.build_train_loader("torch", cifar_small, "", "cifar10", 32, 32, min_scale=0.2)
+    t = A.build_train_loader("torch", image_folder, "", "cifar10", 32, 32, min_scale=0.2)
     crops = [op for view in (t.dataset.transform.t1, t.dataset.transform.t2) for op in view.transforms
              if isinstance(op, T.RandomResizedCrop)]
     assert [c.scale for c in crops] == [(0.2, 1.0)] * 2
-    d = A.build_train_loader("device", cifar_small, "", "cifar10", 32, 32, min_scale=0.2)
+    d = A.build_train_loader("device", image_folder, "", "cifar10", 32, 32, min_scale=0.2)
     assert d.augment.view1.scale == d.augment.view2.scale == (0.2, 1.0)
     seen = {}
     monkeypatch.setattr(A, "beton_labels", lambda path: np.zeros(200, np.int64))
     monkeypatch.setattr(A, "build_ffcv_loader", lambda *a, **k: seen.update(k))
     (tmp_path / "train.beton").touch()
-    A.build_train_loader("ffcv", cifar_small, str(tmp_path), "cifar10", 32, 32, min_scale=0.2)
+    A.build_train_loader("ffcv", image_folder, str(tmp_path), "cifar10", 32, 32, min_scale=0.2)
     assert seen["min_scale"] == 0.2
     for bad in (0, 1.5):
         with pytest.raises(ConfigError, match=f"min_scale={bad}"):
-            A.build_train_loader("device", cifar_small, "", "cifar10", 32, 32, min_scale=bad)
+            A.build_train_loader("device", image_folder, "", "cifar10", 32, 32, min_scale=bad)

@@ -1,5 +1,6 @@
-"""data.py: sources, subsets, two-view augmentation, loader. CPU, a few seconds, real CIFAR-10 images
-from the shared tarball (the cifar_small fixture in conftest.py)."""
+"""data.py: sources, subsets, two-view augmentation, and the trainers' torch loader (augment.TorchLoader
+over data.EpochSampler and data.SeededViews). CPU, a few seconds, on the generated CIFAR-like image
+folder (the image_folder fixture in conftest.py): no real data."""
 
 import hashlib
 import io
@@ -9,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import augment as A
 import data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,22 +30,22 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # --- sources -------------------------------------------------------------------------------------
 
 
-def test_imagefolder_source(cifar_small):
-    ds = data.build_dataset(cifar_small, "train")
+def test_imagefolder_source(image_folder):
+    ds = data.build_dataset(image_folder, "train")
     assert len(ds) == 200 and ds.num_classes == 10 and ds.classes == CLASSES
     assert Counter(ds.labels.tolist()) == {c: 20 for c in range(10)}
     img, y = ds[0]
     assert isinstance(img, Image.Image) and img.size == (32, 32) and img.mode == "RGB" and y == 0
-    ds = data.build_dataset(cifar_small, "test", data.eval_transform("cifar10"), return_index=True)
+    ds = data.build_dataset(image_folder, "test", data.eval_transform("cifar10"), return_index=True)
     x, y, i = ds[57]
     assert len(ds) == 100 and x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert y == ds.labels[57] == 5 and i == 57
     assert -3 < x.mean() < 3  # normalized, not 0..255
 
 
-def test_split_naming(cifar_small, tmp_path):
-    shutil.copytree(cifar_small / "train", tmp_path / "train")
-    shutil.copytree(cifar_small / "test", tmp_path / "val")  # ImageNet's naming
+def test_split_naming(image_folder, tmp_path):
+    shutil.copytree(image_folder / "train", tmp_path / "train")
+    shutil.copytree(image_folder / "test", tmp_path / "val")  # ImageNet's naming
     for split in ("test", "val", "validation"):
         assert len(data.build_dataset(tmp_path, split)) == 100
     (tmp_path / "val").rename(tmp_path / "test")
@@ -55,11 +57,11 @@ def test_split_naming(cifar_small, tmp_path):
         data.build_dataset(tmp_path, "holdout")
 
 
-def test_missing_data_is_a_clear_error(cifar_small, tmp_path):
+def test_missing_data_is_a_clear_error(image_folder, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         data.build_dataset(tmp_path / "nowhere", "train")
     assert str(tmp_path / "nowhere") in str(e.value) and "extract-cifar10" in str(e.value)
-    shutil.copytree(cifar_small / "train", tmp_path / "train")
+    shutil.copytree(image_folder / "train", tmp_path / "train")
     with pytest.raises(FileNotFoundError) as e:
         data.build_dataset(tmp_path, "test")
     assert str(tmp_path / "test") in str(e.value) and str(tmp_path / "val") in str(e.value)
@@ -79,28 +81,28 @@ def test_subset_indices():
     assert Counter(small[data.subset_indices(small, 10, seed=0)].tolist()) == {0: 3, 1: 5}
 
 
-def test_subset_dataset(cifar_small):
-    ds = data.build_dataset(cifar_small, "train", subset=30, subset_seed=0, return_index=True)
+def test_subset_dataset(image_folder):
+    ds = data.build_dataset(image_folder, "train", subset=30, subset_seed=0, return_index=True)
     assert len(ds) == 30 and Counter(ds.labels.tolist()) == {c: 3 for c in range(10)}
     assert ds.num_classes == 10 and [ds[i][1] for i in range(30)] == ds.labels.tolist()
     assert [ds[i][2] for i in range(30)] == list(range(30))  # positions in the subset, for dedupe
 
 
-def hf_dataset(cifar_small, split, n):
+def hf_dataset(image_folder, split, n):
     import datasets
 
-    files = sorted((cifar_small / split).glob("*/*.jpg"))[:n]
+    files = sorted((image_folder / split).glob("*/*.jpg"))[:n]
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
     images = [Image.open(f).convert("RGB") for f in files]
     labels = [CLASSES.index(f.parent.name) for f in files]
     return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
 
 
-def test_hf_saved_to_disk(cifar_small, tmp_path):
+def test_hf_saved_to_disk(image_folder, tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict(train=hf_dataset(cifar_small, "train", 40),
-                              test=hf_dataset(cifar_small, "test", 30))
+    dd = datasets.DatasetDict(train=hf_dataset(image_folder, "train", 40),
+                              test=hf_dataset(image_folder, "test", 30))
     dd.save_to_disk(tmp_path / "dd")
     ds = data.build_dataset(f"hf:{tmp_path / 'dd'}", "train", data.pretrain_transform("cifar10"))
     (v1, v2), y = ds[5]
@@ -124,13 +126,13 @@ def test_hf_saved_to_disk(cifar_small, tmp_path):
     assert ds[3][0].size == (32, 32)
 
 
-def test_hf_prefers_validation_and_refuses_unlabeled_splits(cifar_small, tmp_path):
+def test_hf_prefers_validation_and_refuses_unlabeled_splits(image_folder, tmp_path):
     """As the hub's imagenet-1k: train / validation / test, the test labels all -1."""
     import datasets
 
-    test = hf_dataset(cifar_small, "test", 20)
+    test = hf_dataset(image_folder, "test", 20)
     unlabeled = test.map(lambda row: {"label": -1}, features=test.features)
-    dd = datasets.DatasetDict(train=hf_dataset(cifar_small, "train", 40), validation=hf_dataset(cifar_small, "test", 30),
+    dd = datasets.DatasetDict(train=hf_dataset(image_folder, "train", 40), validation=hf_dataset(image_folder, "test", 30),
                               test=unlabeled)
     dd.save_to_disk(tmp_path / "in1k_like")
     ds = data.build_dataset(f"hf:{tmp_path / 'in1k_like'}", "test")
@@ -140,11 +142,11 @@ def test_hf_prefers_validation_and_refuses_unlabeled_splits(cifar_small, tmp_pat
         data.build_dataset(f"hf:{tmp_path / 'only_test'}", "test")
 
 
-def test_hf_imagefolder(cifar_small, tmp_path, monkeypatch):
+def test_hf_imagefolder(image_folder, tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # keep ~ clean
-    ds = data.build_dataset(f"hf:{cifar_small}", "test", data.eval_transform("cifar10"))
+    ds = data.build_dataset(f"hf:{image_folder}", "test", data.eval_transform("cifar10"))
     assert len(ds) == 100 and ds.classes == CLASSES
     assert Counter(ds.labels.tolist()) == {c: 10 for c in range(10)}
     x, y = ds[0]
@@ -220,9 +222,9 @@ def test_default_data_is_made_where_said_and_says_so(tmp_path, capsys, monkeypat
     tar = mini_cifar_tar(tmp_path / "mini.tar.gz")
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
-    p = subprocess.run([sys.executable, str(REPO / "train_us3l.py"), "--max_steps=1", "--num_workers=0",
-                        f"--out_dir={tmp_path / 'out'}"], cwd=run_dir, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "CIFAR10_TAR": str(tar), "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, str(REPO / "train_us3l.py"), "--arch=resnet18_cifar_tiny", "--max_steps=1",
+                        "--num_workers=0", f"--out_dir={tmp_path / 'out'}"], cwd=run_dir, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "CIFAR10_TAR": str(tar)})
     dest = (run_dir / "data" / "cifar10").resolve()
     said = [line for line in p.stdout.splitlines() if line.startswith("CIFAR-10:")]
     assert said == [f"CIFAR-10: extracting {tar} into {dest} (once)"], p.stdout + p.stderr[-2000:]
@@ -263,16 +265,16 @@ def test_augmentation_parameters():
             assert tuple(o["Normalize"].mean) == data.MEAN_STD[dataset][0]
 
 
-def test_two_views_cifar(cifar_small):
-    img = Image.open(next((cifar_small / "train" / "cat").glob("*.jpg")))
+def test_two_views_cifar(image_folder):
+    img = Image.open(next((image_folder / "train" / "cat").glob("*.jpg")))
     torch.manual_seed(0)
     v1, v2 = data.pretrain_transform("cifar10")(img)
     assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == v2.dtype == torch.float32
     assert not torch.equal(v1, v2)
 
 
-def test_two_views_imagenet(cifar_small):
-    img = Image.open(next((cifar_small / "train" / "dog").glob("*.jpg"))).resize((96, 80))
+def test_two_views_imagenet(image_folder):
+    img = Image.open(next((image_folder / "train" / "dog").glob("*.jpg"))).resize((96, 80))
     torch.manual_seed(0)
     v1, v2 = data.pretrain_transform("imagenet", size=64)(img)
     assert v1.shape == v2.shape == (3, 64, 64) and v1.dtype == torch.float32 and not torch.equal(v1, v2)
@@ -282,43 +284,72 @@ def test_two_views_imagenet(cifar_small):
     assert np.asarray(blur(img), dtype=float).std() < np.asarray(img, dtype=float).std()
 
 
-# --- loader --------------------------------------------------------------------------------------
+# --- loader: the trainers' torch path (augment.TorchLoader over data.EpochSampler + data.SeededViews) ---
 
 
-def test_loader_batches_and_index(cifar_small):
-    ds = data.build_dataset(cifar_small, "test", data.pretrain_transform("cifar10"), return_index=True)
-    loader = data.build_loader(ds, batch_size=32, shuffle=False, drop_last=False)
-    seen = []
-    for (v1, v2), y, idx in loader:
-        assert v1.shape[1:] == v2.shape[1:] == (3, 32, 32) and y.shape == idx.shape == v1.shape[:1]
-        seen += idx.tolist()
-    assert seen == list(range(100))
+def epoch_batches(loader, epoch, start=0):
+    loader.set_epoch(epoch, start)
+    return [(v1, v2, y) for (v1, v2), y in loader]
 
 
-def first_batch(ds, rank):
-    loader = data.build_loader(ds, batch_size=8, shuffle=True, num_workers=1, seed=0, rank=rank)
-    return next(iter(loader))
+def assert_same_batches(a, b):
+    assert len(a) == len(b), f"{len(a)} batches, expected {len(b)}"
+    for k, (x, y) in enumerate(zip(a, b)):
+        for name, s, t in zip(("view 1", "view 2", "labels"), x, y):
+            same = torch.equal(s, t)
+            assert same, f"batch {k}: {name} differ"
 
 
-def test_loader_augmentation_differs_across_ranks(cifar_small):
-    # Accelerate keeps the shuffle generator identical on all ranks; the crops must still differ.
-    ds = data.build_dataset(cifar_small, "test", data.pretrain_transform("cifar10"))
-    (a1, _), ya = first_batch(ds, rank=0)
-    (b1, _), yb = first_batch(ds, rank=0)
-    (c1, _), yc = first_batch(ds, rank=1)
-    assert torch.equal(ya, yb) and torch.equal(ya, yc)  # same order everywhere
-    assert torch.equal(a1, b1) and not torch.equal(a1, c1)  # reproducible, decorrelated by rank
+def test_torch_loader_views_are_a_function_of_seed_epoch_and_index(image_folder):
+    """The views of an image depend on (seed, epoch, index) only: not on the number of DataLoader
+    workers, nor on the process count (for one global batch, the ranks' batches of world=2 side by side
+    are world=1's, view for view), and a run resumed mid-epoch (start=k) gets exactly the rest of the
+    uninterrupted epoch. 80 images at 16 px: the contract does not depend on the size."""
+    def loader(batch_size, rank=0, world=1, num_workers=0):
+        return A.build_train_loader("torch", image_folder, "", "cifar10", 16, batch_size, subset=80, seed=5,
+                                    rank=rank, world=world, num_workers=num_workers)
+
+    one = epoch_batches(loader(16), epoch=2)  # 5 global batches of 16
+    assert len(one) == 5 and one[0][0].shape == (16, 3, 16, 16) and not torch.equal(one[0][0], one[0][1])
+    assert_same_batches(epoch_batches(loader(16, num_workers=2), epoch=2), one)
+    ranks = [epoch_batches(loader(8, rank, world=2), epoch=2) for rank in (0, 1)]
+    assert_same_batches([tuple(torch.cat(t) for t in zip(a, b)) for a, b in zip(*ranks)], one)
+    assert_same_batches(epoch_batches(loader(16), epoch=2, start=3), one[3:])
+    other = epoch_batches(loader(16), epoch=3)  # a new epoch: a new order and new views
+    assert not torch.equal(other[0][2], one[0][2]) and not torch.equal(other[0][0], one[0][0])
 
 
-def test_loader_throughput(cifar_small):
-    # Not asserted: prints the two-view CIFAR img/s of the torch reference path (P4's baseline, docs/design.md, Performance targets).
-    ds = data.build_dataset(cifar_small, "train", data.pretrain_transform("cifar10"))
-    big = torch.utils.data.ConcatDataset([ds] * 10)  # 2000 decodes of 200 real JPEGs
-    loader = data.build_loader(big, batch_size=250, shuffle=True, num_workers=2)
-    for _ in loader:  # epoch 1 starts the (persistent) workers and warms the page cache
-        pass
-    t0, n = time.perf_counter(), 0
-    for (v1, _), _ in loader:
-        n += len(v1)
-    rate = n / (time.perf_counter() - t0)
-    print(f"\ntorch DataLoader, 2 workers, two-view CIFAR 32 px: {rate:.0f} img/s ({n} images)")
+def test_bad_images_policy_reaches_the_loader_workers(image_folder, tmp_path, monkeypatch):
+    """bad_images through the trainers' torch loader with 2 DataLoader workers. fail: the worker's
+    BadImageError, naming the file and bad_images=skip, is raised here. skip: the next image stands in,
+    with the views of the bad one's (seed, epoch, index). Linux forks the workers (they inherit
+    data.BAD_IMAGES); spawned ones (macOS, Windows) unpickle the dataset in a fresh interpreter, where
+    data.BAD_IMAGES is "fail": the policy must travel with the dataset (the last check)."""
+    root, standin = tmp_path / "bad", tmp_path / "standin"
+    for folder in (root, standin):
+        for name in ("bird", "cat", "dog"):  # 60 images
+            shutil.copytree(image_folder / "train" / name, folder / "train" / name)
+    cat = sorted((image_folder / "train" / "cat").glob("*.jpg"))
+    jpeg = cat[5].read_bytes()
+    (root / "train" / "cat" / cat[5].name).write_bytes(jpeg[: len(jpeg) // 2])  # truncated
+    shutil.copy(cat[6], standin / "train" / "cat" / cat[5].name)  # what skip serves in its place
+
+    def batches(path):
+        loader = A.build_train_loader("torch", path, "", "cifar10", 16, 20, seed=1, num_workers=2)
+        return epoch_batches(loader, epoch=0)  # 3 batches of 20: every image read
+
+    with pytest.raises(data.BadImageError, match=f"(?s)in DataLoader worker.*unreadable image .*cat/{cat[5].name} "
+                                                 ".*bad_images=skip") as failed:
+        batches(root)
+    # the traceback's frames hold the DataLoader iterator in a reference cycle: left to the garbage
+    # collector, its shutdown waits out a 5 s join timeout per worker (measured: 10 s); freed here at once
+    traceback.clear_frames(failed.value.__traceback__)
+    monkeypatch.setattr(data, "BAD_IMAGES", "skip")
+    assert_same_batches(batches(root), batches(standin))
+    ds = data.build_dataset(root, "train")
+    i = [path for path, _ in ds.base.samples].index(str(root / "train" / "cat" / cat[5].name))
+    monkeypatch.setattr(data, "BAD_IMAGES", "fail")  # as in a spawned worker
+    spawned = pickle.loads(pickle.dumps(data.SeededViews(ds)))
+    with pytest.warns(UserWarning, match=f"skipped unreadable image .*{cat[5].name}"):
+        img, y = spawned[0, i]
+    assert y == 1 and np.array_equal(np.array(img), np.array(Image.open(cat[6])))  # the next image, a cat

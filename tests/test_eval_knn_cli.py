@@ -1,6 +1,7 @@
 """eval_knn.py as a command: results.json schema and plot for a random-init network and for a
-backbone.pt checkpoint (widths and DSPNet dns), clear errors, and 2 processes giving 1 process's
-numbers (the calibration set is the same batches for any process count)."""
+backbone.pt checkpoint (widths and DSPNet dns), clear errors, 2 processes giving 1 process's numbers
+(the calibration set is the same batches for any process count), and the device and ffcv loaders
+giving the torch loader's features."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 import eval_knn
+import knn
 from config import ConfigError, parse_config
-from models import ARCHS
+from models import ARCHS, profile
+from tests.test_multiprocess import _free_port, thread_env
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--bank_subset=60", "--test_subset=30", "--calib_images=40", "--batch_size=20", "--k=5,20"]
@@ -28,9 +31,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run(args, env=None, launcher=None):
-    cmd = (launcher or [sys.executable]) + [str(REPO / "eval_knn.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+def run_two_processes(args):
+    """eval_knn.py as a command, launched as 2 CPU processes by accelerate (a free port each time; the
+    threads of this process shared between the 2)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(REPO / "eval_knn.py"), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", **thread_env(2)}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
 
 
@@ -46,34 +52,36 @@ def check_results(out_dir, names, ks=("5", "20")):
     return res
 
 
-def test_random_init(cifar_small, tmp_path):
-    p = run(["--arch=resnet18_cifar", "--widths=1.0,0.25", f"--data_path={cifar_small}", f"--out_dir={tmp_path}",
-             *FAST])
-    assert p.returncode == 0, p.stderr[-3000:]
+def main(argv):  # in-process: no interpreter start-up and imports (about 4 s a run here)
+    return eval_knn.main(parse_config(eval_knn.Config, argv))
+
+
+def test_random_init(image_folder, tmp_path, capsys):
+    main(["--arch=resnet18_cifar_tiny", "--widths=1.0,0.25", f"--data_path={image_folder}", f"--out_dir={tmp_path}",
+          *FAST])
     res = check_results(tmp_path, ["1.0", "0.25"])
-    assert res["0.25"]["macs"] < res["1.0"]["macs"] / 10  # profiled at 32 px: 555 vs 35 MMACs
-    assert "1 process(es)" in p.stdout and "k=20" in p.stdout
+    model = ARCHS["resnet18_cifar_tiny"]()
+    for w in (1.0, 0.25):  # the sub-network's figures at the eval image size, 32 px
+        assert (res[str(w)]["params"], res[str(w)]["macs"]) == profile(model, w, input_size=32)
+    out = capsys.readouterr().out
+    assert "1 process(es)" in out and "k=20" in out
 
 
-def make_ckpt(path, arch="resnet18_cifar", **extra):
+def make_ckpt(path, arch="resnet18_cifar_tiny", **extra):
     torch.manual_seed(1)
     sd = ARCHS[arch]().state_dict() if arch in ARCHS else {}
     torch.save({"arch": arch, "backbone": sd, "teacher": sd, "widths": [1.0, 0.5], "width_min": 0.5, "step": 0,
                 "config": {"data_path": "unused", "dataset": "cifar10"}, **extra}, path)
 
 
-def main(argv):  # in-process: no interpreter start-up and imports (about 4 s a run here)
-    return eval_knn.main(parse_config(eval_knn.Config, argv))
-
-
-def test_checkpoint_widths_and_dns(cifar_small, tmp_path):
+def test_checkpoint_widths_and_dns(image_folder, tmp_path):
     make_ckpt(tmp_path / "backbone.pt")
-    main([f"--ckpt={tmp_path / 'backbone.pt'}", "--teacher", f"--data_path={cifar_small}",
+    main([f"--ckpt={tmp_path / 'backbone.pt'}", "--teacher", f"--data_path={image_folder}",
           f"--out_dir={tmp_path / 'a'}", *FAST])
     check_results(tmp_path / "a", ["1.0", "0.5"])  # the checkpoint's default widths
     make_ckpt(tmp_path / "dsp.pt", dns=[{"width": 1.0, "depth": None}, {"width": 1.0, "depth": [2, 1, 1, 1]},
                                        {"width": 2 / 3, "depth": [1, 1, 1, 1]}])  # as train_dspnet.py saves them
-    main([f"--ckpt={tmp_path / 'dsp.pt'}", f"--data_path={cifar_small}", f"--out_dir={tmp_path / 'b'}", *FAST])
+    main([f"--ckpt={tmp_path / 'dsp.pt'}", f"--data_path={image_folder}", f"--out_dir={tmp_path / 'b'}", *FAST])
     res = check_results(tmp_path / "b", ["1.0", "1.0_d2-1-1-1", "0.6667_d1-1-1-1"])  # every DN, by default
     assert res["0.6667_d1-1-1-1"]["macs"] < res["1.0_d2-1-1-1"]["macs"] < res["1.0"]["macs"]
 
@@ -92,34 +100,46 @@ def test_clear_errors(tmp_path, args, message):
     assert message in str(e.value)
 
 
-def test_two_processes_equal_one(cifar_small, tmp_path):
-    args = ["--arch=resnet18_cifar", "--widths=1.0,0.5", f"--data_path={cifar_small}", "--autocast=false", *FAST]
-    one = run(args + [f"--out_dir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "29533"]
-    two = run(args + [f"--out_dir={tmp_path / 'two'}"], env={"ACCELERATE_USE_CPU": "true"}, launcher=launch)
+def test_two_processes_equal_one(image_folder, tmp_path):
+    args = ["--arch=resnet18_cifar_tiny", "--widths=1.0,0.5", f"--data_path={image_folder}", "--autocast=false",
+            *FAST]
+    # 1 process here, with the thread count each of the 2 gets: a thread count cannot change a sum's order
+    torch.set_num_threads(int(thread_env(2)["OMP_NUM_THREADS"]))  # one_thread restores it
+    main(args + [f"--out_dir={tmp_path / 'one'}"])
+    two = run_two_processes(args + [f"--out_dir={tmp_path / 'two'}"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout
     ref, got = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert got == ref
 
 
-def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
-    """loader=device (tensors on the device) and loader=ffcv (a raw .beton: the same pixels) give the
-    torch path's accuracies on the whole (small) splits; subsets with ffcv are a clear error."""
+def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch):
+    """loader=device (tensors on the device) and loader=ffcv (a raw .beton: the same pixels) feed the network
+    the torch loader's images: the same bank and test features at every width, in the same order with the
+    same labels (on the whole, small, splits); subsets with ffcv are a clear error."""
     import ffcv_data
     pytest.importorskip("ffcv")
-    ffcv_data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
-    common = ["--arch=resnet18_cifar", "--widths=1.0,0.25", f"--data_path={cifar_small}", "--calib_images=40",
+    ffcv_data.write_beton(image_folder, tmp_path / "beton", raw=True, num_workers=1)
+    common = ["--arch=resnet18_cifar_tiny", "--widths=1.0,0.25", f"--data_path={image_folder}", "--calib_images=40",
               "--batch_size=50", "--k=5,20", "--autocast=false"]
-    res = {}
+    real, features, res = knn.extract_features, {}, {}
+
+    def recorded(*args, **kw):  # knn_eval's features: (features, labels, indices) of each pass
+        out = real(*args, **kw)
+        features[kind].append(out)
+        return out
+
+    monkeypatch.setattr(knn, "extract_features", recorded)
     for kind in ("torch", "device", "ffcv"):
-        main([*common, f"--loader={kind}", f"--ffcv_path={tmp_path / 'beton'}", f"--out_dir={tmp_path / kind}"])
-        res[kind] = json.loads((tmp_path / kind / "results.json").read_text())
+        features[kind] = []
+        res[kind] = main([*common, f"--loader={kind}", f"--ffcv_path={tmp_path / 'beton'}",
+                          f"--out_dir={tmp_path / kind}"])
+    assert [len(f) for f, _, _ in features["torch"]] == [200, 100, 200, 100]  # bank and test, at each width
     for kind in ("device", "ffcv"):
-        for w in ("1.0", "0.25"):
-            assert res[kind][w]["top1_k"] == pytest.approx(res["torch"][w]["top1_k"], abs=0.011), (kind, w)
+        for (f, y, idx), (ref_f, ref_y, ref_idx) in zip(features[kind], features["torch"], strict=True):
+            assert torch.equal(y.cpu(), ref_y) and torch.equal(idx.cpu(), ref_idx), kind
+            torch.testing.assert_close(f.cpu(), ref_f, rtol=0, atol=1e-5, msg=kind)
+    assert res["device"] == res["torch"]
     with pytest.raises(ConfigError, match="bank_subset"):
         main([*common, "--loader=ffcv", f"--ffcv_path={tmp_path / 'beton'}", "--bank_subset=50",
               f"--out_dir={tmp_path / 'x'}"])

@@ -1,12 +1,16 @@
 """Faults (docs/design.md, Run folder, checkpoints and logs): SIGKILL at random points then the
 same command, a checkpoint never read half-written, a NaN injected into one process, bad images
-and bad config: each ends with a clear message and nothing lost."""
+and bad config: each ends with a clear message and nothing lost. The trainers run the tiny ResNet-18
+on 16 px images: none of these properties depends on the network's size."""
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -18,14 +22,22 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
+import eval_knn
+import eval_linear
 import ffcv_data
+import train_dspnet
+import train_us3l
+from accelerate.state import AcceleratorState
 from models import ARCHS
 from tests.test_dspnet import tiny_args as dspnet_args
+from tests.test_multiprocess import _free_port, thread_env
 from tests.test_train_us3l import REPO, run
 from tests.test_train_us3l import tiny_args as us3l_args
 
 TRAINERS = {"train_us3l.py": us3l_args, "train_dspnet.py": dspnet_args}
+TINY = {"arch": "resnet18_cifar_tiny", "image_size": 16, "batch_size": 16}
 
 
 def steps_logged(out):
@@ -41,25 +53,30 @@ def steps_logged(out):
 # --- kill and resume -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", TRAINERS)
-def test_killed_at_random_points_resumes_exactly(script, cifar_small, tmp_path):
+def test_killed_at_random_points_resumes_exactly(script, image_folder, tmp_path):
     """SIGKILL three times at random moments (a checkpoint is written every step, so some kills land
-    mid-write), then the same command finishes: weights, kNN and log equal an uninterrupted run's."""
+    mid-write), then the same command finishes: weights, kNN and log equal an uninterrupted run's.
+    Every run has the same thread count: runs that differ in it need not agree bit for bit."""
     # a checkpoint every step: by step count for DSPNet (with momentum-BN target statistics, which must
     # survive too), by the minutes-based cadence (0 minutes: every step) for US3L
     extra = {"momentum_bn": "true", "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
-    args = lambda out: TRAINERS[script](cifar_small, out, max_steps=12, log_every=1, **extra)  # noqa: E731
-    ref, out = tmp_path / "ref", tmp_path / "killed"
-    p = run([sys.executable, script, *args(ref)])
+    args = lambda out: TRAINERS[script](image_folder, out, **TINY, **extra, max_steps=12, log_every=1)  # noqa: E731
+    ref, out, threads = tmp_path / "ref", tmp_path / "killed", thread_env()
+    p = run([sys.executable, script, *args(ref)], env=threads)
     assert p.returncode == 0, p.stderr[-3000:]
+    # a step's time, checkpoint included (log_every=1): each kill lands within a step of a logged one
+    step_s = statistics.median(TINY["batch_size"] / json.loads(line)["img_per_s"]
+                               for line in (ref / "log.jsonl").open())
     cmd = [sys.executable, script, *args(out)]
     rng, kills = random.Random(0), 0
     for _ in range(3):
         before = len(steps_logged(out))
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, **threads})
         deadline = time.time() + 300
         while proc.poll() is None and len(steps_logged(out)) <= before and time.time() < deadline:
-            time.sleep(0.02)  # until this attempt has trained a step past what was logged
-        time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(0.01)  # until this attempt has trained a step past what was logged
+        time.sleep(rng.uniform(0.0, step_s))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -68,7 +85,7 @@ def test_killed_at_random_points_resumes_exactly(script, cifar_small, tmp_path):
         if ckpt.exists():  # whatever the moment of the kill, the checkpoint on disk is a whole one
             assert torch.load(ckpt, weights_only=True)["step"] >= 1
     assert kills >= 2, "the run finished before it could be killed"
-    p = run(cmd)
+    p = run(cmd, env=threads)
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
     a, b = (torch.load(d / "backbone.pt", weights_only=True) for d in (ref, out))
     for key in ("backbone", "teacher"):
@@ -89,19 +106,38 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def writing(folder):
+    """Whether a save of last.pt is under way: a temp file with some bytes in it (renamed at any moment)."""
+    for f in folder.glob(".last.pt.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if f.stat().st_size:
+                return True
+    return False
+
+
 def test_checkpoint_never_read_half_written(tmp_path):
+    """SIGKILL a process that saves a 16 MB checkpoint over and over, at a random moment once its temp
+    file is being written: the kill lands mid-write (the temp file stays behind: utils._atomic_write's
+    .last.pt.*.tmp) and the file on disk is still a whole checkpoint, the last save reported or the next."""
     path, script = tmp_path / "last.pt", tmp_path / "child.py"
     script.write_text(CHILD)
-    rng = random.Random(0)
-    for _ in range(5):
+    rng, mid_write = random.Random(0), 0
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, str(script), str(path)], cwd=REPO, stdout=subprocess.PIPE,
-                                text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-        proc.stdout.readline()  # one save done
-        time.sleep(rng.uniform(0.0, 0.5))
+                                text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **thread_env()})
+        saved = [int(proc.stdout.readline())]  # one save done, which also removed a killed writer's temp file
+        time.sleep(rng.uniform(0.0, 0.3))
+        deadline = time.time() + 60
+        while not writing(tmp_path) and time.time() < deadline:
+            time.sleep(0.001)  # until a save has written part of its temp file
         proc.send_signal(signal.SIGKILL)
+        saved += [int(i) for i in proc.stdout.read().split()]
         proc.wait()
+        mid_write += bool(list(tmp_path.glob(".last.pt.*.tmp")))
         ckpt = torch.load(path, weights_only=True)
+        assert ckpt["i"] in (saved[-1], saved[-1] + 1)  # the next save may have been renamed, not reported
         assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["i"])))
+    assert mid_write >= 1, "no kill landed mid-write"
 
 
 # --- non-finite loss -------------------------------------------------------------------------------
@@ -125,13 +161,14 @@ POISON = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("script,fn", [("train_us3l.py", "forward_backward"), ("train_dspnet.py", "train_step")])
-def test_nan_in_one_process_stops_all_and_keeps_the_last_good_checkpoint(script, fn, cifar_small, tmp_path):
+def test_nan_in_one_process_stops_all_and_keeps_the_last_good_checkpoint(script, fn, image_folder, tmp_path):
     wrapper, out = tmp_path / "poisoned.py", tmp_path / "run"
     wrapper.write_text(POISON.format(module=script[:-3], fn=fn))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29533", str(wrapper),
-           *TRAINERS[script](cifar_small, out, batch_size=8, log_every=2, save_every=2, max_steps=8)]
-    p = run(cmd, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)})
+           "--main_process_port", str(_free_port()), str(wrapper),
+           *TRAINERS[script](image_folder, out, **{**TINY, "batch_size": 8}, log_every=2, save_every=2,
+                             max_steps=8)]
+    p = run(cmd, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), **thread_env(2)})
     out_text = p.stdout + p.stderr
     assert p.returncode != 0
     assert "terminate called" not in out_text and "SIGABRT" not in out_text, out_text[-3000:]
@@ -148,9 +185,9 @@ def test_nan_in_one_process_stops_all_and_keeps_the_last_good_checkpoint(script,
 
 # --- bad images ------------------------------------------------------------------------------------
 
-def bad_folder(cifar_small, root):
-    """The train split of cifar_small plus every kind of bad input; test/ as it is."""
-    shutil.copytree(cifar_small, root)
+def bad_folder(image_folder, root):
+    """The train split of image_folder plus every kind of bad input; test/ as it is."""
+    shutil.copytree(image_folder, root)
     train = root / "train"
     rgb = next((train / "cat").glob("*.jpg")).read_bytes()
     (train / "cat" / "truncated.jpg").write_bytes(rgb[: len(rgb) // 2])
@@ -162,8 +199,8 @@ def bad_folder(cifar_small, root):
     return root
 
 
-def test_bad_images_fail_or_skip(cifar_small, tmp_path, monkeypatch):
-    root = bad_folder(cifar_small, tmp_path / "bad")
+def test_bad_images_fail_or_skip(image_folder, tmp_path, monkeypatch):
+    root = bad_folder(image_folder, tmp_path / "bad")
     ds = data.build_dataset(root, "train")  # fail (the default)
     names = [p.split("/")[-1] for p, _ in ds.base.samples]
     assert "notes.txt" not in names and len(ds) == 200 + 4
@@ -186,9 +223,9 @@ def test_bad_images_fail_or_skip(cifar_small, tmp_path, monkeypatch):
     assert labels[i] == ds.labels[i + 1]
 
 
-def test_empty_class_folder(cifar_small, tmp_path, monkeypatch):
+def test_empty_class_folder(image_folder, tmp_path, monkeypatch):
     root = tmp_path / "empty"
-    shutil.copytree(cifar_small, root)
+    shutil.copytree(image_folder, root)
     for f in (root / "train" / "ship").iterdir():
         f.unlink()
     with pytest.raises(FileNotFoundError, match="ship.*bad_images=skip"):
@@ -199,20 +236,20 @@ def test_empty_class_folder(cifar_small, tmp_path, monkeypatch):
     assert ds.num_classes == 10 and len(ds) == 180  # labels keep their indices: train and test agree
 
 
-def test_trainer_on_bad_images(cifar_small, tmp_path):
-    root = bad_folder(cifar_small, tmp_path / "bad")
-    args = us3l_args(root, tmp_path / "o", max_steps=2, batch_size=102)  # 204 images, 2 steps: every one read
-    p = run([sys.executable, "train_us3l.py", *args])
+def test_trainer_on_bad_images(image_folder, tmp_path):
+    root = bad_folder(image_folder, tmp_path / "bad")
+    args = us3l_args(root, tmp_path / "o", **{**TINY, "batch_size": 102}, max_steps=2)  # 204 images: all read
+    p = run([sys.executable, "train_us3l.py", *args], env=thread_env())
     assert p.returncode == 1 and "BadImageError: unreadable image" in p.stderr, p.stderr[-3000:]
     assert "not_an_image.jpg" in p.stderr or "truncated.jpg" in p.stderr
-    p = run([sys.executable, "train_us3l.py", *args, "--bad_images=skip"])
+    p = run([sys.executable, "train_us3l.py", *args, "--bad_images=skip"], env=thread_env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert "skipped unreadable image" in p.stderr and "2 skipped so far" in p.stderr
 
 
-def test_write_beton_on_bad_images(cifar_small, tmp_path, monkeypatch):
+def test_write_beton_on_bad_images(image_folder, tmp_path, monkeypatch):
     """FFCV's writer processes hang when one raises: the bad image must still end the write, named."""
-    root = bad_folder(cifar_small, tmp_path / "bad")
+    root = bad_folder(image_folder, tmp_path / "bad")
     with pytest.raises(data.BadImageError, match=r"2 image\(s\) .* could not be written; the first: .*\.jpg"):
         ffcv_data.write_beton(root, tmp_path / "b", splits=["train"], raw=True, num_workers=1)
     assert not list((tmp_path / "b").iterdir())  # no partial .beton
@@ -253,9 +290,26 @@ def test_decompression_bomb_follows_the_policy(tmp_path, monkeypatch):
 
 # --- bad config and arguments: one line naming the key and what is allowed -------------------------
 
+SCRIPTS = {"train_us3l.py": train_us3l, "train_dspnet.py": train_dspnet, "eval_knn.py": eval_knn,
+           "eval_linear.py": eval_linear}
+
+
 def fake_checkpoint(path, arch):
     torch.save({"student": {}, "step": 3, "config": {"arch": arch}}, path)
     return path
+
+
+def script_args(script, image_folder, tmp_path, args):
+    """The command line of a bad-config case: a small run of `script` on resnet18_cifar (the minimum
+    widths named are that arch's) with `args`; the checkpoints that args name under {tmp}."""
+    if "{tmp}/r50.pt" in args[0]:
+        fake_checkpoint(tmp_path / "r50.pt", "resnet50")
+    if "{tmp}/ck.pt" in args[0]:
+        torch.save({"arch": "resnet18_cifar_tiny", "backbone": ARCHS["resnet18_cifar_tiny"]().state_dict(),
+                    "width_min": 0.5}, tmp_path / "ck.pt")
+    base = (TRAINERS[script](image_folder, tmp_path / "o", arch="resnet18_cifar") if script in TRAINERS
+            else [f"--data_path={image_folder}", f"--out_dir={tmp_path / 'o'}"])
+    return [*base, *(a.replace("{tmp}", str(tmp_path)) for a in args)]
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -275,14 +329,28 @@ def fake_checkpoint(path, arch):
     ("eval_linear.py", ["--ckpt={tmp}/missing.pt"], "config error: checkpoint not found"),
     ("eval_linear.py", ["--arch=resnet18_cifar", "--mode=full"], "config error: mode='full', allowed: cached, augment"),
 ])
-def test_config_errors_are_one_line(script, args, message, cifar_small, tmp_path):
-    fake_checkpoint(tmp_path / "r50.pt", "resnet50")
-    torch.save({"arch": "resnet18_cifar", "backbone": ARCHS["resnet18_cifar"]().state_dict(), "width_min": 0.5},
-               tmp_path / "ck.pt")
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    base = TRAINERS[script](cifar_small, tmp_path / "o") if script in TRAINERS else \
-        [f"--data_path={cifar_small}", f"--out_dir={tmp_path / 'o'}"]
-    p = run([sys.executable, script, *base, *args])
+def test_config_errors_are_one_line(script, args, message, image_folder, tmp_path, monkeypatch, capsys):
+    """In this process, as the command line runs it (config.run reads sys.argv): the script exits with
+    one line naming the problem (Python prints it, exit code 1), no traceback."""
+    module = SCRIPTS[script]
+    monkeypatch.setattr(sys, "argv", [script, *script_args(script, image_folder, tmp_path, args)])
+    monkeypatch.setattr(data, "BAD_IMAGES", data.BAD_IMAGES)  # main sets it from the config
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            config.run(module.main, module.Config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next Accelerator may want another precision
+    said, err = exit_.value.code, capsys.readouterr().err
+    assert isinstance(said, str) and "Traceback" not in err, err[-3000:]  # else: exit code 1 after a traceback
+    assert "\n" not in said and message.replace("{tmp}", str(tmp_path)) in said, said
+
+
+def test_config_error_on_the_command_line(image_folder, tmp_path):
+    """One case of the above as a real process: exit code 1, the one line last on stderr, no traceback,
+    after an Accelerator, the data and the resume have been set up."""
+    args = script_args("train_us3l.py", image_folder, tmp_path, ["--resume={tmp}/r50.pt"])
+    p = run([sys.executable, "train_us3l.py", *args], env=thread_env())
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 1 and lines, p.stderr[-3000:]
-    assert message.replace("{tmp}", str(tmp_path)) in lines[-1] and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "another arch (arch='resnet50' there, 'resnet18_cifar' here)" in lines[-1], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]

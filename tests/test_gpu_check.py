@@ -11,9 +11,9 @@ KEYS = ["device", "torch", "precision", "plain_img_per_s", "us3l_img_per_s", "us
         "p4_224_ratio", "copy_224_ratio", "loader_img_per_s", "loader_vs_us3l", "cifar10_knn", "dspnet_p5"]
 
 
-def test_smoke(cifar_small, tmp_path):
+def test_smoke(image_folder, tmp_path):
     p = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", f"--out={tmp_path}",
-                        f"--data_path={cifar_small}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                        f"--data_path={image_folder}"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["errors"] == {}, res["errors"]

@@ -56,16 +56,16 @@ def test_knn_separable_is_perfect():
     assert top1 == {1: 1.0, 10: 1.0, 20: 1.0, 30: 1.0} and top5 == top1
 
 
-def test_knn_eval_tiny_resnet(cifar_small):
+def test_knn_eval_tiny_resnet(image_folder):
     torch.manual_seed(0)
-    model = ARCHS["resnet18_cifar"]().train()
+    model = ARCHS["resnet18_cifar_tiny"]().train()
     params = {n: p.clone() for n, p in model.named_parameters()}
-    bank, test = build_knn_loaders(cifar_small, "cifar10", 32, bank_subset=60, test_subset=30)
+    bank, test = build_knn_loaders(image_folder, "cifar10", 32, bank_subset=60, test_subset=30)
     calib = calibration_batches(bank, 40)
     assert [len(x) for x in calib] == [32, 8]
     calibrate_bn(model, calib)
     feats, labels, idx = extract_features(model, test, torch.device("cpu"))
-    assert feats.dtype == torch.float32 and feats.shape == (30, 512) and model.training
+    assert feats.dtype == torch.float32 and feats.shape == (30, 128) and model.training
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(30))
     assert torch.equal(idx, torch.arange(30)) and torch.equal(labels, torch.as_tensor(test.dataset.labels))
     raw, raw_labels, raw_idx = extract_features(model, test, torch.device("cpu"), normalize=False)  # eval_linear's
@@ -185,14 +185,14 @@ def _worker(rank, port, data_path, result_path):
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(cifar_small, tmp_path):
+def test_two_processes_equal_one(image_folder, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork, not spawn: the children skip re-importing torch and torchvision (about 4 s here)
-    mp.start_processes(_worker, args=(port, str(cifar_small), str(tmp_path / "out")), nprocs=2,
+    mp.start_processes(_worker, args=(port, str(image_folder), str(tmp_path / "out")), nprocs=2,
                        start_method="fork")
-    ref = run_all(cifar_small)
+    ref = run_all(image_folder)
     assert len(ref["padded"][0]) == 13 and len(ref["test"][0]) == 51
     ranks = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
     assert [got["shard"] for got in ranks] == [26, 25]  # unequal shards

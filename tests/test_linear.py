@@ -2,6 +2,8 @@
 fractions are class-balanced and reproducible, label lists parse (and name what they cannot match),
 the recipes load, and the CLI writes results.json and the plot (1 and 2 processes)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -19,6 +21,7 @@ from config import ConfigError, parse_config
 from data import build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
+from tests.test_multiprocess import _free_port, thread_env, two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,10 +59,10 @@ def tiny_resnet():
     return ResNet(BasicBlock, [1, 1, 1, 1], widths=(8, 16, 32, 64), stem="cifar")
 
 
-def test_backbone_unchanged_and_guarded(cifar_small, tmp_path, monkeypatch):
+def test_backbone_unchanged_and_guarded(image_folder, tmp_path, monkeypatch):
     model = tiny_resnet()
     params = {n: p.clone() for n, p in model.named_parameters()}
-    res = eval_linear.main(tiny_cfg(cifar_small, tmp_path / "a"), backbone=model)
+    res = eval_linear.main(tiny_cfg(image_folder, tmp_path / "a"), backbone=model)
     assert set(res) == {"1.0", "0.5"} and res["0.5"]["dim"] == 32
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
 
@@ -73,19 +76,19 @@ def test_backbone_unchanged_and_guarded(cifar_small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(eval_linear, "train_head_cached", tampering)
     with pytest.raises(RuntimeError, match="changed the backbone"):
-        eval_linear.main(tiny_cfg(cifar_small, tmp_path / "b"), backbone=model)
+        eval_linear.main(tiny_cfg(image_folder, tmp_path / "b"), backbone=model)
 
 
-def test_augment_mode_few_steps(cifar_small, tmp_path):
+def test_augment_mode_few_steps(image_folder, tmp_path):
     """Augment mode runs (1 epoch of 4 augmented batches here) and leaves the backbone be."""
     model = tiny_resnet()
     params = [p.clone() for p in model.parameters()]
-    res = eval_linear.main(tiny_cfg(cifar_small, tmp_path, mode="augment", epochs=1, widths=[0.5]), backbone=model)
+    res = eval_linear.main(tiny_cfg(image_folder, tmp_path, mode="augment", epochs=1, widths=[0.5]), backbone=model)
     assert 0 <= res["0.5"]["top1"] <= res["0.5"]["top5"] <= 1
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
 
 
-def test_finetune_trains_each_subnetwork_and_reports_every_width(cifar_small, tmp_path, monkeypatch, capsys):
+def test_finetune_trains_each_subnetwork_and_reports_every_width(image_folder, tmp_path, monkeypatch, capsys):
     """finetune=true: each width fine-tunes its own copy of the sub-network (weights move, BN in train
     mode); the pretrained backbone stays as it was and results.json has the linear probe's shape for
     every width. By default BYOL's schedule: 20 epochs at 10% of the labels, 30 at 1%."""
@@ -114,7 +117,7 @@ def test_finetune_trains_each_subnetwork_and_reports_every_width(cifar_small, tm
         return net, head
 
     monkeypatch.setattr(eval_linear, "finetune_network", spy)
-    cfg = tiny_cfg(cifar_small, tmp_path, finetune=True, label_fraction=0.1, epochs=2, batch_size=10, base_lr=0.5)
+    cfg = tiny_cfg(image_folder, tmp_path, finetune=True, label_fraction=0.1, epochs=2, batch_size=10, base_lr=0.5)
     assert eval_linear.linear_kind(cfg) == "finetune_10pct"
     res = eval_linear.main(cfg, backbone=model)
     out = capsys.readouterr().out
@@ -139,19 +142,25 @@ class RandomImages(torch.utils.data.Dataset):  # (x, y, index) as build_dataset(
         return 48
 
 
+@pytest.fixture
+def restore_threads():
+    """For a test that sets this process's thread count: the tests after it get theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def finetune_in_fp64(rank=None):
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # here and in both ranks: a thread count cannot change a sum's order
     cfg = Config(epochs=2, batch_size=24 if rank is None else 12, base_lr=0.5, autocast=False, dataset="cifar10")
     net, head = eval_linear.finetune_network(tiny_resnet().double(), 0.5, None, RandomImages(), 10,
                                              torch.device("cpu"), cfg)
     return [p.clone() for p in (*net.parameters(), *head.parameters())]
 
 
-def test_finetune_two_processes_equal_one(tmp_path):
+def test_finetune_two_processes_equal_one(tmp_path, restore_threads):
     """Fine-tuning under 2 processes (half the batch each, sync BN, averaged gradients) trains what
     one process trains, to fp64 rounding; every rank holds the same network."""
-    from tests.test_multiprocess import two_ranks
-
     ref, (a, b) = finetune_in_fp64(), two_ranks(finetune_in_fp64, tmp_path)
     init = list(tiny_resnet().double().parameters())
     assert max((p - q).abs().max().item() for p, q in zip(ref, init)) > 1e-4  # it trained
@@ -184,8 +193,8 @@ def test_label_fraction_balanced_and_reproducible():
         labeled_indices(ds, replace(cfg, label_fraction=1.5))
 
 
-def test_label_list(cifar_small, tmp_path):
-    ds = build_dataset(cifar_small, "train")
+def test_label_list(image_folder, tmp_path):
+    ds = build_dataset(image_folder, "train")
     root = Path(ds.base.root)
     rel = [Path(p).relative_to(root).as_posix() for p, _ in ds.base.samples]
     f = tmp_path / "list.txt"
@@ -239,14 +248,11 @@ def test_byol_recipes_load():
     assert eval_linear.linear_kind(cfg) == "finetune_10pct"
 
 
-def run_cli(data, out, launcher=(), env=None, **over):
-    args = {"arch": "resnet18_cifar", "data_path": data, "out_dir": out, "widths": "1.0,0.25", "epochs": 5,
+def cli_args(data, out, **over):
+    args = {"arch": "resnet18_cifar_tiny", "data_path": data, "out_dir": out, "widths": "1.0,0.25", "epochs": 5,
             "batch_size": 25, "calib_images": 60, "test_subset": 50, "train_subset": 100, "label_fraction": 0.5,
             "autocast": "false", **over}
-    cmd = [*launcher, "eval_linear.py", *[f"--{k}={v}" for k, v in args.items()]]
-    # NOTE: one thread in both runs, so that a thread count cannot change a floating-point sum order
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    return [f"--{k}={v}" for k, v in args.items()]
 
 
 def check_outputs(out, stdout, processes):
@@ -265,47 +271,65 @@ def check_outputs(out, stdout, processes):
 
 
 @pytest.fixture(scope="module")
-def one_process(cifar_small, tmp_path_factory):
-    """The 1-process CLI run, checked by one test and the reference of the 2-process one."""
-    out = tmp_path_factory.mktemp("linear_one") / "run"
-    return out, run_cli(cifar_small, out, launcher=[sys.executable])
+def one_process(image_folder, tmp_path_factory):
+    """The 1-process run (in-process: no interpreter start-up), checked by one test and the reference of the
+    2-process one; with the thread count each of the 2 processes gets: a thread count cannot change a sum's order."""
+    out, stdout, threads = tmp_path_factory.mktemp("linear_one") / "run", io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(int(thread_env(2)["OMP_NUM_THREADS"]))
+    try:
+        with contextlib.redirect_stdout(stdout):
+            eval_linear.main(parse_config(Config, cli_args(image_folder, out)))
+    finally:
+        torch.set_num_threads(threads)
+    return out, stdout.getvalue()
 
 
 def test_cli_random_init(one_process):
-    out, p = one_process
-    assert p.returncode == 0, p.stderr[-3000:]
-    check_outputs(out, p.stdout, 1)
+    check_outputs(*one_process, 1)
 
 
-def test_cli_two_cpu_processes_equal_one(cifar_small, one_process, tmp_path):
-    """2 processes: the same calibration batches (drawn from the pool), gathered features and head,
-    so every number of results.json but the timings equals the 1-process run's."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29531"]
-    p = run_cli(cifar_small, tmp_path / "run", launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
+def test_cli_two_cpu_processes_equal_one(image_folder, one_process, tmp_path):
+    """2 processes of the command: the same calibration batches (drawn from the pool), gathered features and
+    head, so every number of results.json but the timings equals the 1-process run's."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "eval_linear.py", *cli_args(image_folder, tmp_path / "run")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", **thread_env(2)}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     got = check_outputs(tmp_path / "run", p.stdout, 2)
-    ref_out, ref_p = one_process
-    assert ref_p.returncode == 0, ref_p.stderr[-3000:]
-    ref = json.loads((ref_out / "results.json").read_text())
+    ref = json.loads((one_process[0] / "results.json").read_text())
     for res in (got, ref):
         for r in res.values():
             del r["seconds"]
     assert got == ref
 
 
-def test_device_and_ffcv_loaders_equal_torch(cifar_small, tmp_path):
-    """Features through loader=device and loader=ffcv (a raw .beton: the same pixels, the same rows)
-    train the same heads as the torch path: the same accuracies, labeled subset and test subset too."""
+def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch):
+    """loader=device and loader=ffcv (a raw .beton: the same pixels, the same rows) feed the backbone the
+    torch loader's images: the same test and labeled-train features at every width, in the same order with
+    the same labels, so the same heads."""
     import ffcv_data
     pytest.importorskip("ffcv")
-    ffcv_data.write_beton(cifar_small, tmp_path / "beton", raw=True, num_workers=1)
-    res = {}
+    ffcv_data.write_beton(image_folder, tmp_path / "beton", raw=True, num_workers=1)
+    real, features, res = eval_linear.extract_features, {}, {}
+
+    def recorded(*args, **kw):  # main's features: (features, labels, indices) of each pass
+        out = real(*args, **kw)
+        features[kind].append(out)
+        return out
+
+    monkeypatch.setattr(eval_linear, "extract_features", recorded)
     for kind in ("torch", "device", "ffcv"):
-        cfg = tiny_cfg(cifar_small, tmp_path / kind, loader=kind, ffcv_path=str(tmp_path / "beton"),
+        features[kind] = []
+        cfg = tiny_cfg(image_folder, tmp_path / kind, loader=kind, ffcv_path=str(tmp_path / "beton"),
                        label_fraction=0.5, test_subset=50)
         res[kind] = eval_linear.main(cfg, backbone=tiny_resnet())
+    assert [len(f) for f, _, _ in features["torch"]] == [50, 100, 50, 100]  # test and labeled train, each width
     for kind in ("device", "ffcv"):
-        for w in ("1.0", "0.5"):
-            assert res[kind][w]["top1"] == pytest.approx(res["torch"][w]["top1"], abs=0.021), (kind, w)
-            assert res[kind][w]["top5"] == pytest.approx(res["torch"][w]["top5"], abs=0.021), (kind, w)
+        for (f, y, idx), (ref_f, ref_y, ref_idx) in zip(features[kind], features["torch"], strict=True):
+            assert torch.equal(y.cpu(), ref_y), kind
+            assert kind == "ffcv" or torch.equal(idx.cpu(), ref_idx)  # ffcv's: rows of the .beton, not of a subset
+            torch.testing.assert_close(f.cpu(), ref_f, rtol=0, atol=1e-5, msg=kind)
+    for r in (*res["torch"].values(), *res["device"].values()):
+        del r["seconds"]
+    assert res["device"] == res["torch"]

@@ -1,10 +1,13 @@
-"""models.py: shapes at any width/depth, exact export, MACs/params against reference figures, exact
-BN calibration."""
+"""models.py: shapes at any width/depth, exact export, MACs/params against reference figures and
+against PyTorch's own FLOP counter, exact BN calibration."""
 
+import io
 import math
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import ARCHS, ViT, calibrate_bn, export, profile, projection_mlp, set_active
 from slim import SlimBatchNorm2d, make_divisible
@@ -13,8 +16,20 @@ RESNETS = [a for a in ARCHS if a.startswith("resnet")]
 
 
 def small_input(arch, model, n=4):
-    size = getattr(model, "img_size", 32 if "cifar" in arch else 64)
+    """The smallest images that still reach every layer with some spatial extent: 16 px through a CIFAR
+    stem, 32 px through an ImageNet one (1 x 1 at the last stage); a ViT takes its own size."""
+    size = getattr(model, "img_size", 16 if "cifar" in arch else 32)
     return torch.randn(n, 3, size, size)
+
+
+def counted_macs(net, size):
+    """MACs of one image through a plain network as PyTorch's FlopCounterMode counts them (FLOPs / 2:
+    convolutions, linear layers and matmuls), independently of models.profile's forward hooks. NOTE: the
+    fused CPU attention kernel is not in its table: the math kernel runs attention as two counted bmm."""
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() // 2
 
 
 def test_make_divisible():
@@ -35,7 +50,8 @@ def test_shapes_at_random_widths(arch):
     for w in widths:
         depth = [1, 2, 1, 1] if arch in RESNETS and w == 0.37 else None
         set_active(model, w, depth)
-        y = model(x)
+        with torch.no_grad():
+            y = model(x)
         assert y.ndim == 2 and y.shape[0] == 2 and torch.isfinite(y).all()
         dims.append(y.shape[1])
     assert dims[0] == model.feature_dim
@@ -44,9 +60,10 @@ def test_shapes_at_random_widths(arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_export_equals_slimmed_network(arch, tmp_path):
+def test_export_equals_slimmed_network(arch):
     torch.manual_seed(0)
     model = ARCHS[arch]()
+    other = ARCHS[arch]()  # what a user rebuilds the plain network from: same shapes, other weights
     configs = [(1.0, None), (0.5, None), (0.37, None)]
     if arch in RESNETS:
         configs += [(0.75, [1, 2, 1, 2]), (1.0, [2, 1, 1, 1])]
@@ -59,16 +76,22 @@ def test_export_equals_slimmed_network(arch, tmp_path):
             ref = model(x)
         net = export(model, width, depth)
         assert not any(isinstance(m, SlimBatchNorm2d) for m in net.modules())
-        path = tmp_path / "net.pt"
-        torch.save(net.state_dict(), path)
-        fresh = export(ARCHS[arch](), width, depth, check_stats=False)  # same shapes, other weights
-        fresh.load_state_dict(torch.load(path, weights_only=True))
+        file = io.BytesIO()  # plain tensors, as export.py writes them (in memory: up to 200 MB each)
+        torch.save(net.state_dict(), file)
+        file.seek(0)
+        fresh = export(other, width, depth, check_stats=False)
+        fresh.load_state_dict(torch.load(file, weights_only=True))
         with torch.no_grad():
             out = fresh.eval()(x)
         assert out.shape == ref.shape
         assert (out - ref).abs().max().item() <= 1e-4, (width, depth)
-        # the plain net really is smaller: it holds only the slices the sub-network runs
-        assert sum(p.numel() for p in net.parameters()) == profile(model, width, depth)[0]
+        # the plain net holds only what the sub-network runs: every parameter takes part in the output
+        net.requires_grad_(True)(x[:1]).square().sum().backward()
+        assert [n for n, p in net.named_parameters() if p.grad is None] == [], (width, depth)
+        # models.profile's figures: the plain net's parameters, and its MACs as PyTorch counts them
+        size = x.shape[-1]
+        params = sum(p.numel() for p in net.parameters())
+        assert profile(model, width, depth, input_size=size) == (params, counted_macs(net, size)), (width, depth)
 
 
 def test_export_needs_calibration():
@@ -132,7 +155,7 @@ def bn_inputs(model, batches):
 @pytest.mark.parametrize("width,depth", [(1.0, None), (0.5, [1, 1, 2, 1])])
 def test_calibrate_bn_is_exact(width, depth):
     torch.manual_seed(0)
-    model = ARCHS["resnet18_cifar"]()
+    model = ARCHS["resnet18_cifar_tiny"]()
     batches = [torch.randn(6, 3, 16, 16) + i for i in range(3)]  # batches with different statistics
     set_active(model, width, depth)
     inputs = bn_inputs(model, batches)

@@ -1,8 +1,9 @@
 """Every yaml recipe loads against its script's Config, and the README's commands run as written
 (with tiny overrides where the real command would take minutes)."""
 
+import contextlib
+import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import yaml
 
 import train_dspnet
 import train_us3l
 from config import parse_config
-from models import ARCHS, BasicBlock, ResNet
+from models import ARCHS, projection_mlp
+from tests.test_multiprocess import thread_env
 from train_us3l import Config, check_config
+from utils import ema_update_
 
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
@@ -81,6 +85,13 @@ STRATEGIES = {  # name: (sandwich, dynamic_sampling, group regularization on), T
     "t9_random_widths": (False, False, False), "t9_random_widths_dynamic": (False, True, False)}
 
 
+# The ablation recipes whose 2-step run goes through train_us3l.main's whole loop (data, EMA teacher,
+# optimizer, logging, kNN monitor, checkpoint): together they take every branch that main's loop takes
+# on these keys (no teacher at all and a predictor; teacher, aux head, dynamic sampling and group
+# regularization; no sandwich). The other rows run forward_backward in-process (ablation_steps).
+WHOLE_LOOP = ["t7_case01", "t8_dynamic_groupreg", "t9_random_widths_dynamic"]
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a shared 2-core machine: one thread is several times faster than two fighting
@@ -91,13 +102,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("name", ABLATIONS)
-def test_us3l_ablation_recipe(name, cifar_small, tmp_path, monkeypatch, one_thread):
-    """Each ablation recipe holds its paper row's switches at the paper's loss scale, and trains 2 steps
-    (the second with sub-networks) on a tiny override of its budget: a 4-block ResNet of widths
-    16-128 in place of the ResNet-18 (the switches do not depend on the backbone), 16 px images."""
-    monkeypatch.setitem(ARCHS, "resnet_tiny_cifar", functools.partial(ResNet, BasicBlock, [1, 1, 1, 1],
-                                                                      widths=(16, 32, 64, 128), stem="cifar"))
+def ablation_recipe(name):
+    """The recipe, checked, after asserting that it holds its paper row's switches at the paper's loss scale."""
     cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "us3l_ablations" / f"{name}.yaml")])
     check_config(cfg)
     if name.startswith("t7"):
@@ -108,16 +114,72 @@ def test_us3l_ablation_recipe(name, cifar_small, tmp_path, monkeypatch, one_thre
         tuple(bool(v) if i > 1 else v for i, v in enumerate(switches))
     assert (cfg.sandwich, cfg.dynamic_sampling, cfg.group_reg_alpha > 0) == strategies
     assert (cfg.infonce_negatives, cfg.temperature, cfg.loss_views, cfg.base_lr) == ("both_views", 0.5, "mean", 0.25)
-    tiny = {"data_path": str(cifar_small), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8, "image_size": 16,
-            "arch": "resnet_tiny_cifar",
-            "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16, "knn_bank_subset": 20,
-            "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "channels_last": False}
+    return cfg
+
+
+@pytest.mark.parametrize("name", WHOLE_LOOP)
+def test_us3l_ablation_recipe_trains(name, image_folder, tmp_path, one_thread, fresh_accelerate):
+    """The recipe trains 2 steps (the second with sub-networks) through train_us3l.main on a tiny
+    override of its budget: the tiny ResNet-18 (the switches do not depend on the backbone's size), 16 px."""
+    cfg = ablation_recipe(name)
+    tiny = {"data_path": str(image_folder), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8, "image_size": 16,
+            "arch": "resnet18_cifar_tiny", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
+            "knn_bank_subset": 20, "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "channels_last": False}
     results = train_us3l.main(dataclasses.replace(cfg, **tiny))
     assert set(results["knn_top1"]) == {"1.0", "0.25"}
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [len(r["widths"]) for r in log] == ([1, 3] if cfg.dynamic_sampling else [3, 3])
     assert (log[-1]["widths"][0] == 1.0) == cfg.sandwich
     assert all(math.isfinite(v) for r in log for k, v in r.items() if k.startswith("loss/"))
+
+
+def tiny_student(cfg):
+    """(student, teacher) as train_us3l.main builds them for cfg, on the tiny ResNet-18 with small heads:
+    a predictor for an MSE base loss, an aux head g when the sub-networks distill through one."""
+    torch.manual_seed(0)
+    backbone = ARCHS["resnet18_cifar_tiny"]()
+    student = nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(backbone.feature_dim, 32, 16)})
+    if cfg.base_loss == "mse" or cfg.predictor:
+        student["predictor"] = projection_mlp(16, 32, 16)
+    if cfg.aux_head and cfg.distill_loss != "none":
+        student["aux"] = projection_mlp(16, 32, 16)
+    online = nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})
+    return student, online, copy.deepcopy(online).requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", [n for n in ABLATIONS if n not in WHOLE_LOOP])
+def test_us3l_ablation_recipe_steps(name, one_thread):
+    """The recipe's widths for the 2 steps of a 2-step run, and those steps (train_us3l.forward_backward,
+    an SGD step, the EMA update) on random images: every loss finite, a finite gradient in every head the
+    row has, the aux head g trained by sub-networks only; the losses that read the teacher's keys are
+    those of the row's momentum-target columns."""
+    cfg = ablation_recipe(name)
+    student, online, teacher = tiny_student(cfg)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    widths = [train_us3l.sample_widths(step, 2, cfg) for step in range(2)]
+    assert [len(w) for w in widths] == ([1, 3] if cfg.dynamic_sampling else [3, 3])
+    assert (widths[1][0] == 1.0) == cfg.sandwich and widths[1] == sorted(widths[1], reverse=True)
+    x = torch.randn(2 * 8, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # 2 views of 8 images
+
+    def step(w, teacher):
+        opt.zero_grad()
+        return train_us3l.forward_backward(student, teacher, x, w, cfg, contextlib.nullcontext, log=True)
+
+    for w in widths:
+        losses_, stats = step(w, teacher)
+        assert losses_.shape == (len(w),) and torch.isfinite(losses_).all() and len(stats) == len(w)
+        trained = {k for k, m in student.items() if all(p.grad is not None for p in m.parameters())}
+        assert trained == set(student) - ({"aux"} if len(w) == 1 else set()), (w, trained)
+        assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+        assert all(p.grad is None for p in teacher.parameters())
+        opt.step()
+        ema_update_(teacher, online, 0.99)
+    other = copy.deepcopy(teacher)  # another teacher changes exactly the losses against its keys
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    changed = (step(widths[1], teacher)[0] != step(widths[1], other)[0]).tolist()
+    assert changed == [cfg.momentum_target_base] + [cfg.momentum_target_sub] * (len(widths[1]) - 1)
 
 
 def readme_commands():
@@ -155,19 +217,34 @@ def remap_paths(cmd, written):
     return re.sub(r"(?<=[ =,])out/[^ ,]+", sub, cmd)
 
 
-def test_readme_commands_run(cifar_small, tmp_path):
-    """Each README command, as written, with overrides that make the training ones take seconds and
-    the evaluations and exports run on a few images. The evaluations read the checkpoint of the tiny
-    `make quick` run (its out_dir stands in for out/cifar10_quick), which the README lists before them;
-    the exports read the checkpoints and results.json files of the commands before them, wherever this
-    test wrote them."""
-    tiny = (f"--data_path={cifar_small} --out_dir={tmp_path}/run --max_steps=2 --batch_size=16 --log_every=1 "
+def tiny_network(cmd):
+    """The --arch/--image_size overrides of a README training command (the last one given wins): the
+    tiny ResNet-18 at 16 px where its recipe trains a ResNet whose DNs (if any) are widths only (the
+    evaluations and exports of its checkpoint then read a tiny one too); otherwise the recipe's own
+    network at 32 px: a non-ResNet (the README's only training run of a MobileNetV3) or DNs that slice
+    depth (resnet34_w96's 9 DNs, which a later README command exports as a torchvision ResNet-18)."""
+    m = re.search(r"--config[= ](\S+)", cmd)
+    path = m[1] if m else "yaml/cifar10_quick.yaml" if cmd.startswith("make quick") else None
+    recipe = yaml.safe_load((REPO / path).read_text()) if path else {}
+    arch = recipe.get("arch", Config.arch)
+    if arch.startswith("resnet") and all(len(dn) == 1 for dn in recipe.get("dns", [])):
+        return "--arch=resnet18_cifar_tiny --image_size=16"
+    return "--image_size=32"
+
+
+def test_readme_commands_run(image_folder, tmp_path):
+    """Each README command, as written, with overrides that make the training ones take seconds (tiny
+    networks: see tiny_network) and the evaluations and exports run on a few images. The evaluations read
+    the checkpoint of the tiny `make quick` run (its out_dir stands in for out/cifar10_quick), which the
+    README lists before them, or a random init of the tiny network; the exports read the checkpoints and
+    results.json files of the commands before them, wherever this test wrote them."""
+    tiny = (f"--data_path={image_folder} --out_dir={tmp_path}/run --max_steps=2 --batch_size=16 --log_every=1 "
             "--knn_bank_subset=50 --knn_test_subset=20 --proj_hidden=64 --proj_dim=32 --knn_k=10")
     tiny_eval = {"eval_knn.py": "--bank_subset=60 --test_subset=30 --calib_images=40 --batch_size=20 --k=5,20",
                  "eval_linear.py": "--test_subset=30 --calib_images=40 --batch_size=20 --epochs=2"}
     # exports: the legacy ONNX exporter (seconds; tests/test_export.py covers the default one), a latency
     # budget every network meets (no timing in tests) and the files in tmp_path (the last --out wins)
-    tiny_export = (f"--data_path={cifar_small} --calib_images=40 --calib_batch_size=20 --latency_warmup=1 "
+    tiny_export = (f"--data_path={image_folder} --calib_images=40 --calib_batch_size=20 --latency_warmup=1 "
                    "--latency_repeats=3 --onnx_dynamo=false")
     accelerate = str(Path(sys.executable).parent / "accelerate")  # what `source .venv/bin/activate` gives
     ran, evals, launched, exports, written = 0, 0, 0, 0, {}
@@ -178,23 +255,27 @@ def test_readme_commands_run(cifar_small, tmp_path):
         is_eval = cmd.split()[:2] in (["python", "eval_knn.py"], ["python", "eval_linear.py"])
         is_export = cmd.startswith("python export.py")
         env = dict(os.environ)
-        if "accelerate launch" in cmd:  # ImageNet recipes: 2 steps of batch 4 at 64 px on the CIFAR images
+        if "accelerate launch" in cmd:  # ImageNet recipes: 2 steps of batch 4 on the CIFAR-like images
             cmd = cmd.replace("accelerate launch", f"{accelerate} launch", 1)
-            # the ImageNet recipes read a .beton (loader=ffcv): here the torch reference path on CIFAR images
-            small = "--batch_size=4 --image_size=64 --loader=torch" if "_in.yaml" in cmd else ""
-            cmd = f"{cmd} {tiny} {small} --num_workers=0 --out_dir={tmp_path}/launch{launched}"
+            # the ImageNet recipes read a .beton (loader=ffcv): here the torch reference path on CIFAR images;
+            # their kNN monitor runs at 224 px whatever the training size: one bank and one test image per class
+            small = ("--batch_size=4 --loader=torch --knn_bank_subset=10 --knn_test_subset=10 --knn_k=5"
+                     if "_in.yaml" in cmd else "")
+            cmd = f"{cmd} {tiny} {tiny_network(cmd)} {small} --num_workers=0 --out_dir={tmp_path}/launch{launched}"
             launched += 1
-            if "--num_processes 2" in cmd:
-                env["OMP_NUM_THREADS"] = "1"  # 2 processes on 2 cores
+            if "--num_processes 2" in cmd:  # the 2 processes share this one's threads
+                env.update(thread_env(2))
         elif cmd.startswith("make quick"):
-            cmd = f'make quick QUICK_ARGS="{tiny}"'
+            cmd = f'make quick QUICK_ARGS="{tiny} {tiny_network(cmd)}"'
         elif cmd.startswith("python train_us3l.py"):
-            cmd = f"{cmd} {tiny}"
+            cmd = f"{cmd} {tiny} {tiny_network(cmd)}"
         elif cmd.startswith("python train_dspnet.py"):  # its own out_dir (the last --out_dir wins)
-            cmd = f"{cmd} {tiny} --out_dir={tmp_path}/dspnet"
+            cmd = f"{cmd} {tiny} {tiny_network(cmd)} --out_dir={tmp_path}/dspnet"
         elif is_eval:
             cmd = cmd.replace("out/cifar10_quick/backbone.pt", f"{tmp_path}/run/backbone.pt")
-            cmd = f"{cmd} {tiny_eval[cmd.split()[1]]} --data_path={cifar_small} --out_dir={tmp_path}/eval{evals}"
+            arch = " --arch=resnet18_cifar_tiny" if "--arch" in cmd else ""  # a random init (the last --arch wins)
+            cmd = (f"{cmd} {tiny_eval[cmd.split()[1]]}{arch} --data_path={image_folder} "
+                   f"--out_dir={tmp_path}/eval{evals}")
             evals += 1
         elif is_export:
             cmd = remap_paths(cmd, written)

@@ -100,7 +100,8 @@ def test_licence_and_citation():
 
 def test_layout_table_matches_the_files():
     """README's layout table names every top-level script and folder of the repository and nothing that
-    is not there; every Python file stays within the style's budget of about 500 lines."""
+    is not there. No line count is tested: about 500 lines is a signal to split a file along a seam, not
+    a limit."""
     text = (REPO / "README.md").read_text()
     table = text[text.index("## Layout"):]
     table = table[:table.index("\n## ")]
@@ -112,5 +113,3 @@ def test_layout_table_matches_the_files():
     assert top - named == set(), f"README's layout table lacks {sorted(top - named)}"
     assert folders - named - {"docs"} == set(), f"README's layout table lacks {sorted(folders - named)}"
     assert {n for n in named if not (REPO / n).exists()} == set()
-    long = {f: n for f in files if f.endswith(".py") and (n := len((REPO / f).read_text().splitlines())) > 520}
-    assert not long, f"past the ~500-line budget, split along a seam: {long}"

@@ -1,11 +1,12 @@
-"""Trackers (config key `tracker` of every script): TensorBoard files of tiny real runs hold the
-log.jsonl records, the kNN monitor per width or DN and the evaluations' per-network results; the
-config is flattened for hyper-parameter logging; W&B (a stand-in package here: the real one is
-optional and needs an account) gets out_dir, and a resumed run continues its run id; a tracker
-that cannot run is a one-line error before anything starts. Also: where evaluations write by
-default (beside the checkpoint, one folder per protocol)."""
+"""Trackers (config key `tracker` of every script): TensorBoard files of tiny real runs (the shared
+runs of conftest.py, evaluations) hold the log.jsonl records, the kNN monitor per width or DN and
+the evaluations' per-network results; the config is flattened for hyper-parameter logging; W&B (a
+stand-in package here: the real one is optional and needs an account) gets out_dir, and a resumed
+run continues its run id; a tracker that cannot run is a one-line error before anything starts.
+Also: where evaluations write by default (beside the checkpoint, one folder per protocol)."""
 
 import json
+import shutil
 import sys
 from dataclasses import replace
 
@@ -20,7 +21,7 @@ import yaml
 from config import ConfigError, parse_config
 from models import ARCHS
 from tests.test_dspnet import tiny_args as dspnet_args
-from tests.test_train_us3l import REPO, run
+from tests.test_train_us3l import REPO, cli, read_log, run
 from tests.test_train_us3l import tiny_args as us3l_args
 from utils import check_tracker, tracker_config
 
@@ -73,55 +74,51 @@ def test_unusable_tracker_is_one_line_before_anything(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_wandb_missing_stops_a_trainer_in_one_line(cifar_small, tmp_path):
-    p = run([sys.executable, "train_dspnet.py", *dspnet_args(cifar_small, tmp_path / "o"), "--tracker=wandb"])
-    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
-        "config error: tracker=wandb needs the wandb package, which is optional and not installed: pip install wandb "
-        "(then `wandb login`, or WANDB_MODE=offline to log without an account)"], p.stderr[-2000:]
+def test_wandb_missing_stops_a_trainer_in_one_line(image_folder, tmp_path, monkeypatch, capsys):
+    code = cli(train_dspnet.main, train_dspnet.Config, [*dspnet_args(image_folder, tmp_path / "o"), "--tracker=wandb"],
+               monkeypatch)  # in this process; the exit code is the one line a failed run prints
+    assert code == ("config error: tracker=wandb needs the wandb package, which is optional and not installed: pip "
+                    "install wandb (then `wandb login`, or WANDB_MODE=offline to log without an account)")
+    assert capsys.readouterr().err == ""  # nothing else, no traceback
     assert not (tmp_path / "o").exists()  # nothing ran
 
 
-def test_tensorboard_us3l_run(cifar_small, tmp_path):
-    """A 3-step run: every log.jsonl record and the kNN monitor (random init at step 0, the end at
-    step 3) per monitored width, under out_dir/us3l/."""
+def test_tensorboard_us3l_run(us3l_run, tmp_path, capsys, fresh_accelerate):
+    """The shared run (8 steps, logged every 2): every log.jsonl record and the kNN monitor (random
+    init at step 0, eval_every's at step 4, the end at step 8) per monitored width, under out_dir/us3l/."""
     out = tmp_path / "run"
-    p = run([sys.executable, "train_us3l.py", *us3l_args(cifar_small, out, max_steps=3, log_every=1),
-             "--tracker=tensorboard"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.copytree(us3l_run.out, out)  # a copy: the resume below changes it
+    res = json.loads((out / "results.json").read_text())
     tb = scalars(out / "us3l")
     for w in ("1.0", "0.25"):  # the monitored widths: 1.0 and width_min
-        assert [s for s, _ in tb[f"knn_top1/{w}"]] == [0, 3]
-        assert [v for _, v in tb[f"knn_top1/{w}"]] == pytest.approx(
-            [json.loads((out / "results.json").read_text())[k][w] for k in ("knn_top1_init", "knn_top1")])
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert tb[f"knn_top1/{w}"] == [(0, pytest.approx(res["knn_top1_init"][w])),
+                                       (4, pytest.approx(res["knn_top1_history"]["4"][w])),
+                                       (8, pytest.approx(res["knn_top1"][w]))]
+    log = read_log(out)
     for key in ("loss/1.0", "lr", "tau", "img_per_s", "data_wait", "epoch", "collapse_std/1.000"):
-        assert [s for s, _ in tb[key]] == [r["step"] for r in log] == [1, 2, 3], key
+        assert [s for s, _ in tb[key]] == [r["step"] for r in log] == [2, 4, 6, 8], key
         assert [v for _, v in tb[key]] == pytest.approx([r[key] for r in log], rel=1e-6), key
     assert "widths/0" in tb and "step" not in tb
     hparams = list((out / "us3l").rglob("hparams.yml"))
     assert hparams and yaml.safe_load(hparams[0].read_text())["tracker"] == "tensorboard"
 
-    # as if killed after logging step 3 but before checkpointing it: the resumed run logs step 3
+    # as if killed after logging step 8 but before checkpointing it: the resumed run logs step 8
     # again, and TensorBoard keeps only the new records (purge_step), not both
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    torch.save({**ckpt, "step": 2}, out / "checkpoints" / "last.pt")
-    p = run([sys.executable, "train_us3l.py", *us3l_args(cifar_small, out, max_steps=3, log_every=1),
-             "--tracker=tensorboard"])
-    assert p.returncode == 0 and "at step 2" in p.stdout, p.stderr[-3000:]
+    torch.save({**ckpt, "step": 6}, out / "checkpoints" / "last.pt")
+    train_us3l.main(replace(us3l_run.cfg, out_dir=str(out)))  # in this process
+    assert "at step 6" in capsys.readouterr().out
     tb = scalars(out / "us3l")
-    assert [s for s, _ in tb["loss/1.0"]] == [1, 2, 3] and [s for s, _ in tb["knn_top1/1.0"]] == [0, 3]
+    assert [s for s, _ in tb["loss/1.0"]] == [2, 4, 6, 8] and [s for s, _ in tb["knn_top1/1.0"]] == [0, 4, 8]
+    assert [r["step"] for r in read_log(out)] == [2, 4, 6, 8]
 
 
-def test_tensorboard_dspnet_run(cifar_small, tmp_path):
+def test_tensorboard_dspnet_run(dspnet_run):
     """DSPNet's config holds a list (dns): it used to stop the run at start."""
-    out = tmp_path / "run"
-    p = run([sys.executable, "train_dspnet.py", *dspnet_args(cifar_small, out, max_steps=2, log_every=1),
-             "--tracker=tensorboard"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    tb = scalars(out / "dspnet")
-    assert [s for s, _ in tb["knn_top1/1.0"]] == [s for s, _ in tb["knn_top1/0.25_d1-1-1-1"]] == [0, 2]
-    assert [s for s, _ in tb["loss/1.0"]] == [1, 2] and "lr" in tb and "tau" in tb
-    hparams = yaml.safe_load(next((out / "dspnet").rglob("hparams.yml")).read_text())
+    tb = scalars(dspnet_run.out / "dspnet")
+    assert [s for s, _ in tb["knn_top1/1.0"]] == [s for s, _ in tb["knn_top1/0.25_d1-1-1-1"]] == [0, 4, 8]
+    assert [s for s, _ in tb["loss/1.0"]] == [2, 4, 6, 8] and "lr" in tb and "tau" in tb and "bn_momentum" in tb
+    hparams = yaml.safe_load(next((dspnet_run.out / "dspnet").rglob("hparams.yml")).read_text())
     assert json.loads(hparams["dns"]) == [[1.0], [0.5], [0.5, 1, 1, 1, 1], [0.25, 1, 1, 1, 1]]
 
 
@@ -160,7 +157,7 @@ def init(project=None, **kwargs):
 '''
 
 
-def test_wandb_run_continues_on_resume(cifar_small, tmp_path):
+def test_wandb_run_continues_on_resume(image_folder, tmp_path):
     site = tmp_path / "site"
     (site / "wandb").mkdir(parents=True)
     (site / "wandb" / "__init__.py").write_text(FAKE_WANDB)
@@ -172,7 +169,7 @@ def test_wandb_run_continues_on_resume(cifar_small, tmp_path):
     def calls(kind):
         return [r for r in map(json.loads, notes.read_text().splitlines()) if r["call"] == kind]
 
-    p = run([sys.executable, "train_us3l.py", *us3l_args(cifar_small, out, max_steps=2, log_every=1),
+    p = run([sys.executable, "train_us3l.py", *us3l_args(image_folder, out, max_steps=2, log_every=1),
              "--tracker=wandb"], env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     (init,) = calls("init")
@@ -184,7 +181,7 @@ def test_wandb_run_continues_on_resume(cifar_small, tmp_path):
     assert {("knn_top1/1.0", 0), ("knn_top1/0.25", 2), ("loss/1.0", 1), ("lr", 2), ("data_wait", 2)} <= logged
     assert all(isinstance(v, (bool, int, float, str)) for v in calls("config")[0]["values"].values())
 
-    p = run([sys.executable, "train_us3l.py", *us3l_args(cifar_small, out, max_steps=4, log_every=1),
+    p = run([sys.executable, "train_us3l.py", *us3l_args(image_folder, out, max_steps=4, log_every=1),
              "--tracker=wandb"], env=env)  # the same run, longer: resumes from step 2
     assert p.returncode == 0 and "at step 2" in p.stdout, p.stderr[-3000:]
     assert [c["id"] for c in calls("init")] == [None, "fakerun1"] and len(calls("finish")) == 2
@@ -209,14 +206,14 @@ def test_default_out_dirs():
     assert eval_knn.default_out_dir(lin, "linear_1pct") == "./linear_1pct"
 
 
-def test_evaluations_write_beside_the_checkpoint_and_log(cifar_small, tmp_path, monkeypatch, one_thread):
+def test_evaluations_write_beside_the_checkpoint_and_log(image_folder, tmp_path, monkeypatch, one_thread):
     ckpt = tmp_path / "run" / "backbone.pt"
     ckpt.parent.mkdir()
     torch.manual_seed(1)
-    sd = ARCHS["resnet18_cifar"]().state_dict()
-    torch.save({"arch": "resnet18_cifar", "backbone": sd, "teacher": sd, "widths": [1.0, 0.5], "width_min": 0.5, "step": 7, "config": {"dataset": "cifar10"}},
-               ckpt)
-    args = [f"--ckpt={ckpt}", f"--data_path={cifar_small}", "--tracker=tensorboard", *FAST_KNN]
+    sd = ARCHS["resnet18_cifar_tiny"]().state_dict()
+    torch.save({"arch": "resnet18_cifar_tiny", "backbone": sd, "teacher": sd, "widths": [1.0, 0.5], "width_min": 0.5,
+                "step": 7, "config": {"dataset": "cifar10"}}, ckpt)
+    args = [f"--ckpt={ckpt}", f"--data_path={image_folder}", "--tracker=tensorboard", *FAST_KNN]
     res = eval_knn.main(parse_config(eval_knn.Config, args))
     out = tmp_path / "run" / "knn"
     assert json.loads((out / "results.json").read_text()) == res
@@ -230,11 +227,11 @@ def test_evaluations_write_beside_the_checkpoint_and_log(cifar_small, tmp_path, 
     assert (tmp_path / "run" / "knn_teacher" / "results.json").is_file()
 
     monkeypatch.chdir(tmp_path)  # a random init writes under out/ of the current directory
-    cfg = eval_linear.Config(arch="resnet18_cifar", data_path=str(cifar_small), widths=[1.0, 0.25], epochs=2,
+    cfg = eval_linear.Config(arch="resnet18_cifar_tiny", data_path=str(image_folder), widths=[1.0, 0.25], epochs=2,
                              batch_size=25, calib_images=50, test_subset=30, train_subset=100, label_fraction=0.5,
                              tracker="tensorboard")
     res = eval_linear.main(cfg)
-    out = tmp_path / "out" / "random_init" / "resnet18_cifar" / "linear_50pct"
+    out = tmp_path / "out" / "random_init" / "resnet18_cifar_tiny" / "linear_50pct"
     assert json.loads((out / "results.json").read_text()).keys() == res.keys() == {"1.0", "0.25"}
     tb = scalars(out / "eval_linear")
     assert tb["linear/top1/0.25"] == [(0, pytest.approx(res["0.25"]["top1"]))] and "linear/mmacs/1.0" in tb

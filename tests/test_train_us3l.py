@@ -1,10 +1,13 @@
-"""train_us3l.py: the width schedule, a smoke run (2 CPU processes: tests/test_multiprocess.py),
-clear errors for bad config and missing data (kill and resume: tests/test_faults.py)."""
+"""train_us3l.py: the width schedule, one step's gradients against the paper's loss written out, a
+smoke run (shared: conftest.us3l_run) with its EMA momentum schedule, weight-decay partition and
+kNN monitor cadence, clear errors for bad config and missing data (2 CPU processes:
+tests/test_multiprocess.py; kill and resume: tests/test_faults.py)."""
 
 import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,10 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import config
+import ffcv_data
 import losses
 import train_us3l
 from config import ConfigError, parse_config
-from models import ARCHS, ViT, calibrate_bn, export, load_backbone, projection_mlp
+from models import (ARCHS, BasicBlock, ResNet, ViT, calibrate_bn, export, load_backbone, projection_mlp,
+                    set_active)
 from train_us3l import Config, check_config, forward_backward, pair_loss, sample_widths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,81 +117,235 @@ def test_pair_loss_forms():
     assert not torch.allclose(g_nt, g_sg, atol=1e-3)
 
 
+def cos(a, b):  # row-wise cosine similarity of (B, D) tensors
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def eq2_with_teacher(q, k, T):
+    """US3L eq. (2) with the teacher's keys, both view directions averaged: query i of view 1 has the
+    positive k2_i and the 2B-2 negatives k2_j and k1_j, j != i (the mirror for view 2)."""
+    (q1, q2), (k1, k2) = (q / q.norm(dim=1, keepdim=True)).chunk(2), (k / k.norm(dim=1, keepdim=True)).chunk(2)
+
+    def direction(q, k_other, k_own):
+        pos = torch.exp((q * k_other).sum(1) / T)
+        neg = torch.exp(q @ k_other.T / T).sum(1) - pos + torch.exp(q @ k_own.T / T).sum(1) \
+            - torch.exp((q * k_own).sum(1) / T)
+        return -torch.log(pos / (pos + neg)).mean()
+
+    return (direction(q1, k2, k1) + direction(q2, k1, k2)) / 2
+
+
+def eq6(q, t):
+    """US3L eq. (6) (and eq. (1), the MSE base loss) as 1 - cos to the target's OTHER view, both directions' mean."""
+    (q1, q2), (t1, t2) = q.chunk(2), t.detach().chunk(2)
+    return ((1 - cos(q1, t2)).mean() + (1 - cos(q2, t1)).mean()) / 2
+
+
+@pytest.mark.parametrize("over,widths", [
+    ({}, [1.0, 0.5, 0.25]),  # Table 7 case 13: InfoNCE base to the teacher, sub-networks via g (eq. 6)
+    ({"momentum_target_sub": False}, [1.0, 0.5, 0.25]),  # sub-networks distill from the base network
+    ({"sandwich": False, "momentum_target_sub": False}, [0.75, 0.5, 0.25]),  # Table 9: the largest drawn: base
+    ({"base_loss": "mse"}, [1.0, 0.5, 0.25]),  # eq. (1): a predictor on the base network; g on the others
+    ({"base_loss": "mse", "aux_head": False}, [1.0, 0.25]),  # no g: sub-networks distill through the predictor
+], ids=["case13", "sub_from_base", "no_sandwich", "mse_base", "mse_base_no_aux"])
+def test_step_gradients_equal_the_paper_loss(over, widths):
+    """forward_backward's per-width backward passes give the gradients of ONE backward of the US3L loss
+    written out here from the paper's definitions (as the trainer documents them): base loss on
+    widths[0] (eq. 2 against the teacher's keys, or eq. 1 with a predictor), plus for every other width
+    eq. (6) through the auxiliary head g (sub-networks only) to the teacher's keys (or, with
+    momentum_target_sub=false, the base network's outputs) of the OTHER view. fp64, every parameter."""
+    cfg = replace(Config(), precision="fp64", **over)
+    torch.manual_seed(0)
+    backbone = ResNet(BasicBlock, [1, 1], widths=(16, 32), stem="cifar")
+    student = nn.ModuleDict({"backbone": backbone, "projector": projection_mlp(backbone.feature_dim, 32, 16)})
+    if cfg.base_loss == "mse":
+        student["predictor"] = projection_mlp(16, 32, 16)
+    if cfg.aux_head:
+        student["aux"] = projection_mlp(16, 32, 16)
+    student = student.double()
+    teacher = copy.deepcopy(nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})).requires_grad_(False)
+    with torch.no_grad():  # a teacher some EMA steps behind: its keys are not the student's outputs
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)  # two views of 8 images
+    step_losses, _ = forward_backward(student, teacher, x, widths, cfg, contextlib.nullcontext)
+    grads = {name: p.grad for name, p in student.named_parameters()}
+
+    student.zero_grad(set_to_none=True)
+    keys = teacher["projector"](teacher["backbone"](x))
+    terms = []
+    for i, w in enumerate(widths):
+        set_active(student["backbone"], w)
+        z = student["projector"](student["backbone"](x))
+        if i == 0:
+            base_z = z
+            terms.append(eq6(student["predictor"](z), keys) if cfg.base_loss == "mse"
+                         else eq2_with_teacher(z, keys, cfg.temperature))
+        else:
+            g = student["aux"] if cfg.aux_head else student["predictor"]
+            terms.append(eq6(g(z), keys if cfg.momentum_target_sub else base_z))
+    set_active(student["backbone"], 1.0)
+    sum(terms).backward()  # one backward of the whole step's loss
+
+    torch.testing.assert_close(step_losses, torch.stack(terms).detach())
+    for name, p in student.named_parameters():
+        assert (grads[name] is None) == (p.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, msg=name)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())  # every head is used
+
+
 def tiny_args(data, out, **over):
-    args = {"data_path": data, "out_dir": out, "batch_size": 16, "max_steps": 8, "log_every": 2,
-            "knn_bank_subset": 100, "knn_test_subset": 50, "knn_batch_size": 50, "num_workers": 0,
-            "proj_hidden": 64, "proj_dim": 32, "knn_k": 20}
+    """Command-line arguments of a tiny run: ResNet-18's blocks at a quarter of its widths (0.7M
+    parameters: what a run does does not depend on the network's size), 16 px crops, 8 steps of 16
+    images, small heads and kNN subsets."""
+    args = {"data_path": data, "out_dir": out, "arch": "resnet18_cifar_tiny", "image_size": 16, "batch_size": 16,
+            "max_steps": 8, "log_every": 2, "knn_bank_subset": 100, "knn_test_subset": 50, "knn_batch_size": 50,
+            "num_workers": 0, "proj_hidden": 64, "proj_dim": 32, "knn_k": 20}
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
 
 
 def run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if "--multi_gpu" in cmd else os.environ.get("OMP_NUM_THREADS", "2")}
+    """A script as a subprocess in the repository root. Its threads: the caller's OMP_NUM_THREADS (one
+    per xdist worker: conftest.py), shared out between the 2 processes of an `accelerate launch --multi_gpu`."""
+    env = dict(os.environ)
+    if "--multi_gpu" in cmd:
+        env["OMP_NUM_THREADS"] = str(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())) // 2))
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**env, **kw.pop("env", {})},
                           timeout=600, **kw)
 
 
-def test_smoke_run_and_backbone_export(cifar_small, tmp_path):
-    out = tmp_path / "run"
-    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out)])
-    assert p.returncode == 0, p.stderr[-3000:]
+def cli(main, cls, argv, monkeypatch):
+    """`python script.py ARGV` in this process (config.run, as the scripts' __main__): the exit code,
+    which is a failed run's one-line message (or 1 after a traceback); None when it ran through."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
+    try:
+        config.run(main, cls)
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_smoke_run_and_backbone_export(us3l_run, capsys, fresh_accelerate):
+    out = us3l_run.out
     res = json.loads((out / "results.json").read_text())
     for key in ("knn_top1", "knn_top1_init"):
         assert set(res[key]) == {"1.0", "0.25"} and all(0 <= a <= 1 for a in res[key].values())
     assert res["num_processes"] == 1
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log(out)
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert log[0]["widths"] == [1.0] and len(log[-1]["widths"]) == 3  # dynamic sampling
     assert all(r["loss/1.0"] > 0 for r in log) and "loss/min" in log[-1] and "collapse_std/1.000" in log[-1]
     assert (out / "config.yaml").is_file()
     # backbone.pt: load, slim, calibrate, export
     model, ckpt = load_backbone(out / "backbone.pt")
-    assert ckpt["arch"] == "resnet18_cifar" and ckpt["widths"] == [1.0, 0.75, 0.5, 0.25]
+    assert ckpt["arch"] == "resnet18_cifar_tiny" and ckpt["widths"] == [1.0, 0.75, 0.5, 0.25]
     teacher, _ = load_backbone(out / "backbone.pt", teacher=True)
-    x = torch.randn(8, 3, 32, 32)
+    x = torch.randn(8, 3, 16, 16)
     calibrate_bn(model, [x], width=0.25)
     net = export(model, width=0.25)
-    assert net(x).shape == (8, 128)
+    assert net(x).shape == (8, 32)  # a quarter of the 128 features
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))
-    # the same command again: the run is finished, nothing is redone
-    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out)])
-    assert p.returncode == 0 and "nothing to do" in p.stdout
+    # the same run again: it is finished, nothing is redone
+    capsys.readouterr()
+    train_us3l.main(us3l_run.cfg)
+    assert "nothing to do" in capsys.readouterr().out
 
 
-def test_clear_errors(cifar_small, tmp_path):
+def test_ema_momentum_schedule(us3l_run):
+    """The teacher's EMA momentum tau rises from `momentum` (0.99) at the first step towards 1 at the
+    end of the run by half a cosine (BYOL): tau_k = 1 - (1 - 0.99) (cos(pi k / K) + 1) / 2 at step k of
+    K; it is the tau of each step's update, and log.jsonl logs it."""
+    K, tau0 = 8, us3l_run.cfg.momentum
+    assert (tau0, us3l_run.cfg.momentum_cosine) == (0.99, True)
+    want = [1 - (1 - tau0) * (math.cos(math.pi * k / K) + 1) / 2 for k in range(K)]
+    assert us3l_run.taus == pytest.approx(want, rel=0, abs=1e-12)
+    assert us3l_run.taus[0] == 0.99 and us3l_run.taus[K // 2] == pytest.approx(0.995)  # halfway: halfway to 1
+    assert all(a < b < 1 for a, b in zip(us3l_run.taus, us3l_run.taus[1:]))
+    assert [r["tau"] for r in read_log(us3l_run.out)] == [us3l_run.taus[s - 1] for s in (2, 4, 6, 8)]
+
+
+def test_weight_decay_partition(us3l_run):
+    """Weight decay, applied by hand (eqs. 4-5: group regularization on the backbone, plain L2 on the
+    heads), reaches every weight (ndim > 1) of the backbone, projector and aux head, each step, and
+    nothing else: no biases, no norm scales. The optimizer adds none of its own (that would decay twice)."""
+    student, optimizer = us3l_run.state["student"], us3l_run.state["optimizer"]
+    names = {p: name for name, p in student.named_parameters()}
+    weights = {name for name, p in student.named_parameters() if p.ndim > 1}
+    assert {name.split(".")[0] for name in weights} == {"backbone", "projector", "aux"}
+    calls = us3l_run.decay
+    assert len(calls) == 2 * 8  # two calls a step: the backbone's, the heads'
+    for backbone_call, heads_call in zip(calls[::2], calls[1::2]):
+        (bb, wd_bb, alpha_bb), (heads, wd_heads, alpha_heads) = backbone_call, heads_call
+        assert wd_bb == wd_heads == us3l_run.cfg.weight_decay == 1e-4
+        assert alpha_bb == us3l_run.cfg.group_reg_alpha == 0.05 and alpha_heads == 0.0  # eq. (5): backbone only
+        assert {names[p] for p in bb} == {n for n in weights if n.startswith("backbone.")}
+        assert {names[p] for p in heads} == {n for n in weights if not n.startswith("backbone.")}
+    in_groups = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(names.values())  # every parameter, once
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)
+
+
+def test_eval_every_runs_the_knn_monitor_at_its_epochs(us3l_run):
+    """eval_every=2 over 4 epochs of 2 steps: the kNN monitor runs on the random init, after epoch 2
+    (step 4: results.json's knn_top1_history) and at the end (not again after epoch 4, which ends the
+    run), and results.json holds what each one measured."""
+    res = json.loads((us3l_run.out / "results.json").read_text())
+    assert [step for step, _ in us3l_run.knn] == [0, 4, 8]
+    (_, init), (_, mid), (_, end) = [(s, {str(w): round(a, 4) for w, a in acc.items()}) for s, acc in us3l_run.knn]
+    assert res["knn_top1_init"] == init and res["knn_top1_history"] == {"4": mid} and res["knn_top1"] == end
+    assert set(mid) == {"1.0", "0.25"}
+
+
+def test_clear_errors(image_folder, tmp_path, monkeypatch, capsys, fresh_accelerate):
+    # the command line itself: exit code 1 and one line, no traceback
     p = run([sys.executable, "train_us3l.py", "--epoch=3"])
-    assert p.returncode != 0 and "epoch" in p.stderr and "epochs" in p.stderr
-    p = run([sys.executable, "train_us3l.py", f"--data_path={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"])
-    assert p.returncode != 0 and str(tmp_path / "nope") in p.stderr
-    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "o2", distill_loss="kl")])
-    assert p.returncode != 0 and "distill_loss" in p.stderr and "infonce" in p.stderr
-    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "o3", knn_widths="[1.0,0.01]")])
-    assert p.returncode != 0 and "knn_widths=[1.0, 0.01]" in p.stderr
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "config error: unknown key 'epoch' on the command line (did you mean 'epochs'?)"], p.stderr[-2000:]
+    # the others in this process, as config.run ends them
+    code = cli(train_us3l.main, Config, [f"--data_path={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"],
+               monkeypatch)
+    assert code and str(tmp_path / "nope") in f"{code}{capsys.readouterr().err}"
+    code = cli(train_us3l.main, Config, tiny_args(image_folder, tmp_path / "o2", distill_loss="kl"), monkeypatch)
+    assert code == "config error: distill_loss='kl', allowed: mse, infonce, none"
+    code = cli(train_us3l.main, Config, tiny_args(image_folder, tmp_path / "o3", knn_widths="[1.0,0.01]"),
+               monkeypatch)
+    assert code == "config error: knn_widths=[1.0, 0.01]: each must be in [0.0625, 1]"
+    assert "Traceback" not in capsys.readouterr().err
 
 
-def test_device_and_ffcv_loaders(cifar_small, tmp_path):
+def test_device_and_ffcv_loaders(image_folder, tmp_path, fresh_accelerate, monkeypatch, capsys):
     """loader=device (the split on the device, batched augmentation) and loader=ffcv (a small .beton)
     train, log and finish like the torch path, from the same initial weights (the kNN of the random
-    init is the same: the loaders are built before the seeded model); a missing .beton is a clear error."""
-    beton = tmp_path / "beton"
-    p = run([sys.executable, "ffcv_data.py", f"--data_path={cifar_small}", f"--out={beton}", "--raw",
-             "--splits=train", "--num_workers=1"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    init is the same: the loaders are built before the seeded model); a missing .beton is a clear error.
+    momentum_cosine=false: the EMA momentum stays at `momentum` (the authors' release)."""
+    threads, beton = torch.get_num_threads(), tmp_path / "beton"
+    ffcv_data.write_beton(image_folder, beton, splits=["train"], raw=True, num_workers=1)
+    torch.set_num_threads(threads)  # importing ffcv set torch's threads to 1
     init = {}
-    for kind, extra in (("device", {}), ("ffcv", {"ffcv_path": beton})):
+    # FFCV's loader sets torch's threads to its num_workers: ours, so that nothing changes for later tests
+    for kind, extra in (("device", {}), ("ffcv", {"ffcv_path": beton, "num_workers": threads})):
         out = tmp_path / kind
-        p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, out, loader=kind, max_steps=4,
-                                                             knn_widths="[1.0,0.5,0.25]", **extra)])
-        assert p.returncode == 0, p.stderr[-3000:]
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        args = tiny_args(image_folder, out, loader=kind, max_steps=4, momentum_cosine="false",
+                         knn_widths="[1.0,0.5,0.25]", **extra)
+        train_us3l.main(parse_config(Config, args))
+        log = read_log(out)
         assert [r["step"] for r in log] == [2, 4] and all(r["loss/1.0"] > 0 and 0 <= r["data_wait"] < 1 for r in log)
+        assert [r["tau"] for r in log] == [0.99, 0.99]
         results = json.loads((out / "results.json").read_text())
         assert set(results["knn_top1"]) == set(results["knn_top1_init"]) == {"1.0", "0.5", "0.25"}  # knn_widths
         init[kind] = results["knn_top1_init"]
     assert init["device"] == init["ffcv"]  # the ffcv run's monitor reads data_path with the torch loader
-    p = run([sys.executable, "train_us3l.py", *tiny_args(cifar_small, tmp_path / "x", loader="ffcv",
-                                                         ffcv_path=tmp_path / "none")])
-    assert p.returncode != 0 and "train.beton" in p.stderr and "ffcv_data.py" in p.stderr
+    assert torch.get_num_threads() == threads
+    code = cli(train_us3l.main, Config, tiny_args(image_folder, tmp_path / "x", loader="ffcv",
+                                                   ffcv_path=tmp_path / "none"), monkeypatch)
+    said = capsys.readouterr().err
+    assert code == 1 and "train.beton" in said and "ffcv_data.py" in said
 
 
 def test_mocov3_predictor_on_the_query_side():
@@ -212,14 +372,14 @@ def test_mocov3_predictor_on_the_query_side():
     assert backbone.patch_embed.weight.grad is None and backbone.blocks[0].fc1.weight.grad is not None
 
 
-def test_vit_mocov3_recipe_trains(cifar_small, tmp_path, monkeypatch):
+def test_vit_mocov3_recipe_trains(image_folder, tmp_path, monkeypatch, fresh_accelerate):
     """yaml/vit_tiny_cifar10.yaml's keys, 2 steps on a 1-block 64-d ViT (8 px patches at 32 px: the kNN monitor runs at 32 px): the frozen patch projection
     and the sin-cos buffer leave the run as they came (student and teacher), the rest trains."""
     monkeypatch.setitem(ARCHS, "vit_mocov3_test", functools.partial(
         ViT, 64, 1, 2, img_size=32, patch_size=8, pos_embed="sincos", frozen_patch_embed=True))
     cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "vit_tiny_cifar10.yaml")])
     assert (cfg.arch, cfg.proj_layers, cfg.predictor, cfg.optimizer) == ("vit_tiny_cifar_mocov3", 3, True, "adamw")
-    tiny = {"data_path": str(cifar_small), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8,
+    tiny = {"data_path": str(image_folder), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8,
             "arch": "vit_mocov3_test", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
             "knn_bank_subset": 20, "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "num_workers": 0,
             "warmup_epochs": 0, "base_lr": 1e-2}

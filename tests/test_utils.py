@@ -1,6 +1,8 @@
-"""utils.py training helpers: schedules, LARS, param_groups, EMA, atomic checkpoints, log_jsonl,
-check_finite. CPU, a few seconds; the checkpoint tests use a real accelerate.Accelerator(cpu=True)."""
+"""utils.py training helpers: schedules, LARS, param_groups, EMA, atomic checkpoints, resume,
+log_jsonl, check_finite. CPU, a few seconds; the checkpoint tests use a real accelerate.Accelerator(cpu=True).
+(check_same_across_processes: tests/test_multiprocess.py, which has the 2-process helpers.)"""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +19,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
-from utils import LARS, atomic_save, check_finite, cosine, ema_update_, log_jsonl, param_groups, warmup_cosine
+from config import ConfigError
+from tests.test_multiprocess import _free_port, thread_env
+from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, load_resume, log_jsonl, param_groups,
+                   warmup_cosine)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,6 +144,72 @@ def accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)  # later tests may want another precision
 
 
+@dataclasses.dataclass
+class RunConfig:  # the keys of a trainer's Config that load_resume reads
+    out_dir: str = "out"
+    arch: str = "resnet18_cifar"
+    batch_size: int = 16
+    resume: str = "auto"
+
+
+def trained(seed):
+    """A model and its SGD optimizer after one step (momentum buffers exist): distinct per seed."""
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def write_checkpoint(path, seed, step, cfg):
+    """A checkpoint as the trainers write it; returns the model saved in it."""
+    model, opt = trained(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"student": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "num_processes": 1,
+                 "config": dataclasses.asdict(cfg)}, path)
+    return model
+
+
+def test_resume_none_auto_and_a_path(accelerator, tmp_path, capsys):
+    """resume=none starts over even with a checkpoint in out_dir; auto resumes from it; PATH resumes
+    from that file (another run's: its out_dir differs, which is no config change)."""
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    last, other = tmp_path / "run" / "checkpoints" / "last.pt", tmp_path / "other" / "checkpoints" / "last.pt"
+    saved = {last: write_checkpoint(last, 1, 5, cfg),
+             other: write_checkpoint(other, 2, 7, dataclasses.replace(cfg, out_dir=str(tmp_path / "other")))}
+    for resume, step, source in (("none", 0, None), ("auto", 5, last), (str(other), 7, other)):
+        model, opt = trained(0)
+        fresh = [p.detach().clone() for p in model.parameters()]
+        mu = opt.state_dict()["state"][0]["momentum_buffer"].clone()
+        assert load_resume(dataclasses.replace(cfg, resume=resume), last, {"student": model, "optimizer": opt},
+                           accelerator) == step, resume
+        want = fresh if source is None else list(saved[source].parameters())
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want)), resume
+        assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], mu) == (source is None), resume
+        said = capsys.readouterr().out
+        assert (f"resumed from {source} at step {step}" in said if source else "resumed" not in said), said
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["half", "empty"])
+def test_truncated_checkpoint_is_one_line_naming_it(keep, accelerator, tmp_path):
+    """A last.pt cut short (a copy gone wrong, a full disk): resume=auto neither starts over nor
+    shows a traceback, but stops with one line naming the file."""
+    cfg = RunConfig(out_dir=str(tmp_path))
+    last = tmp_path / "checkpoints" / "last.pt"
+    write_checkpoint(last, 1, 5, cfg)
+    whole = last.read_bytes()
+    last.write_bytes(whole[:int(len(whole) * keep)])
+    model, opt = trained(0)
+    fresh = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError) as e:
+        load_resume(cfg, last, {"student": model, "optimizer": opt}, accelerator)
+    message = str(e.value)
+    assert message.startswith("config error: ") and "\n" not in message
+    assert f"cannot resume from {last} (" in message and "--resume=none" in message, message  # and what to do
+    assert all(torch.equal(p, f) for p, f in zip(model.parameters(), fresh))
+
+
 def test_check_finite(accelerator):
     losses = {"w1.0": torch.tensor(1.5), "w0.25": torch.tensor(2.0, dtype=torch.bfloat16)}
     assert check_finite(losses, 3, accelerator) == {"w1.0": 1.5, "w0.25": 2.0}
@@ -189,8 +260,9 @@ TWO_PROC = textwrap.dedent("""
 def test_two_processes_check_finite(tmp_path):
     script = tmp_path / "two_proc.py"
     script.write_text(TWO_PROC)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), **thread_env(2)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out  # the error, on both ranks, not a signal (-6 = abort: exit code < 0)
