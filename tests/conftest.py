@@ -42,6 +42,19 @@ def make_image_folder(out, per_class={"train": 20, "test": 10}, size=32, seed=0)
     return out
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that changes torch's thread count leaves it as it found it. FFCV's loader sets it to its
+    num_workers (all cores by default): left so, an xdist worker then runs every later test with 2
+    threads against the other worker's 1, and both crawl (a 2 s test took 59 s)."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """Generated train/ (20 per class) and test/ (10 per class) JPEG folders, as CIFAR-10's (0.3 s)."""
