@@ -85,7 +85,17 @@ def networks_to_eval(cfg, ckpt, model):
     """[(name, width, depth)]: the configured widths (at cfg.depth), else the checkpoint's DSPNet `dns`
     list ({"width": w, "depth": [...] or None}), else its `widths`, else 1.0, 0.75, 0.5, 0.25.
     Widths must lie in (0, 1] and not below the smallest width the checkpoint was trained at (US3L's
-    width_min, DSPNet's smallest DN): a slice never trained is not a pretrained network."""
+    width_min, DSPNet's smallest DN): a slice never trained is not a pretrained network. An individually
+    pretrained checkpoint (train_*.py `individual`) holds one network: anything else is refused."""
+    ind = ckpt.get("individual")
+    if ind and (cfg.widths or cfg.depth is not None):
+        full = getattr(model, "max_depth", None)
+        asked = [(float(w), cfg.depth if cfg.depth != full else None) for w in cfg.widths or [ind["width"]]]
+        other = [net_name(w, d) for w, d in asked if (round(w, 4), d) != (round(ind["width"], 4), ind["depth"])]
+        if other:
+            raise ConfigError(f"config error: {cfg.ckpt} is an individually pretrained network, "
+                              f"{net_name(ind['width'], ind['depth'])} only (train_*.py individual=...): "
+                              f"{', '.join(other)} was never trained; drop widths/depth to evaluate it")
     if not cfg.widths and ckpt.get("dns"):
         return [(net_name(dn["width"], dn["depth"]), float(dn["width"]), dn["depth"] and list(dn["depth"]))
                 for dn in ckpt["dns"]]

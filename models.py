@@ -91,6 +91,10 @@ class ResNet(nn.Module):
         self.max_depth = list(depths)
         self.feature_dim = c
         self.head = SlimLinear(c, num_classes, slim_out=False) if num_classes else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self):
+        """torchvision's ResNet init, from each layer's own shape (reinit applies it to an exported slice)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -242,14 +246,22 @@ class ViT(nn.Module):
         self.norm = SlimLayerNorm(dim, eps=1e-6)
         self.feature_dim = dim
         self.head = SlimLinear(dim, num_classes, slim_out=False) if num_classes else nn.Identity()
+        self.frozen_patch_embed = frozen_patch_embed
+        self.init_weights()
+        if frozen_patch_embed:  # MoCo v3's: random (Xavier-uniform), never trained (requires_grad=False)
+            self.patch_embed.requires_grad_(False)
+
+    def init_weights(self):
+        """From each layer's own shape (reinit applies it to an exported slice). The learned position
+        embedding keeps its N(0, 0.02^2) draw: the same for any width."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if frozen_patch_embed:  # MoCo v3's: random (Xavier-uniform), never trained (requires_grad=False)
-            nn.init.xavier_uniform_(self.patch_embed.weight.data.view(dim, -1))
-            self.patch_embed.requires_grad_(False)
+        if self.frozen_patch_embed:
+            w = self.patch_embed.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
@@ -473,6 +485,46 @@ def export(model, width=1.0, depth=None, check_stats=True):
     assert not left, f"export left slimmable layers behind: {left}"
     set_active(model, 1.0)
     return net.eval()
+
+
+def reinit(net):
+    """Initialize `net`, a network of ARCHS or an exported slice of one, as its constructor does but from
+    each layer's own shape: PyTorch's default per layer, then the architecture's rule (init_weights).
+    A slice cut from a wide network's init is not that: Kaiming's std follows the fan of the full width."""
+    for m in net.modules():
+        if m is not net and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    if hasattr(net, "init_weights"):
+        net.init_weights()
+    return net
+
+
+def slice_index(model, width=1.0, depth=None):
+    """{name: flat indices} for each parameter of export(model, width, depth): the positions in the
+    model's parameter of that name that its elements come from, in order. Found by exporting a copy
+    whose parameters hold their own positions (float64 counts exactly up to 2**53)."""
+    ids = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        for p in ids.parameters():
+            p.copy_(torch.arange(p.numel(), dtype=torch.float64).view_as(p))
+    net = export(ids, width, depth, check_stats=False)
+    return {name: q.detach().reshape(-1).long() for name, q in net.named_parameters()}
+
+
+def make_individual_(model, width=1.0, depth=None):
+    """The papers' "individually trained" network inside the slimmable layout, in place: the slice
+    (width, depth) holds a plain network of that size, initialized as one (reinit of the exported
+    slice), and every other parameter is zero. Run at (width, depth), the model is that network; the
+    zeros get no gradient and no weight decay (decay of 0 is 0), so training moves the slice only, and
+    eval_knn.py / eval_linear.py / export.py read it like any slimmable backbone. Returns the model."""
+    net = reinit(export(model, width, depth, check_stats=False))
+    index, plain = slice_index(model, width, depth), dict(net.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.zero_()
+            if name in plain:
+                p.view(-1)[index[name]] = plain[name].reshape(-1).to(p.dtype)
+    return model
 
 
 def profile(model, width=1.0, depth=None, input_size=224):

@@ -47,7 +47,7 @@ from config import ConfigError, run, save_config
 from data import prepare_cifar10
 from eval_knn import net_name
 from knn import build_knn_loaders, calibration_batches, knn_eval
-from models import ARCHS, min_width, profile, projection_mlp, set_active, set_sync_bn
+from models import ARCHS, make_individual_, min_width, profile, projection_mlp, set_active, set_sync_bn
 from slim import BatchNorm1d, SlimBatchNorm2d
 from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_same_across_processes,
                    check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
@@ -72,6 +72,9 @@ class Config:
     arch: str = "resnet18_cifar"  # a key of models.ARCHS; the whole online encoder (= the largest DN)
     dns: list[list[float]] = field(default_factory=lambda: [[1.0], [0.875], [0.75], [0.625], [0.5]])  # the
     # desired networks, [width] or [width, depth per stage...]; default: the paper's MobileNetV3 widths
+    individual: list[float] = field(default_factory=list)  # a DN ([width] or [width, depths...]): the paper's
+    # "individually pretrained" baseline (Fig. 4): that network alone, as a plain network of its own init
+    # (models.make_individual_), the same BYOL recipe; dns is then ignored. []: the slimmable run
     proj_hidden: int = 4096  # BYOL projector / predictor hidden size
     proj_dim: int = 256  # BYOL projection size
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
@@ -117,25 +120,28 @@ def parse_dns(cfg, backbone):
     """[{"width": w, "depth": [..] or None}] of cfg.dns, checked against the backbone (bad widths or
     depths are errors naming the DN; the whole network, width 1.0 at full depth, must be listed),
     largest first by MACs at the training resolution."""
-    if not cfg.dns:
+    if not cfg.dns and not cfg.individual:
         raise ConfigError("config error: dns is empty: list the desired networks, e.g. [[1.0], [0.5]]")
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
     dns, macs, floor = [], [], min_width(backbone)
-    for dn in cfg.dns:
+    what = "individual=" if cfg.individual else "dns entry "
+    for dn in [cfg.individual] if cfg.individual else cfg.dns:
         width, depth = float(dn[0]), ([int(d) for d in dn[1:]] or None)
         if depth is not None and any(d != int(d) for d in dn[1:]):
-            raise ConfigError(f"config error: dns entry {dn}: depths must be whole numbers")
+            raise ConfigError(f"config error: {what}{dn}: depths must be whole numbers")
         if width < floor:
-            raise ConfigError(f"config error: dns entry {dn}: width {width} is below {cfg.arch}'s minimum width "
+            raise ConfigError(f"config error: {what}{dn}: width {width} is below {cfg.arch}'s minimum width "
                               f"{floor:.4g}; allowed: [{floor:.4g}, 1]")
         try:
             macs.append(profile(backbone, width, depth, input_size=size)[1])
         except ValueError as e:
-            raise ConfigError(f"config error: dns entry {dn} does not fit {cfg.arch}: {e}") from None
+            raise ConfigError(f"config error: {what}{dn} does not fit {cfg.arch}: {e}") from None
         dns.append({"width": width, "depth": depth})
     if len({(d["width"], tuple(d["depth"] or ())) for d in dns}) < len(dns):
         raise ConfigError(f"config error: dns lists a network twice: {cfg.dns}")
     full = getattr(backbone, "max_depth", None)  # ResNets: blocks per stage; None: not depth-slimmable
+    if cfg.individual:
+        return [{"width": dns[0]["width"], "depth": None if dns[0]["depth"] == full else dns[0]["depth"]}], macs
     if not any(d["width"] == 1.0 and d["depth"] in (None, full) for d in dns):
         raise ConfigError(f"config error: dns must include the whole network, [1.0]"
                           f"{f' or {[1.0, *full]}' if full else ''} (DSPNet Sec. 4.1: the largest sampled "
@@ -181,6 +187,8 @@ def main(cfg):
                             "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim),
                             "predictor": projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)})
     dns, dn_macs = parse_dns(cfg, backbone)
+    if cfg.individual:  # the DN's slice starts as a plain network of that size; every other weight is 0
+        make_individual_(backbone, dns[0]["width"], dns[0]["depth"])
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
@@ -213,6 +221,8 @@ def main(cfg):
     online = set_sync_bn(online.to(device, dtype, memory_format=fmt), cfg.sync_bn)
     encoder = nn.ModuleDict({k: online[k] for k in ("backbone", "projector")})  # shares the online modules
     target = copy.deepcopy(encoder).requires_grad_(False)  # BN synced as the online one's
+    if cfg.individual:  # an individual network's target is that network (else the whole one)
+        set_active(target["backbone"], dns[0]["width"], dns[0]["depth"])
     # with sync_bn the target's momentum statistics are the global batch's: the same target on every process
     target_bns = momentum_bns(target) if cfg.momentum_bn else []
     if world > 1 and not cfg.sync_bn:
@@ -351,6 +361,7 @@ def main(cfg):
     if accelerator.is_main_process:  # plain tensors and primitives: models.load_backbone reads it
         atomic_save({"arch": cfg.arch, "backbone": online["backbone"].state_dict(),
                      "teacher": target["backbone"].state_dict(), "dns": dns, "width_min": dns[-1]["width"],
+                     "individual": dns[0] if cfg.individual else None,  # eval_knn.py refuses any other network
                      "widths": sorted({d["width"] for d in dns}, reverse=True), "step": step, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "backbone.pt"))
     write_results()

@@ -59,7 +59,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -73,7 +73,7 @@ from augment import build_train_loader, to_device
 from config import ConfigError, run, save_config
 from data import prepare_cifar10
 from knn import build_knn_loaders, calibration_batches, knn_eval
-from models import ARCHS, min_width, projection_mlp, set_active, set_sync_bn
+from models import ARCHS, make_individual_, min_width, projection_mlp, set_active, set_sync_bn
 from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_same_across_processes,
                    check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
                    param_groups, read_results, to_floats, tracker_log, trim_jsonl, warmup_cosine)
@@ -104,6 +104,9 @@ class Config:
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
     # US3L (Table 7 switchboard; defaults = case 13)
     width_min: float = 0.25  # smallest width trained (R_min at the end of dynamic sampling)
+    individual: float = 0.0  # > 0: the papers' "individually trained" baseline: this width alone, as a plain
+    # network of its own init (models.make_individual_), the same recipe without sub-networks (no aux head,
+    # distillation, dynamic sampling or group regularization); 0: the slimmable run
     num_widths: int = 3  # sandwich size per step: full, smallest, num_widths-2 random (paper: 3)
     sandwich: bool = True  # false (Table 9): num_widths random widths, the largest takes the base loss
     # (logged as loss/1.0; loss/min is then the smallest drawn)
@@ -162,6 +165,9 @@ def check_config(cfg):
     if not 0 < cfg.width_min <= 1:
         raise ConfigError(f"config error: width_min={cfg.width_min} must be in (0, 1]")
     floor = min_width(ARCHS[cfg.arch]())
+    if cfg.individual and not floor <= cfg.individual <= 1:
+        raise ConfigError(f"config error: individual={cfg.individual}: the width must be in [{floor:.4g}, 1] "
+                          f"({cfg.arch}), or 0 for the slimmable run")
     if cfg.width_min < floor:
         raise ConfigError(f"config error: width_min={cfg.width_min} is below {cfg.arch}'s minimum width {floor:.4g} "
                           f"(every layer at its channel floor); allowed: [{floor:.4g}, 1]")
@@ -181,6 +187,8 @@ def sample_widths(step, total, cfg):
     """Widths of one step, largest first (Algorithm 1). A generator seeded by (seed, step): identical
     on every process and after a resume, whatever else drew random numbers. sandwich=false (Table 9):
     num_widths uniform draws in [R_min, 1], neither the full nor the smallest width forced."""
+    if cfg.individual:
+        return [cfg.individual]
     if cfg.dynamic_sampling:
         period = max(total // 4, 1)  # T_p
         stage = min(step // period, 3)
@@ -197,8 +205,21 @@ def sample_widths(step, total, cfg):
     return [1.0] + sorted(middle, reverse=True) + [r_min]
 
 
+def individual_config(cfg):
+    """individual=w: the same recipe for one network of width w, the sub-network machinery off (said, not
+    silent). Applied before config.yaml is written, so the run folder records what ran."""
+    if not cfg.individual:
+        return cfg, ""
+    off = dict(width_min=cfg.individual, num_widths=1, sandwich=False, dynamic_sampling=False, aux_head=False,
+               group_reg_alpha=0.0, knn_widths=[cfg.individual])
+    changed = {k: v for k, v in off.items() if getattr(cfg, k) != v}
+    note = f"individual={cfg.individual}: one network, so " + ", ".join(f"{k}={v}" for k, v in changed.items())
+    return replace(cfg, **off), note if changed else ""
+
+
 def main(cfg):
     check_config(cfg)
+    cfg, note = individual_config(cfg)
     data.BAD_IMAGES = cfg.bad_images
     accelerator = Accelerator(mixed_precision={"fp64": "no"}.get(cfg.precision, cfg.precision),
                               log_with=cfg.tracker or None, project_dir=cfg.out_dir)
@@ -210,7 +231,7 @@ def main(cfg):
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
         save_config(cfg, cfg.out_dir)
-    accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}")
+    accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}" + (f"\n{note}" if note else ""))
 
     # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
     if cfg.data_path == Config.data_path:  # missing: extracted from the CIFAR-10 tarball, else downloaded
@@ -233,6 +254,8 @@ def main(cfg):
     # iterator takes a base seed), which would make the initial weights depend on `loader`
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     backbone = ARCHS[cfg.arch]()
+    if cfg.individual:  # the width-w slice starts as a plain width-w network; every other weight is 0
+        make_individual_(backbone, cfg.individual)
     student = nn.ModuleDict({"backbone": backbone,
                              "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim,
                                                          last_bn=cfg.proj_layers == 3, layers=cfg.proj_layers)})
@@ -245,6 +268,7 @@ def main(cfg):
     student = set_sync_bn(student.to(device, dtype, memory_format=fmt), cfg.sync_bn)
     online = nn.ModuleDict({k: student[k] for k in ("backbone", "projector")})  # shares the student's modules
     teacher = copy.deepcopy(online).requires_grad_(False)  # BN synced as the student's (MoCo's BN leak otherwise)
+    set_active(teacher["backbone"], cfg.individual or 1.0)  # an individual network's teacher is that network
     if world > 1 and not cfg.sync_bn:
         accelerator.print(f"NOTE: sync_bn=false: BN statistics per process ({cfg.batch_size} x 2 views), so the "
                           f"result depends on the number of processes")
@@ -400,7 +424,9 @@ def main(cfg):
         atomic_save({"arch": cfg.arch, "backbone": student["backbone"].state_dict(),
                      "teacher": teacher["backbone"].state_dict(), "width_min": cfg.width_min,
                      "widths": sorted({w for w in (1.0, 0.75, 0.5, 0.25) if w >= cfg.width_min} | {cfg.width_min},
-                                      reverse=True),  # the default list eval_knn.py / eval_linear.py evaluate
+                                      reverse=True) if not cfg.individual else [cfg.individual],  # the default
+                     # list eval_knn.py / eval_linear.py evaluate; an individual network refuses any other
+                     "individual": {"width": cfg.individual, "depth": None} if cfg.individual else None,
                      "step": step, "config": asdict(cfg)}, os.path.join(cfg.out_dir, "backbone.pt"))
     write_results()
     accelerator.end_training()
