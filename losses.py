@@ -190,8 +190,8 @@ def _coeffs(K, ndim, groups, alpha, device, dtype):
     return group_reg_coeffs(K, groups, alpha).to(device, dtype).view(K, *[1] * (ndim - 1))
 
 
-def _decayed(params):
-    return [p for p in params if p.ndim > 1]
+def _decayed(params, vectors=False):  # weights; vectors=True: biases and norms too (the release's form)
+    return [p for p in params if p.ndim > 1 or vectors]
 
 
 def group_reg_loss(params, weight_decay, groups=8, alpha=0.05):
@@ -208,16 +208,16 @@ def group_reg_loss(params, weight_decay, groups=8, alpha=0.05):
 
 
 @torch.no_grad()
-def add_group_reg_grad_(params, weight_decay, groups=8, alpha=0.05):
+def add_group_reg_grad_(params, weight_decay, groups=8, alpha=0.05, vectors=False):
     """Coupled group decay: p.grad += lambda_k * w_k, the gradient of 0.5 * eq. (4).
 
     Call after backward (and after unscaling / clipping, where SGD applies its own
     weight_decay) and right before optimizer.step(), with weight_decay=0 in the optimizer for
     these params. The term then enters the momentum buffer like SGD's L2 weight decay, which is
     the paper's L2 form; alpha=0 reproduces torch.optim.SGD(weight_decay=lambda) exactly.
-    Params with ndim <= 1 or without a grad are skipped.
+    Params with ndim <= 1 (unless vectors: the release decays them, grouped) or without a grad are skipped.
     """
-    ps = [p for p in _decayed(params) if p.grad is not None]
+    ps = [p for p in _decayed(params, vectors) if p.grad is not None]
     if not ps:
         return
     coeffs = [_coeffs(p.shape[0], p.ndim, groups, alpha, p.device, p.dtype) for p in ps]
@@ -225,15 +225,15 @@ def add_group_reg_grad_(params, weight_decay, groups=8, alpha=0.05):
 
 
 @torch.no_grad()
-def group_decay_(params, lr, weight_decay, groups=8, alpha=0.05):
+def group_decay_(params, lr, weight_decay, groups=8, alpha=0.05, vectors=False):
     """Decoupled group decay in place: w_k -= lr * lambda_k * w_k.
 
     Called before optimizer.step() of plain SGD (no momentum), this equals
     add_group_reg_grad_ (gradients were computed at the old weights, so the order is exact).
     With momentum it is the decoupled (SGDW-style) variant, which is NOT the paper's L2 form:
-    the decay skips the momentum buffer. Params with ndim <= 1 are skipped.
+    the decay skips the momentum buffer. Params with ndim <= 1 are skipped unless vectors.
     """
-    ps = _decayed(params)
+    ps = _decayed(params, vectors)
     if not ps:
         return
     coeffs = [_coeffs(p.shape[0], p.ndim, groups, alpha, p.device, p.dtype) for p in ps]

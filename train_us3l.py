@@ -121,6 +121,13 @@ class Config:
     temperature: float = 0.5  # InfoNCE (the paper omits it; 0.5: the authors' release, SimCLR on CIFAR)
     loss_views: str = "mean"  # the two view directions of every loss: mean (authors' release) | sum (Alg. 1)
     group_reg_alpha: float = 0.05  # eq. (5); 0 = plain L2 weight decay
+    group_reg_form: str = "paper"  # paper: eqs. (4)-(5) on the backbone's weights (ndim > 1), the heads plain L2,
+    # biases and norms no decay | release: the authors' code (GroupReg): every trained tensor decayed, conv
+    # weights and all vectors (biases, BN/LN) by eq. (5)'s groups, Linear weights plain; alpha ramps linearly
+    # from 0 (at group_reg_warmup_epochs) to group_reg_alpha at the middle of the run
+    group_reg_warmup_epochs: float = 0.0  # plain L2 (alpha 0) for these epochs (the release's ImageNet run: 50)
+    step_per_width: bool = False  # false: one optimizer step per batch (Algorithm 1) | true: a step, decay and
+    # group regularization after each width's backward, as the authors' release does (3 per batch in stage 4)
     momentum: float = 0.99  # EMA teacher tau at the start
     momentum_cosine: bool = True  # tau -> 1 by cosine over the run (BYOL); else constant
     # optimization
@@ -158,7 +165,8 @@ def check_config(cfg):
                "infonce_negatives": ("both_views", "other_view"), "loss_views": ("mean", "sum"),
                "optimizer": ("sgd", "lars", "adamw"), "precision": ("bf16", "fp16", "no", "fp64"),
                "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
-               "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip")}
+               "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip"),
+               "group_reg_form": ("paper", "release")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
@@ -203,6 +211,18 @@ def sample_widths(step, total, cfg):
         return sorted((r_min + (1.0 - r_min) * torch.rand(cfg.num_widths, generator=g)).tolist(), reverse=True)
     middle = (r_min + (1.0 - r_min) * torch.rand(cfg.num_widths - 2, generator=g)).tolist()
     return [1.0] + sorted(middle, reverse=True) + [r_min]
+
+
+def group_alpha(step, total, cfg):
+    """alpha of eq. (5) at this step: 0 (plain L2) for group_reg_warmup_epochs; with group_reg_form=release,
+    then a linear ramp to group_reg_alpha at the middle of the run (the release ramps per epoch; here per
+    step, and in fractions of the run, so max_steps compresses it as it does every schedule)."""
+    t, warm = step / max(total, 1), cfg.group_reg_warmup_epochs / cfg.epochs
+    if t < warm:
+        return 0.0
+    if cfg.group_reg_form == "release" and t < 0.5:
+        return cfg.group_reg_alpha * (t - warm) / (0.5 - warm)
+    return cfg.group_reg_alpha
 
 
 def individual_config(cfg):
@@ -288,9 +308,13 @@ def main(cfg):
     # NOTE: eq. (5) needs dim 0 in slimming order; a ViT's fused qkv rows (q|k|v x heads) and other
     # grouped layers are not, so they get plain decay (alpha 0).
     grouped = {m.weight for m in backbone.modules() if getattr(m, "out_groups", 1) > 1}
-    decay_backbone = [p for p in backbone.parameters() if p.ndim > 1 and p.requires_grad and p not in grouped]
-    decay_plain = [p for p in grouped if p.requires_grad] + [p for k, m in student.items() if k != "backbone"
-                                                             for p in m.parameters() if p.ndim > 1]
+    if cfg.group_reg_form == "paper":
+        decay_backbone = [p for p in backbone.parameters() if p.ndim > 1 and p.requires_grad and p not in grouped]
+        decay_plain = [p for p in grouped if p.requires_grad] + [p for k, m in student.items() if k != "backbone"
+                                                                 for p in m.parameters() if p.ndim > 1]
+    else:  # the release's GroupReg: conv weights and every vector of the student grouped, the rest plain
+        decay_backbone = [p for p in trained if p.ndim in (1, 4) and p not in grouped]
+        decay_plain = [p for p in trained if p.ndim in (2, 3) or p in grouped]
     accelerator.print(f"{cfg.arch}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M params; "
                       f"global batch {cfg.batch_size * world}, lr {lr_peak:.4g}, {steps_per_epoch} steps/epoch, "
                       f"{total} steps")
@@ -345,6 +369,7 @@ def main(cfg):
     # N processes: the gradients' all-reduce overlaps the last width's backward (bucketed, asynchronous)
     grad_sync = OverlappedAllReduce(params, world) if cfg.overlap_allreduce and world > 1 else None
     arm = grad_sync.arm if grad_sync is not None else None  # called before the last backward of a step
+    vectors = cfg.group_reg_form == "release"  # biases and norms decayed too
     last_save, t_log, seen = time.time(), time.time(), 0
     t_next, wait = time.time(), 0.0  # host time spent waiting for the next batch since the last log
     sums = torch.zeros(cfg.num_widths, device=device)  # loss sums per sandwich position since the last log
@@ -364,20 +389,24 @@ def main(cfg):
             widths = sample_widths(step, total, cfg)
             x = torch.cat([x1, x2]).to(dtype).contiguous(memory_format=fmt)  # on the device: (2B, 3, H, W)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-            step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now,
-                                                  scaler.scale, arm)
-            sums[:len(widths)] += step_losses
+            alpha = group_alpha(step, total, cfg)
 
             def regularize():
                 if cfg.optimizer == "adamw":  # decoupled: w_k -= lr * lambda_k * w_k
-                    losses.group_decay_(decay_backbone, lr, cfg.weight_decay, alpha=cfg.group_reg_alpha)
+                    losses.group_decay_(decay_backbone, lr, cfg.weight_decay, alpha=alpha, vectors=vectors)
                     losses.group_decay_(decay_plain, lr, cfg.weight_decay, alpha=0.0)
                 else:  # the gradient of 0.5 * eq. (4): enters the momentum like SGD's L2 decay
-                    losses.add_group_reg_grad_(decay_backbone, cfg.weight_decay, alpha=cfg.group_reg_alpha)
+                    losses.add_group_reg_grad_(decay_backbone, cfg.weight_decay, alpha=alpha, vectors=vectors)
                     losses.add_group_reg_grad_(decay_plain, cfg.weight_decay, alpha=0.0)
 
-            # one all-reduce per step, not per backward (no DDP); regularize on unscaled gradients
-            optimizer_step_(optimizer, scaler, params, world, regularize, grad_sync)
+            def optimizer_step():  # one all-reduce per step, not per backward (no DDP); regularize on unscaled grads
+                optimizer_step_(optimizer, scaler, params, world, regularize, grad_sync)
+
+            step_losses, stats = forward_backward(student, teacher, x, widths, cfg, accelerator.autocast, log_now,
+                                                  scaler.scale, arm, optimizer_step if cfg.step_per_width else None)
+            sums[:len(widths)] += step_losses
+            if not cfg.step_per_width:
+                optimizer_step()
             if cfg.momentum_target_base or cfg.momentum_target_sub:
                 ema_update_(teacher, online, tau)
             step += 1
@@ -452,14 +481,17 @@ def pair_loss(kind, q, t, cfg, own=False):
     return both / 2 if cfg.loss_views == "mean" else both
 
 
-def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scale=None, before_last=None):
+def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scale=None, before_last=None,
+                     step_each=None):
     """One US3L iteration's gradients (Algorithm 1, lines 4-17) for the two views x = cat(x1, x2):
     the base network (widths[0]: 1.0, or the largest drawn without the sandwich rule) and each
     sub-network in turn, each followed by its own backward, so only one width's activations are
     alive at a time (peak memory of a single full-width step); gradients accumulate. scale: the fp16
     loss scaling (GradScaler.scale) applied before each backward; before_last(loss) before the last
-    (OverlappedAllReduce.arm). Returns the per-width losses (detached, unscaled) and, when log, the
-    collapse monitor per width."""
+    (OverlappedAllReduce.arm). step_each (step_per_width, the release's loop): an optimizer step after
+    every width's backward (before_last then comes before every backward); the teacher's keys and the
+    base network's outputs (momentum_target_sub=false) are those of the batch's first forward, as there.
+    Returns the per-width losses (detached, unscaled) and, when log, the collapse monitor per width."""
     distill = {"mse": "mse", "infonce": "nce"}.get(cfg.distill_loss)
     keys, stats, out = None, {}, []
     if cfg.momentum_target_base or cfg.momentum_target_sub:
@@ -481,9 +513,11 @@ def forward_backward(student, teacher, x, widths, cfg, autocast, log=False, scal
             else:  # L_Distill through the auxiliary head g to the teacher (or the base network)
                 q = student["aux"](z) if "aux" in student else (student["predictor"](z) if "predictor" in student else z)
                 loss = pair_loss(distill, q, keys if cfg.momentum_target_sub else base_z, cfg)
-        if before_last is not None and i == len(widths) - 1:
+        if before_last is not None and (i == len(widths) - 1 or step_each is not None):
             before_last(loss)
         (scale(loss) if scale else loss).backward()
+        if step_each is not None:
+            step_each()
         out.append(loss.detach())
         if log:
             stats[f"collapse_std/{w:.3f}"] = losses.collapse_std(z)  # a tensor: no host sync between widths
