@@ -13,6 +13,9 @@ and is run as `python script.py --config yaml/cifar10_quick.yaml --epochs=2 --wi
 `python script.py --help` lists every field with its type, default and comment.
 
 Config: dataclass defaults, then --config FILE.yaml, then --key=value (or --key value) overrides.
+--config may be given more than once: the files are layered in order, a later file's keys win
+(`--config yaml/us3l_ablations/t7_case02.yaml --config yaml/us3l_ablations/paper.yaml`: a row's
+switches at the paper's scale).
 Supported field types: int, float, bool, str, list[...] of those (nested too), and `X | None`.
 Values are read with yaml.safe_load and then checked against the field type; a wrong type or an
 unknown key exits with one line naming the key and where it came from (the file or the command
@@ -91,7 +94,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
         if not _supported(tp):
             raise TypeError(f"{cls.__name__}.{name}: unsupported config type {_type_name(tp)}")
 
-    config_file, cli = None, {}  # cli: key -> raw text as typed
+    config_files, cli = [], {}  # cli: key -> raw text as typed
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -112,15 +115,13 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
             elif key in fields or key == "config":
                 raise ConfigError(f"config error: --{key} needs a value on the command line")
         if key == "config":
-            if config_file is not None:
-                raise ConfigError("config error: --config given twice on the command line")
-            config_file = value
+            config_files.append(value)
         else:
             _check_key(key, fields, "on the command line")
             cli[key] = value
 
     updates = {}
-    if config_file is not None:
+    for config_file in config_files:  # layered: a later file's keys win
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config error: config file not found: {config_file}")

@@ -137,8 +137,20 @@ def test_command_line_syntax_errors():
         parse_config(Config, ["epochs=2"])
     with pytest.raises(ConfigError, match="--epochs needs a value"):
         parse_config(Config, ["--epochs"])
-    with pytest.raises(ConfigError, match="--config given twice"):
-        parse_config(Config, ["--config=a.yaml", "--config=b.yaml"])
+
+
+def test_config_files_are_layered(tmp_path):
+    """--config twice: the files in order, a later file's keys win, the command line last; an unknown
+    key is named with the file it is in."""
+    (tmp_path / "a.yaml").write_text("epochs: 5\nbase_lr: 0.5\n")
+    (tmp_path / "b.yaml").write_text("base_lr: 0.1\n")
+    cfg = parse_config(Config, [f"--config={tmp_path / 'a.yaml'}", f"--config={tmp_path / 'b.yaml'}"])
+    assert (cfg.epochs, cfg.base_lr) == (5, 0.1)
+    cfg = parse_config(Config, [f"--config={tmp_path / 'b.yaml'}", f"--config={tmp_path / 'a.yaml'}", "--epochs=7"])
+    assert (cfg.epochs, cfg.base_lr) == (7, 0.5)
+    (tmp_path / "c.yaml").write_text("base_lrr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key 'base_lrr' in .*c.yaml"):
+        parse_config(Config, [f"--config={tmp_path / 'a.yaml'}", f"--config={tmp_path / 'c.yaml'}"])
 
 
 def test_missing_config_file(tmp_path):
