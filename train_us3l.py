@@ -33,10 +33,11 @@ Decisions where the paper is silent or loose (NOTE; README and docs/design.md, U
   (momentum_cosine=false). Biases and BN parameters get no weight decay (BYOL, MoCo); the paper
   gives wd 1e-4 with no exception and the release decays them too. Projector Linear(D, 2048, no
   bias)-BN-ReLU-Linear(2048, 128) (BYOL's, 2 layers); the aux head g (and the predictor of an MSE
-  base loss) is the same MLP on 128-d; the paper gives no shape (the release: a 3-layer 2048-2048-
-  256 projector). The ViT recipe is MoCo v3's (the paper used its code): proj_layers=3 (Linear-BN-
+  base loss) is the same MLP on 128-d; the paper gives no shape (the release's BYOL: a 3-layer
+  2048-d projector, proj_layers=3, and 2048-d predictor and g: yaml/r18_in_release.yaml). The ViT
+  recipe is MoCo v3's (the paper used its code): proj_layers=3 and proj_last_bn=true (Linear-BN-
   ReLU twice, then Linear-BN without affine, hidden 4096, out 256), predictor=true (Linear-BN-ReLU-
-  Linear on the base network's query side only; the teacher's keys never pass it), arch
+  Linear-BN without affine, on the base network's query side only; the teacher's keys never pass it), arch
   vit_tiny_cifar_mocov3 (models.ViT). With a predictor and no aux head, sub-networks distill
   through the predictor (as with base_loss=mse); with one, g alone.
 - The two views run as one batch (BN statistics over both, as SimCLR); the model is not wrapped in
@@ -97,8 +98,10 @@ class Config:
     arch: str = "resnet18_cifar"  # a key of models.ARCHS
     proj_hidden: int = 2048  # projector / heads hidden size
     proj_dim: int = 128  # output of projector, predictor and auxiliary head
-    proj_layers: int = 2  # projector: 2 (BYOL: Linear-BN-ReLU-Linear) | 3 (MoCo v3: BN after every layer,
-    # the last BN without affine)
+    proj_layers: int = 2  # projector: 2 (BYOL: Linear-BN-ReLU-Linear) | 3 (one more Linear-BN-ReLU: MoCo v3,
+    # SimSiam, the US3L release)
+    proj_last_bn: bool = False  # MoCo v3: a BN without affine after the last Linear of the projector and of the
+    # predictor (predictor=true); the BYOL/SimSiam predictor and the aux head g never have one
     predictor: bool = False  # MoCo v3: a predictor MLP (proj_dim -> proj_hidden -> proj_dim) on the query
     # side of the base network's InfoNCE (base_loss=mse always has one)
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
@@ -278,9 +281,10 @@ def main(cfg):
         make_individual_(backbone, cfg.individual)
     student = nn.ModuleDict({"backbone": backbone,
                              "projector": projection_mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim,
-                                                         last_bn=cfg.proj_layers == 3, layers=cfg.proj_layers)})
+                                                         last_bn=cfg.proj_last_bn, layers=cfg.proj_layers)})
     if cfg.base_loss == "mse" or cfg.predictor:
-        student["predictor"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+        student["predictor"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim,
+                                              last_bn=cfg.proj_last_bn and cfg.predictor)
     if cfg.aux_head and cfg.distill_loss != "none":
         student["aux"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format

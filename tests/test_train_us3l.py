@@ -378,7 +378,8 @@ def test_vit_mocov3_recipe_trains(image_folder, tmp_path, monkeypatch, fresh_acc
     monkeypatch.setitem(ARCHS, "vit_mocov3_test", functools.partial(
         ViT, 64, 1, 2, img_size=32, patch_size=8, pos_embed="sincos", frozen_patch_embed=True))
     cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "vit_tiny_cifar10.yaml")])
-    assert (cfg.arch, cfg.proj_layers, cfg.predictor, cfg.optimizer) == ("vit_tiny_cifar_mocov3", 3, True, "adamw")
+    assert (cfg.arch, cfg.proj_layers, cfg.proj_last_bn, cfg.predictor, cfg.optimizer) == (
+        "vit_tiny_cifar_mocov3", 3, True, True, "adamw")
     tiny = {"data_path": str(image_folder), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8,
             "arch": "vit_mocov3_test", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
             "knn_bank_subset": 20, "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "num_workers": 0,
@@ -393,6 +394,9 @@ def test_vit_mocov3_recipe_trains(image_folder, tmp_path, monkeypatch, fresh_acc
     torch.manual_seed(cfg.seed)
     init = ARCHS["vit_mocov3_test"]().state_dict()  # the run's initial weights (seeded the same way)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    # MoCo v3's heads: a BN without affine after the projector's and the predictor's last Linear
+    assert "projector.7.running_var" in ckpt["student"] and "projector.7.weight" not in ckpt["student"]
+    assert "predictor.4.running_var" in ckpt["student"] and "predictor.4.weight" not in ckpt["student"]
     for net in (ckpt["student"], ckpt["teacher"]):
         for k in ("backbone.patch_embed.weight", "backbone.patch_embed.bias", "backbone.pos_embed"):
             assert torch.equal(net[k], init[k.removeprefix("backbone.")]), k
