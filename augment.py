@@ -1,7 +1,8 @@
-"""Batched on-device BYOL two-view augmentation and an on-device CIFAR loader: `loader=device`,
-and the batched part of `loader=ffcv` (docs/design.md, The three loaders). The CPU reference is
-data.byol_view (PIL + torchvision per sample); this module draws the same distributions with
-per-sample random parameters, vectorized over the batch, on the uint8 batch's device (CPU or CUDA).
+"""Batched on-device two-view augmentation (BYOL's, or MoCo v2's with aug="mocov2") and an on-device
+CIFAR loader: `loader=device`, and the batched part of `loader=ffcv` (docs/design.md, The three
+loaders). The CPU reference is data.byol_view / data.mocov2_view (PIL + torchvision per sample); this
+module draws the same distributions with per-sample random parameters, vectorized over the batch, on
+the uint8 batch's device (CPU or CUDA).
 
     aug = TwoViewAugment("cifar10").to(device)            # 32 px, no blur; "imagenet": 224 px, blur
     g = torch.Generator(device).manual_seed(0)
@@ -13,9 +14,10 @@ per-sample random parameters, vectorized over the batch, on the uint8 batch's de
     for (x1, x2), y in loader: ...
 
 View 1: crop, flip, jitter p=0.8, grayscale p=0.2, blur p=1.0, no solarize; view 2: blur p=0.1,
-solarize p=0.2 (BYOL, Grill et al. 2020, Table 6). Each op with explicit per-sample parameters is a
-function below (resized_crop, color_jitter, adjust_hue, grayscale, gaussian_blur, solarize): the
-tests compare them with torchvision's functional ops.
+solarize p=0.2 (BYOL, Grill et al. 2020, Table 6). aug="mocov2": both views crop, flip, a stronger
+saturation jitter, grayscale, blur p=0.5 (none on CIFAR), no solarize (the US3L release). Each op
+with explicit per-sample parameters is a function below (resized_crop, color_jitter, adjust_hue,
+grayscale, gaussian_blur, solarize): the tests compare them with torchvision's functional ops.
 
 NOTE: float32 throughout, where PIL rounds to 8 bits after each op. Crop + resize is PIL's
 algorithm (bicubic a = -0.5, antialiased when shrinking; torchvision's antialias=True), not
@@ -41,12 +43,16 @@ from config import ConfigError
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, pretrain_transform, subset_indices
 from ffcv_data import beton_labels, build_ffcv_loader
 
-# The reference's constants (data.byol_view); tests/test_augment.py checks them against it.
+# The references' constants (data.byol_view, data.mocov2_view); tests/test_augment.py checks them.
+AUGS = ("byol", "mocov2")  # config key `aug`
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
-JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
-P_JITTER, P_GRAY = 0.8, 0.2
-P_BLUR, P_SOLARIZE = {1: 1.0, 2: 0.1}, {1: 0.0, 2: 0.2}
-SIGMA = (0.1, 2.0)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # BYOL's ColorJitter(brightness, contrast, saturation, hue)
+P_JITTER, P_GRAY = 0.8, 0.2  # both recipes
+P_BLUR, P_SOLARIZE = {1: 1.0, 2: 0.1}, {1: 0.0, 2: 0.2}  # BYOL, per view
+SIGMA = (0.1, 2.0)  # both recipes
+# MoCo v2 (Chen et al. 2020), as the US3L release's CIFAR and ImageNet runs: both views alike, saturation
+# 0.4 instead of 0.2, blur p=0.5 (CIFAR: none), no solarize, bilinear crops (torchvision's default)
+MOCOV2_JITTER, MOCOV2_P_BLUR = (0.4, 0.4, 0.4, 0.1), 0.5
 # NOTE: BYOL's 0.5 on [0, 1]. The reference (PIL, uint8) inverts pixels >= 128, i.e. >= 0.50196:
 # the two differ only for continuous values in [0.5, 0.502).
 SOLARIZE_THRESHOLD = 0.5
@@ -223,25 +229,32 @@ def solarize(x, apply, threshold=SOLARIZE_THRESHOLD):
 
 
 class BatchAugment(nn.Module):
-    """One BYOL view (data.byol_view) for a uint8 batch (B, 3, H, W) on any device, parameters drawn
-    per sample from `generator` (on the batch's device; None: torch's default). Returns float
-    (B, 3, size, size), normalized with data.MEAN_STD[dataset]. A float input is taken as [0, 1]
-    and its dtype kept. crop=False: the input was already cropped (e.g. by FFCV's
-    RandomResizedCropRGBImageDecoder); only resized if not at size, then flipped and so on here.
-    blur_kernel: default 23 at 224 px (BYOL), about 10% of the size, odd; CIFAR has no blur."""
+    """One view of recipe `aug` (byol: data.byol_view's view 1 or 2; mocov2: data.mocov2_view, the
+    same for either view) for a uint8 batch (B, 3, H, W) on any device, parameters drawn per sample
+    from `generator` (on the batch's device; None: torch's default). Returns float (B, 3, size, size),
+    normalized with data.MEAN_STD[dataset]. A float input is taken as [0, 1] and its dtype kept.
+    crop=False: the input was already cropped (e.g. by FFCV's RandomResizedCropRGBImageDecoder);
+    only resized if not at size, then flipped and so on here. interpolation None: the recipe's
+    (byol bicubic, mocov2 bilinear). blur_kernel: default 23 at 224 px (BYOL), about 10% of the
+    size, odd; CIFAR has no blur."""
 
     def __init__(self, dataset="cifar10", size=None, view=1, crop=True, min_scale=0.08,
-                 interpolation="bicubic", blur_kernel=None):
+                 interpolation=None, blur_kernel=None, aug="byol"):
         super().__init__()
-        if view not in (1, 2) or interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"view must be 1 or 2, interpolation bicubic|bilinear: got {view}, {interpolation}")
+        byol = aug == "byol"
+        interpolation = interpolation or ("bicubic" if byol else "bilinear")
+        if view not in (1, 2) or interpolation not in ("bicubic", "bilinear") or aug not in AUGS:
+            raise ValueError(f"view must be 1 or 2, interpolation bicubic|bilinear, aug byol|mocov2: "
+                             f"got {view}, {interpolation}, {aug}")
         cifar = dataset.startswith("cifar")
         self.size = size or (32 if cifar else 224)
         self.view, self.crop, self.scale, self.interpolation = view, crop, (min_scale, 1.0), interpolation
-        self.p_blur = 0.0 if cifar else P_BLUR[view]  # data.byol_view: CIFAR at 32 px has no blur
-        self.p_solarize = P_SOLARIZE[view]
+        self.aug = aug
+        # the references (data.byol_view, data.mocov2_view): CIFAR at 32 px has no blur
+        self.p_blur = 0.0 if cifar else (P_BLUR[view] if byol else MOCOV2_P_BLUR)
+        self.p_solarize = P_SOLARIZE[view] if byol else 0.0
         self.blur_kernel = blur_kernel or 2 * round(0.05 * self.size) + 1  # 224 -> 23
-        b, c, s, h = JITTER
+        b, c, s, h = JITTER if byol else MOCOV2_JITTER
         jitter_range = torch.tensor([[1 - b, 1 - c, 1 - s, -h], [1 + b, 1 + c, 1 + s, h]])
         # buffers: moved to the device once by .to(device), no host-to-device copy per batch
         self.register_buffer("jitter_range", jitter_range, persistent=False)
@@ -267,7 +280,7 @@ class BatchAugment(nn.Module):
 
     def apply(self, x, p):
         """The view with parameters p (from sample): crop + flip, jitter, grayscale, blur, solarize,
-        normalize, in data.byol_view's order."""
+        normalize, in data.byol_view's order (data.mocov2_view flips last: the same distribution)."""
         gain = 1 / 255 if x.dtype == torch.uint8 else 1.0  # a float input is taken as [0, 1]
         x = x.float() if x.dtype == torch.uint8 else x
         n, _, height, width = x.shape
@@ -298,12 +311,14 @@ class BatchAugment(nn.Module):
 
 
 class TwoViewAugment(nn.Module):
-    """BYOL's asymmetric pair (data.pretrain_transform): view 1 then view 2 from one generator."""
+    """data.pretrain_transform(dataset, size, min_scale, aug) batched: view 1 then view 2 from one
+    generator (aug=byol: BYOL's asymmetric pair; mocov2: two draws of one distribution)."""
 
-    def __init__(self, dataset="cifar10", size=None, crop=True, min_scale=0.08, interpolation="bicubic"):
+    def __init__(self, dataset="cifar10", size=None, crop=True, min_scale=0.08, interpolation=None,
+                 aug="byol"):
         super().__init__()
-        self.view1 = BatchAugment(dataset, size, 1, crop, min_scale, interpolation)
-        self.view2 = BatchAugment(dataset, size, 2, crop, min_scale, interpolation)
+        self.view1 = BatchAugment(dataset, size, 1, crop, min_scale, interpolation, aug=aug)
+        self.view2 = BatchAugment(dataset, size, 2, crop, min_scale, interpolation, aug=aug)
 
     def forward(self, x, generator=None):
         return self.view1(x, generator), self.view2(x, generator)
@@ -420,11 +435,12 @@ class TorchLoader:
 
 class FFCVViews:
     """ffcv_data.build_ffcv_loader (in FFCV one decode per image, RandomResizedCrop + flip per view, uint8 on
-    the device) followed by the rest of each BYOL view batched here (crop=False). The augmentation
-    generator is seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG (not reproducible)."""
+    the device) followed by the rest of each view of recipe `aug` (byol | mocov2) batched here (crop=False).
+    The augmentation generator is seeded per (seed, epoch, step, rank); FFCV's crops come from its own RNG
+    (not reproducible)."""
 
     def __init__(self, path, dataset, size, batch_size, seed, rank, world, device, num_workers=None, subset=0,
-                 min_scale=0.08):
+                 min_scale=0.08, aug="byol"):
         rows = None
         if subset:
             rows = subset_indices(beton_labels(path), subset)
@@ -432,8 +448,8 @@ class FFCVViews:
                                         min_scale=min_scale, indices=rows, num_workers=num_workers)
         self.n = len(rows) if rows is not None else len(beton_labels(path))
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.view1 = BatchAugment(dataset, size, 1, crop=False).to(device)
-        self.view2 = BatchAugment(dataset, size, 2, crop=False).to(device)
+        self.view1 = BatchAugment(dataset, size, 1, crop=False, aug=aug).to(device)
+        self.view2 = BatchAugment(dataset, size, 2, crop=False, aug=aug).to(device)
         self.generator, self.epoch, self.start = torch.Generator(device), 0, 0
         if self.steps() == 0:
             raise no_batch(batch_size, world, self.n, f"images of {path}")
@@ -493,20 +509,26 @@ def to_device(batches, device):
 
 
 def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, subset=0, seed=0, rank=0, world=1,
-                       device="cpu", num_workers=0, min_scale=0.08):
-    """The two-view pretraining loader of config key `loader`:
+                       device="cpu", num_workers=0, min_scale=0.08, aug="byol"):
+    """The two-view pretraining loader of config key `loader`, views of recipe `aug` (byol: BYOL's
+    asymmetric pair; mocov2: MoCo v2's alike views, the US3L release's), crops of [min_scale, 1]:
     torch:  TorchLoader over data_path (the reference; any source, per-sample CPU augmentation);
     device: DeviceLoader, data_path's train split decoded once into device memory (CIFAR scale),
             TwoViewAugment per batch on the device;
     ffcv:   FFCVViews over ffcv_path/train.beton (written by `python ffcv_data.py`)."""
     if not 0 < min_scale <= 1:
         raise ConfigError(f"config error: min_scale={min_scale}: the crop's area fraction must be in (0, 1]")
+    # NOTE: min_scale stays its own key, not implied by aug: BYOL crops with 0.08, MoCo v2 (and the US3L
+    # release, CIFAR and ImageNet) with 0.2, so a mocov2 recipe sets min_scale: 0.2 beside aug: mocov2
+    if aug not in AUGS:
+        raise ConfigError(f"config error: aug={aug!r}, allowed: {', '.join(AUGS)}")
     if kind == "torch":
-        ds = build_dataset(data_path, "train", pretrain_transform(dataset, size, min_scale), subset=subset)
+        views = pretrain_transform(dataset, size, min_scale, aug=aug)
+        ds = build_dataset(data_path, "train", views, subset=subset)
         return TorchLoader(ds, batch_size, seed, rank, world, num_workers, pin_memory=torch.device(device).type == "cuda")
     if kind == "device":
-        aug = TwoViewAugment(dataset, size, min_scale=min_scale).to(device)
-        return DeviceLoader(build_dataset(data_path, "train", subset=subset), batch_size, device, aug, seed=seed,
+        views = TwoViewAugment(dataset, size, min_scale=min_scale, aug=aug).to(device)
+        return DeviceLoader(build_dataset(data_path, "train", subset=subset), batch_size, device, views, seed=seed,
                             rank=rank, world=world, num_workers=num_workers)
     if kind == "ffcv":
         path = os.path.join(ffcv_path, "train.beton")
@@ -516,5 +538,5 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
                                     f"Write it once: python ffcv_data.py --data_path {data_path} "
                                     f"--out {ffcv_path or 'DIR'} {cap}")
         return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset,
-                         min_scale)
+                         min_scale, aug)
     raise ConfigError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

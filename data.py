@@ -294,7 +294,8 @@ def prepare_cifar10(dest=None, tar=None, download=False):
 
 
 # -----------------------------------------------------------------------------
-# Augmentation: BYOL (Grill et al. 2020, Table 6) two asymmetric views; docs/design.md, Augmentation
+# Augmentation (docs/design.md, Augmentation): aug=byol, BYOL's two asymmetric views (Grill et al. 2020,
+# Table 6); aug=mocov2, MoCo v2's two alike views, the recipe of the US3L release
 
 # Each training set's own per-channel mean/std (over all pixels; the often copied CIFAR std (0.2023,
 # 0.1994, 0.2010) is a mean of per-image stds). The shared JPEG CIFAR-10 measures (0.4913, 0.4821,
@@ -341,7 +342,30 @@ def byol_view(view, size, dataset, min_scale=0.08):
     ])
 
 
-class TwoViews:  # BYOL's asymmetric pair: (t1(img), t2(img))
+def mocov2_view(size, dataset, min_scale=0.08):
+    """One MoCo v2 view (Chen et al. 2020), both views alike, as the US3L release builds them for its
+    CIFAR and ImageNet runs: crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5
+    (none on CIFAR, commented out in the release), flip; no solarize. MoCo v2 crops with min_scale 0.2."""
+    mean, std = MEAN_STD[dataset]
+    blur = [] if dataset.startswith("cifar") else [GaussianBlur(p=0.5)]  # sigma ~ U(0.1, 2.0), PIL's blur
+    return T.Compose([
+        # the release's RandomResizedCrop keeps torchvision's default interpolation, bilinear
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        *blur,
+        # the release flips last; flipping commutes with the colour ops and the symmetric blur, so the
+        # batched path (augment.BatchAugment) flips inside the crop and draws the same distribution
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        # NOTE: the release normalizes CIFAR with (0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010);
+        # we keep MEAN_STD, the statistics eval_transform and the batched paths use (a per-channel
+        # affine map that the first convolution absorbs)
+        T.Normalize(mean, std),
+    ])
+
+
+class TwoViews:  # (t1(img), t2(img)): BYOL's asymmetric pair, or MoCo v2's one transform twice
     def __init__(self, t1, t2):
         self.t1, self.t2 = t1, t2
 
@@ -349,9 +373,15 @@ class TwoViews:  # BYOL's asymmetric pair: (t1(img), t2(img))
         return self.t1(img), self.t2(img)
 
 
-def pretrain_transform(dataset, size=None, min_scale=0.08):
-    """dataset: cifar10 | cifar100 (32 px, no blur) | imagenet (224 px). Returns TwoViews."""
+def pretrain_transform(dataset, size=None, min_scale=0.08, aug="byol"):
+    """dataset: cifar10 | cifar100 (32 px, no blur) | imagenet (224 px). aug: byol (byol_view 1 and 2)
+    | mocov2 (mocov2_view twice, independent draws). Returns TwoViews."""
     size = size or (32 if dataset.startswith("cifar") else 224)
+    if aug == "mocov2":
+        view = mocov2_view(size, dataset, min_scale)
+        return TwoViews(view, view)
+    if aug != "byol":
+        raise ValueError(f"aug must be byol or mocov2, got {aug!r}")
     return TwoViews(byol_view(1, size, dataset, min_scale), byol_view(2, size, dataset, min_scale))
 
 

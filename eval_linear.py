@@ -15,6 +15,12 @@ classifier is trained on its pooled features. Two modes:
   protocol, which DSPNet follows (80 epochs, Nesterov SGD, lr 0.2 x batch / 256 cosine, no weight
   decay, a plain Linear head). NOTE: US3L's text gives no probe details and DSPNet evaluates on
   ImageNet only, so the CIFAR recipe and the standardizing head are our choice, not a paper's.
+  yaml/linear_us3l_cifar.yaml is the official US3L release's CIFAR probe instead (probe_aug=us3l:
+  RandomResizedCrop(32, scale 0.8-1, bicubic) + flip, test images Resize(36) + CenterCrop(32); a plain
+  Linear head, lr 30 at batch 512 with lr_schedule=step, x0.1 at epochs 60 and 80, 100 epochs).
+
+In both modes and in fine-tuning the lr is set by hand each step, a pure function of the step (lr_at):
+lr_schedule=cosine (default, to 0 at the end) or step (x0.1 from each epoch in lr_milestones on).
 
 The head is BatchNorm1d(affine=False) + Linear (as MoCo v3 and MAE): the BN standardizes the
 features, so one learning rate suits every width and architecture whatever the feature scale.
@@ -54,6 +60,7 @@ compared with a copy at the end: any change raises (fine-tuning trains copies).
     python eval_linear.py --ckpt=out/run/backbone.pt --teacher --label_fraction=0.1 --out_dir=out/run/lin10
     python eval_linear.py --arch=resnet18_cifar --widths=1.0,0.25 --train_subset=10000   # random init
     python eval_linear.py --config yaml/linear_cifar.yaml --ckpt=out/run/backbone.pt        # augment mode
+    python eval_linear.py --config yaml/linear_us3l_cifar.yaml --ckpt=out/run/backbone.pt   # the release's probe
     python eval_linear.py --ckpt=out/run/backbone.pt --finetune=true --label_fraction=0.1   # fine-tuning
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 eval_linear.py ...  # CPU, 2 procs
     accelerate launch eval_linear.py --config yaml/linear_byol_in.yaml --ckpt=... --data_path=DIR
@@ -62,8 +69,8 @@ compared with a copy at the end: any change raises (fine-tuning trains copies).
 Outputs in out_dir: config.yaml, results.json {"<width>": {"top1", "top5", "params", "macs"}}
 (accuracies in [0, 1]; params / MACs of the backbone sub-network, head excluded), linear.png.
 out_dir defaults to a folder beside the checkpoint, one per protocol (linear_kind): <ckpt dir>/linear,
-linear_1pct, linear_list_<file stem>, ..._augment, finetune_10pct, ..._teacher; out/random_init/<arch>/...
-without one.
+linear_1pct, linear_list_<file stem>, ..._augment, ..._us3l, finetune_10pct, ..._teacher;
+out/random_init/<arch>/... without one.
 --tracker=tensorboard|wandb also logs each network's top-1, top-5, MMACs and params there.
 """
 
@@ -107,6 +114,9 @@ class Config:
     depth: list[int] | None = None  # per-stage blocks (DSPNet ResNets); None = full depth
     mode: str = "cached"  # cached: head on cached features (fast) | augment: on-the-fly augmentation (slow)
     head_bn: bool = True  # BatchNorm1d(affine=False) before the head's Linear (MoCo v3 / MAE); false: plain Linear (BYOL)
+    probe_aug: str = "default"  # mode=augment / finetune: default (CIFAR RandomCrop(32, pad 4) + flip, ImageNet
+    # RandomResizedCrop(224) + flip) | us3l (the US3L release's CIFAR probe: RandomResizedCrop(32, scale 0.8-1,
+    # bicubic) + flip; test and BN calibration images Resize(36) + CenterCrop(32), bicubic)
     finetune: bool = False  # fine-tune each whole sub-network with a Linear classifier (semi-supervised, BYOL's
     # schedule; see the docstring) instead of a linear probe; mode and head_bn do not apply
     label_fraction: float = 0.0  # semi-supervised: 0.01 or 0.1 of the training labels (class-balanced); 0 = all
@@ -115,8 +125,11 @@ class Config:
     test_subset: int = 0  # class-balanced subset of the test split, 0 = all
     epochs: int = 0  # passes over the labeled images; 0: 100 for a linear head; fine-tuning 30 at <= 1% labels, else 20
     batch_size: int = 256  # head batch (cached: the same on every rank; augment: per process) and extraction batch
-    base_lr: float = 0.0  # lr = base_lr * global batch / 256, cosine to 0; 0: 0.1 for a linear head (features
+    base_lr: float = 0.0  # lr = base_lr * global batch / 256, then lr_schedule; 0: 0.1 for a linear head (features
     # standardized by the head's BN; BYOL's plain head: 0.2), 0.01 for fine-tuning
+    lr_schedule: str = "cosine"  # cosine (to 0 at the end) | step (x0.1 at each of lr_milestones; the US3L release)
+    lr_milestones: list[int] = field(default_factory=list)  # step: lr x 0.1 from each of these epochs on: [60, 80]
+    # (the release's); strictly increasing, in 1..epochs-1; empty with cosine
     momentum: float = 0.9  # SGD momentum (Nesterov when > 0), head and fine-tuning
     weight_decay: float = 0.0  # head weight decay (BYOL, MAE/MoCo v3 probes, BYOL fine-tuning: 0); try 5e-4 with 1% labels
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), training pool, same for any N
@@ -134,13 +147,15 @@ class Config:
 def linear_kind(cfg):
     """The default out_dir's name, one per protocol (eval_knn.default_out_dir puts it beside the
     checkpoint): linear, linear_1pct (label_fraction=0.01), linear_list_<file stem> (label_list), with
-    _augment for mode=augment: e.g. <ckpt dir>/linear_10pct_augment; finetune_10pct for finetune=true."""
+    _augment for mode=augment: e.g. <ckpt dir>/linear_10pct_augment; finetune_10pct for finetune=true;
+    _us3l with probe_aug=us3l (linear_augment_us3l)."""
     kind = "finetune" if cfg.finetune else "linear"
     if cfg.label_list:
         kind += f"_list_{Path(cfg.label_list).stem}"
     elif cfg.label_fraction:
         kind += f"_{100 * cfg.label_fraction:g}pct"
-    return kind + ("_augment" if cfg.mode == "augment" and not cfg.finetune else "")
+    kind += "_augment" if cfg.mode == "augment" and not cfg.finetune else ""
+    return kind + ("_us3l" if cfg.probe_aug == "us3l" else "")
 
 
 def schedule(cfg, labeled, pool):
@@ -149,6 +164,44 @@ def schedule(cfg, labeled, pool):
     of the pool labeled, else 20."""
     epochs = cfg.epochs or (100 if not cfg.finetune else 30 if labeled <= 0.01 * pool + 0.5 else 20)
     return epochs, cfg.base_lr or (0.01 if cfg.finetune else 0.1 if cfg.head_bn else 0.2)
+
+
+def check_protocol(cfg, dataset, epochs):
+    """ConfigError (one line, naming the key) for an lr schedule or probe augmentation that cannot run
+    as asked; `epochs` as schedule() resolved it. main checks the keys' allowed values first."""
+    ms = list(cfg.lr_milestones)
+    if cfg.lr_schedule != "step" and ms:
+        raise ConfigError(f"config error: lr_milestones={ms} needs lr_schedule=step ({cfg.lr_schedule} has none)")
+    if cfg.lr_schedule == "step":
+        if not ms:
+            raise ConfigError("config error: lr_milestones is empty: lr_schedule=step needs the epochs at which "
+                              "the lr drops, e.g. [60, 80]")
+        if any(b <= a for a, b in zip(ms, ms[1:])) or ms[0] < 1 or ms[-1] > epochs - 1:
+            raise ConfigError(f"config error: lr_milestones={ms}: must increase strictly and lie in "
+                              f"1..{epochs - 1} (epochs={epochs})")
+    if cfg.probe_aug != "us3l":
+        return
+    if not dataset.startswith("cifar"):
+        raise ConfigError(f"config error: probe_aug=us3l is the release's CIFAR probe, not for dataset={dataset}")
+    if cfg.mode == "cached" and not cfg.finetune:
+        raise ConfigError("config error: probe_aug=us3l augments the training images: it needs mode=augment "
+                          "or finetune=true")
+    if cfg.loader == "ffcv":
+        raise ConfigError("config error: probe_aug=us3l resizes the test images, loader=ffcv reads them as "
+                          "stored: use loader=torch or device")
+
+
+def lr_at(step, steps_per_epoch, epochs, peak, schedule="cosine", milestones=()):
+    """The lr at global step `step`, a pure function of it. cosine: from `peak` (step 0) to 0 at
+    epochs * steps_per_epoch. step: `peak` x 0.1 per milestone <= the step's epoch, so constant within
+    an epoch, as the US3L release sets it once per epoch (workers/linear.py, multiStep: 30, then 3 from
+    epoch 60, 0.3 from epoch 80). NOTE: the release's DECAY_RATE key is not read there (0.1 is fixed),
+    so we fix 0.1 too and have no gamma key."""
+    if schedule == "step":
+        return peak * 0.1 ** sum(step // steps_per_epoch >= m for m in milestones)
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
+    raise ValueError(f"lr schedule {schedule!r}: cosine or step")
 
 
 def make_head(dim, num_classes, bn=True):
@@ -166,10 +219,11 @@ def _sgd(head, lr, momentum, weight_decay):
 
 
 def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1, momentum=0.9,
-                      weight_decay=0.0, seed=0, bn=True):
-    """A linear head trained on cached features x (N, D) with labels y (N,): mini-batch SGD, cosine
-    lr from base_lr * batch / 256, a seeded shuffle per epoch. Deterministic for a given seed, so
-    every rank trains the same head. The head's BN (bn=True) holds the exact training mean / variance."""
+                      weight_decay=0.0, seed=0, bn=True, schedule="cosine", milestones=()):
+    """A linear head trained on cached features x (N, D) with labels y (N,): mini-batch SGD, the lr from
+    base_lr * batch / 256 by lr_at (cosine, or step at the milestone epochs), a seeded shuffle per epoch.
+    Deterministic for a given seed, so every rank trains the same head. The head's BN (bn=True) holds
+    the exact training mean / variance."""
     torch.manual_seed(seed)
     head = make_head(x.shape[1], num_classes, bn).to(x.device)
     if bn:
@@ -180,7 +234,7 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
     g = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, x.shape[0])
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
-    total, lr = epochs * steps_per_epoch, base_lr * batch_size / 256
+    lr = base_lr * batch_size / 256
     opt = _sgd(head, lr, momentum, weight_decay)
     # NOTE: the ops are tiny ((256, 512) x (512, 10)): on a CPU one thread is faster, and far faster
     # on a busy machine. 20 epochs of 10k x 512 features, 2 cores with other jobs running (load 6):
@@ -193,7 +247,7 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
             perm = torch.randperm(x.shape[0], generator=g).to(x.device)
             for i in range(0, x.shape[0], batch_size):
                 for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    group["lr"] = lr_at(step, steps_per_epoch, epochs, lr, schedule, milestones)
                 b = perm[i:i + batch_size]
                 loss = F.cross_entropy(head(x[b]), y[b])
                 opt.zero_grad(set_to_none=True)
@@ -205,12 +259,31 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
     return head
 
 
-def augment_transform(dataset):
-    """The linear-eval augmentation: CIFAR RandomCrop(32, padding 4) + flip; ImageNet
-    RandomResizedCrop(224) + flip (MoCo v3, DINO)."""
+def augment_transform(dataset, probe_aug="default"):
+    """The linear-eval augmentation. default: CIFAR RandomCrop(32, padding 4) + flip; ImageNet
+    RandomResizedCrop(224) + flip (MoCo v3, DINO). us3l (CIFAR): the US3L release's probe
+    (workers/linear.py), RandomResizedCrop(32, scale (0.8, 1), ratio (3/4, 4/3), bicubic) + flip."""
     mean, std = MEAN_STD[dataset]
-    crop = T.RandomCrop(32, padding=4) if dataset.startswith("cifar") else T.RandomResizedCrop(224)
+    if probe_aug == "us3l":
+        crop = T.RandomResizedCrop(32, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3),
+                                   interpolation=T.InterpolationMode.BICUBIC)
+    else:
+        crop = T.RandomCrop(32, padding=4) if dataset.startswith("cifar") else T.RandomResizedCrop(224)
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def probe_test_transform(dataset, probe_aug="default"):
+    """Test (and BN calibration) images. default: data.eval_transform. us3l: the US3L release's CIFAR
+    test transform, Resize(36) + CenterCrop(32), bicubic (its 32 x 8/7: a slight zoom into the centre).
+    NOTE (our decision): probe_aug=us3l extracts the test features with it, as the release tests, and
+    calibrates BN on training images with it too: the statistics of the inputs the head is scored on,
+    and a deterministic transform, so the calibration batches stay the same under any process count
+    (the release instead runs 3 passes of its augmented training loader in train mode)."""
+    if probe_aug != "us3l":
+        return eval_transform(dataset)
+    mean, std = MEAN_STD[dataset]
+    return T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                      T.Normalize(mean, std)])
 
 
 def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
@@ -218,7 +291,7 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
     head, `cfg.epochs` epochs. Views are a function of (seed, epoch, index)
     (data.SeededViews), so a given global batch size (batch_size x processes) sees the same batches
     under any process count; the features of a step are all-gathered so every rank takes the same
-    head step. `dataset`: the labeled training images with augment_transform."""
+    head step. `dataset`: the labeled training images with augment_transform. lr: lr_at."""
     rank, world = _world()
     backbone.eval()  # calibrated BN statistics, never batch statistics
     torch.manual_seed(cfg.seed)
@@ -242,7 +315,7 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
             if world > 1:  # (B, D) per rank -> (B * world, D), the same on every rank (EpochSampler: equal B)
                 f, y = torch.cat(_all_gather_rows(f, len(f))), torch.cat(_all_gather_rows(y, len(y)))
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = lr_at(step, steps_per_epoch, cfg.epochs, lr, cfg.lr_schedule, cfg.lr_milestones)
             loss = F.cross_entropy(head(f), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,7 +329,7 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
 def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
     """Semi-supervised fine-tuning of one sub-network (BYOL's protocol, see the docstring): a copy of
     the pretrained backbone at (width, depth) and a Linear classifier, trained together on `dataset`
-    (the labeled images with augment_transform) by Nesterov SGD with a cosine lr, BN in train mode
+    (the labeled images with augment_transform) by Nesterov SGD (lr: lr_at), BN in train mode
     over every process's batch (sync BN), gradients averaged over processes: N processes of batch B
     train what 1 process of batch N x B trains. Views and order as train_head_augment. The copy's BN
     statistics are NOT calibrated (the caller does that). -> (network at (width, depth), head)."""
@@ -285,7 +358,7 @@ def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
         sampler = EpochSampler(n, cfg.batch_size, epoch, seed=cfg.seed, rank=rank, world=world)
         for x, y, _ in DataLoader(views, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers):
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = lr_at(step, steps_per_epoch, cfg.epochs, lr, cfg.lr_schedule, cfg.lr_milestones)
             with _autocast(device, cfg.autocast):
                 logits = head(net(x.to(device, dtype).contiguous(memory_format=torch.channels_last)))
             F.cross_entropy(logits.float(), y.to(device)).backward()  # this rank's mean: equal shards
@@ -406,7 +479,8 @@ def main(cfg, backbone=None):
                               log_with=cfg.tracker or None, project_dir=cfg.out_dir)
     device, (rank, world) = accelerator.device, _world()
     for key, allowed in (("loader", ("torch", "device", "ffcv")), ("mode", ("cached", "augment")),
-                         ("bad_images", ("fail", "skip"))):
+                         ("bad_images", ("fail", "skip")), ("lr_schedule", ("cosine", "step")),
+                         ("probe_aug", ("default", "us3l"))):
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     data.BAD_IMAGES = cfg.bad_images
@@ -422,12 +496,16 @@ def main(cfg, backbone=None):
         save_config(cfg, cfg.out_dir)
     init_tracker(accelerator, cfg, "eval_linear")
 
-    # data: the train split with the eval transform (features, calibration), sharded by rank
-    train = build_dataset(cfg.data_path, "train", eval_transform(dataset), return_index=True)
-    test = build_dataset(cfg.data_path, "test", eval_transform(dataset), subset=cfg.test_subset,
+    # data: the train split with the eval transform (features, calibration), sharded by rank;
+    # probe_aug=us3l: the release's test transform for test features and calibration (probe_test_transform)
+    test_transform = probe_test_transform(dataset, cfg.probe_aug)
+    train = build_dataset(cfg.data_path, "train", test_transform, return_index=True)
+    test = build_dataset(cfg.data_path, "test", test_transform, subset=cfg.test_subset,
                          subset_seed=cfg.seed, return_index=True)
     pool, labeled = labeled_indices(train, cfg)
     num_classes = train.num_classes
+    epochs, base_lr = schedule(cfg, len(labeled), len(pool))  # printed, not stored
+    check_protocol(cfg, dataset, epochs)  # before any image is decoded
 
     def shard(ds, idx, split):  # this rank's share of the samples idx of ds, as (x, y, idx) batches
         if cfg.loader == "ffcv":  # the same rows of the .beton (write_beton keeps build_dataset's order)
@@ -446,19 +524,21 @@ def main(cfg, backbone=None):
     test_loader = shard(test, np.arange(len(test)), "test")
     train_loader = shard(train, labeled, "train") if cfg.mode == "cached" and not cfg.finetune else None
     counts = np.bincount(train.labels[labeled], minlength=num_classes)
-    epochs, base_lr = schedule(cfg, len(labeled), len(pool))  # printed, not stored
     run_cfg = replace(cfg, epochs=epochs, base_lr=base_lr, dataset=dataset)
     lr = base_lr * cfg.batch_size * (world if cfg.mode == "augment" or cfg.finetune else 1) / 256
+    decay = (f"x0.1 at epochs {', '.join(map(str, cfg.lr_milestones))}" if cfg.lr_schedule == "step"
+             else "cosine to 0")
     kind = "fine-tuning" if cfg.finetune else f"linear eval ({cfg.mode})"
     accelerator.print(f"{kind} of {arch} {cfg.ckpt or '(random init)'}"
                       f"{' teacher' if cfg.teacher else ''} on {dataset}: {len(labeled)} labeled training images "
                       f"({counts.min()}-{counts.max()} per class), pool {len(pool)}, {len(test)} test images, "
-                      f"{world} process(es); {epochs} epochs, lr {lr:g}")
+                      f"{world} process(es); {epochs} epochs, lr {lr:g} {decay}"
+                      f"{', probe_aug=us3l' if cfg.probe_aug == 'us3l' else ''}")
 
     results, input_size = {}, 32 if dataset.startswith("cifar") else 224
     if cfg.mode == "augment" or cfg.finetune:
-        aug = Subset(build_dataset(cfg.data_path, "train", augment_transform(dataset), return_index=True),
-                     labeled.tolist())
+        aug = Subset(build_dataset(cfg.data_path, "train", augment_transform(dataset, cfg.probe_aug),
+                                   return_index=True), labeled.tolist())
     for name, w, depth in nets:
         t0 = time.perf_counter()
         net, head, extra, seconds = backbone, None, {}, {}
@@ -480,7 +560,8 @@ def main(cfg, backbone=None):
                                                    device, cfg.autocast, normalize=False)
             t2 = time.perf_counter()
             head = train_head_cached(train_x, train_y, num_classes, epochs, cfg.batch_size, base_lr,
-                                     cfg.momentum, cfg.weight_decay, cfg.seed, cfg.head_bn)
+                                     cfg.momentum, cfg.weight_decay, cfg.seed, cfg.head_bn, cfg.lr_schedule,
+                                     cfg.lr_milestones)
         else:
             t2 = time.perf_counter()
             head = train_head_augment(backbone, aug, num_classes, test_x.shape[1], device, run_cfg)

@@ -62,6 +62,8 @@ class Config:
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     min_scale: float = 0.08  # each view's RandomResizedCrop keeps [min_scale, 1] of the image area (BYOL: 0.08)
+    aug: str = "byol"  # the views: byol (BYOL's asymmetric pair: blur, solarize) | mocov2 (MoCo v2's symmetric
+    # views, no solarize, blur at 224 px only: the US3L release's; with min_scale 0.2)
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
     num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
@@ -166,11 +168,13 @@ def main(cfg):
     for key, allowed in {"optimizer": ("lars", "sgd"), "precision": ("bf16", "fp16", "no", "fp64"),
                          "dataset": ("cifar10", "cifar100", "imagenet"), "arch": tuple(ARCHS),
                          "loader": ("torch", "device", "ffcv"), "bad_images": ("fail", "skip"),
-                         "knn_dns": ("ends", "all")}.items():
+                         "knn_dns": ("ends", "all"), "aug": ("byol", "mocov2")}.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     if cfg.num_subnets < 1:
         raise ConfigError(f"config error: num_subnets={cfg.num_subnets} must be >= 1")
+    if not cfg.out_dir:
+        raise ConfigError("config error: out_dir is empty: name the run's folder, e.g. --out_dir=out/NAME")
     check_tracker(cfg.tracker)
     data.BAD_IMAGES = cfg.bad_images
     accelerator = Accelerator(mixed_precision={"fp64": "no"}.get(cfg.precision, cfg.precision),
@@ -203,7 +207,7 @@ def main(cfg):
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
     train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
                                       cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers,
-                                      cfg.min_scale)
+                                      cfg.min_scale, cfg.aug)
     steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
     # with max_steps the epoch-based phases shrink with the run, as the schedules do

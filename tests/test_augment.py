@@ -1,5 +1,5 @@
-"""augment.py: the batched on-device BYOL augmentation draws the reference's distributions
-(data.byol_view, torchvision's get_params), each op matches torchvision's functional op at fixed
+"""augment.py: the batched on-device augmentation (aug=byol and aug=mocov2) draws the references'
+distributions (data.byol_view, data.mocov2_view, torchvision's get_params), each op matches torchvision's functional op at fixed
 parameters, and the DeviceLoader keeps data.EpochSampler's contract. CPU, about 15 s; the CUDA
 test skips without a GPU."""
 
@@ -73,6 +73,34 @@ def test_constants_match_reference(dataset, size, view):
     assert torch.allclose(aug.std.flatten(), torch.tensor(ref[-1].std))
 
 
+@pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("cifar100", 32), ("imagenet", 224)])
+def test_mocov2_constants_match_reference(dataset, size):
+    """aug=mocov2: one transform for both views (the US3L release's MoCo v2 recipe), the batched views alike."""
+    views = data.pretrain_transform(dataset, size, aug="mocov2")
+    assert views.t1 is views.t2
+    ref = views.t1.transforms
+    names = [type(t).__name__ for t in ref]
+    blur = [] if dataset.startswith("cifar") else ["GaussianBlur"]
+    assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", *blur, "RandomHorizontalFlip",
+                     "ToTensor", "Normalize"]  # the release's order: the flip commutes with the rest
+    crop, jitter, gray = ref[:3]
+    assert crop.interpolation == T.InterpolationMode.BILINEAR and tuple(crop.ratio) == A.RATIO
+    assert jitter.p == A.P_JITTER and gray.p == A.P_GRAY and ref[-3].p == 0.5
+    cj = jitter.transforms[0]
+    b, c, s, h = A.MOCOV2_JITTER
+    assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s),
+                                                                  (-h, h))
+    for view in (1, 2):
+        aug = A.BatchAugment(dataset, view=view, aug="mocov2")
+        assert aug.size == size and crop.size == (size, size) and aug.interpolation == "bilinear"
+        assert torch.allclose(aug.jitter_range, torch.tensor([[1 - b, 1 - c, 1 - s, -h], [1 + b, 1 + c, 1 + s, h]]))
+        assert aug.p_solarize == 0 and aug.p_blur == (ref[3].p if blur else 0.0)
+        if blur:
+            assert ref[3].p == A.MOCOV2_P_BLUR and tuple(ref[3].sigma) == A.SIGMA
+        assert torch.allclose(aug.mean.flatten(), torch.tensor(ref[-1].mean))
+        assert torch.allclose(aug.std.flatten(), torch.tensor(ref[-1].std))
+
+
 @pytest.mark.parametrize("height,width", [(32, 32), (24, 40)])
 def test_crop_distribution_matches_torchvision(height, width):
     p = draw(A.BatchAugment(), height=height, width=width)
@@ -106,25 +134,27 @@ def test_crop_params_tries_and_fallback():
     assert [t[0].item() for t in A.crop_params(torch.rand(1, 22), 40, 10, scale=(1.0, 1.0))] == list(ref)
 
 
+@pytest.mark.parametrize("aug", ["byol", "mocov2"])
 @pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
 @pytest.mark.parametrize("view", [1, 2])
-def test_rates_per_view(dataset, view):
-    aug = A.BatchAugment(dataset, view=view)
-    p = draw(aug, seed=view)
+def test_rates_per_view(dataset, view, aug):
+    p = draw(A.BatchAugment(dataset, view=view, aug=aug), seed=view)
     assert_rate(p["flip"], 0.5, "flip")
     assert_rate(p["jitter"], 0.8, "jitter")
     assert_rate(p["gray"], 0.2, "grayscale")
-    assert_rate(p["blur"], 0.0 if dataset == "cifar10" else (1.0 if view == 1 else 0.1), "blur")
-    assert_rate(p["solarize"], 0.0 if view == 1 else 0.2, "solarize")
+    blur = {"byol": 1.0 if view == 1 else 0.1, "mocov2": 0.5}[aug]  # CIFAR: no blur in either recipe
+    assert_rate(p["blur"], 0.0 if dataset == "cifar10" else blur, "blur")
+    assert_rate(p["solarize"], 0.2 if (aug, view) == ("byol", 2) else 0.0, "solarize")
     sigma = p["sigma"].numpy()
     assert 0.1 <= sigma.min() and sigma.max() <= 2.0
     assert_same_distribution(sigma, np.random.default_rng(0).uniform(0.1, 2.0, 5000), "sigma")
 
 
-def test_jitter_factors_and_order_match_torchvision():
-    p = draw(A.BatchAugment())
+@pytest.mark.parametrize("aug,saturation", [("byol", (0.8, 1.2)), ("mocov2", (0.6, 1.4))])
+def test_jitter_factors_and_order_match_torchvision(aug, saturation):
+    p = draw(A.BatchAugment(aug=aug))
     torch.manual_seed(0)
-    ref = [T.ColorJitter.get_params((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)) for _ in range(5000)]
+    ref = [T.ColorJitter.get_params((0.6, 1.4), (0.6, 1.4), saturation, (-0.1, 0.1)) for _ in range(5000)]
     for k in range(4):  # brightness, contrast, saturation, hue
         assert_same_distribution(p["factors"][:, k].numpy(), [r[1 + k] for r in ref], f"factor {k}")
     counts = Counter(map(tuple, p["order"].tolist()))
@@ -153,17 +183,19 @@ def test_resized_crop_and_flip_match_torchvision():
             torch.testing.assert_close(out[b], ref, atol=1e-5, rtol=0)
 
 
-def test_resized_crop_matches_pil_reference(image_folder):
-    """On real uint8 images against the reference itself (PIL crop + bicubic resize, 8-bit rounding)."""
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])  # byol's, mocov2's
+def test_resized_crop_matches_pil_reference(image_folder, interpolation):
+    """On real uint8 images against the reference itself (PIL crop + resize, 8-bit rounding)."""
     ds = data.build_dataset(image_folder, "train")
     imgs = [ds[k][0] for k in range(0, 200, 10)]
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in imgs])  # (20, 3, 32, 32) uint8
     g = torch.Generator().manual_seed(0)
     i, j, h, w = A.crop_params(torch.rand(20, 22, generator=g), 32, 32)
-    out = A.resized_crop(x.float(), i, j, h, w, 32, gain=1 / 255)
+    out = A.resized_crop(x.float(), i, j, h, w, 32, interpolation=interpolation, gain=1 / 255)
+    mode = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
     for b, im in enumerate(imgs):
         ref = np.array(im.crop((j[b].item(), i[b].item(), (j[b] + w[b]).item(), (i[b] + h[b]).item()))
-                         .resize((32, 32), Image.BICUBIC))
+                         .resize((32, 32), mode))
         diff = (out[b].permute(1, 2, 0) * 255 - torch.from_numpy(ref).float()).abs()
         assert diff.max() <= 1.5 and diff.mean() < 0.4, diff.max()  # PIL rounds both passes to 8 bits
 
@@ -244,19 +276,16 @@ def assert_same_mean(a, b, what):
     assert z < 4, f"{what}: {a.mean(0)} vs {b.mean(0)} (z = {z:.1f})"
 
 
-@pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("imagenet", 96)])
-def test_views_match_reference_statistics(cifar_real, dataset, size):
-    """Per-view channel means and stds and the grayscale fraction over many views of real images (the
-    real-data test: jitter, grayscale and blur statistics depend on natural images' colours and edges),
-    batched vs the PIL reference (data.pretrain_transform); 96 px upscaled CIFAR exercises the blur."""
-    ds = data.build_dataset(cifar_real, "train")
+def assert_views_match_reference(folder, dataset, size, repeats, aug="byol"):
+    """Per-view channel means and stds and the grayscale fraction over the views of folder's train
+    images at size px, batched (TwoViewAugment) vs the PIL reference (data.pretrain_transform)."""
+    ds = data.build_dataset(folder, "train")
     imgs = [ds[k][0].resize((size, size), Image.BICUBIC) for k in range(len(ds))]
-    repeats = 4 if size == 32 else 1
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in imgs]).repeat(repeats, 1, 1, 1)
-    ref_t = data.pretrain_transform(dataset, size)
+    ref_t = data.pretrain_transform(dataset, size, aug=aug)
     torch.manual_seed(0)
     ref = [ref_t(im) for im in imgs * repeats]
-    ours = A.TwoViewAugment(dataset, size)(x, torch.Generator().manual_seed(0))
+    ours = A.TwoViewAugment(dataset, size, aug=aug)(x, torch.Generator().manual_seed(0))
     mean, std = (torch.tensor(m).view(1, 3, 1, 1) for m in data.MEAN_STD[dataset])
     for v in range(2):
         r = torch.stack([pair[v] for pair in ref])
@@ -265,6 +294,47 @@ def test_views_match_reference_statistics(cifar_real, dataset, size):
         gray = [((t * std + mean).std(1).amax((1, 2)) < 0.01).float()[:, None] for t in (r, ours[v])]
         assert_same_mean(*gray, f"view {v + 1} grayscale fraction")
         assert 0.1 < gray[1].mean() < 0.3
+        # mean |horizontal step| per view: tells the interpolation (bicubic is sharper) and the blur rate
+        sharp = [((t * std)[..., 1:] - (t * std)[..., :-1]).abs().mean((1, 2, 3))[:, None] for t in (r, ours[v])]
+        assert_same_mean(*sharp, f"view {v + 1} sharpness")
+
+
+@pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("imagenet", 96)])
+def test_views_match_reference_statistics(cifar_real, dataset, size):
+    """BYOL's views of real images (the real-data test: jitter, grayscale and blur statistics depend on
+    natural images' colours and edges); 96 px upscaled CIFAR exercises the blur."""
+    assert_views_match_reference(cifar_real, dataset, size, 4 if size == 32 else 1)
+
+
+@pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("imagenet", 64)])
+def test_mocov2_views_match_reference_statistics(image_folder, dataset, size):
+    """MoCo v2's views (bilinear crops, saturation 0.4; at 64 px the blur with p=0.5) of the generated
+    images, batched vs the PIL reference."""
+    assert_views_match_reference(image_folder, dataset, size, 4 if size == 32 else 2, aug="mocov2")
+
+
+def test_mocov2_views_alike_no_blur_no_solarize_on_cifar():
+    """aug=mocov2 on CIFAR: both views one distribution (same jitter strengths, rates, interpolation),
+    never blurred or solarized: with jitter and grayscale off a view is the normalized crop itself."""
+    two = A.TwoViewAugment("cifar10", aug="mocov2")
+    v1, v2 = two.view1, two.view2
+    assert torch.equal(v1.jitter_range, v2.jitter_range) and v1.jitter_range[1, 2] == 1.4  # saturation 0.4
+    assert (v1.p_blur, v1.p_solarize, v1.interpolation) == (v2.p_blur, v2.p_solarize, v2.interpolation)
+    assert v1.p_blur == v1.p_solarize == 0 and v1.interpolation == "bilinear"
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    for k, view in enumerate((v1, v2)):
+        p = draw(view, seed=k)
+        assert not p["blur"].any() and not p["solarize"].any()
+        p = draw(view, 64, seed=k)
+        p["jitter"][:], p["gray"][:] = False, False
+        y = A.resized_crop(x.float() / 255, p["i"], p["j"], p["h"], p["w"], 32, p["flip"], "bilinear")
+        y = TF.normalize(y, *data.MEAN_STD["cifar10"])
+        torch.testing.assert_close(view.apply(x, p), y, atol=1e-5, rtol=0)
+    ops = {type(o).__name__ for o in data.pretrain_transform("cifar10", aug="mocov2").t1.transforms}
+    assert not ops & {"GaussianBlur", "RandomSolarize"}
+    a1, a2 = two(x, torch.Generator().manual_seed(1))
+    assert not torch.allclose(a1, a2)  # two independent draws
 
 
 def test_determinism_and_views_differ():
@@ -445,3 +515,31 @@ def test_min_scale_reaches_every_loaders_crops(image_folder, tmp_path, monkeypat
     for bad in (0, 1.5):
         with pytest.raises(ConfigError, match=f"min_scale={bad}"):
             A.build_train_loader("device", image_folder, "", "cifar10", 32, 32, min_scale=bad)
+
+
+def test_aug_reaches_every_loader(image_folder, tmp_path, monkeypatch):
+    """Config key aug picks the views' recipe of each loader kind; byol is the default."""
+    t = A.build_train_loader("torch", image_folder, "", "cifar10", 32, 32, min_scale=0.2, aug="mocov2")
+    views = t.dataset.transform
+    assert views.t1 is views.t2 and type(views.t1.transforms[1].transforms[0]).__name__ == "ColorJitter"
+    assert views.t1.transforms[1].transforms[0].saturation == (0.6, 1.4)
+    assert A.build_train_loader("torch", image_folder, "", "cifar10", 32, 32).dataset.transform.t1 is not \
+        A.build_train_loader("torch", image_folder, "", "cifar10", 32, 32).dataset.transform.t2  # byol: a pair
+    d = A.build_train_loader("device", image_folder, "", "cifar10", 32, 32, min_scale=0.2, aug="mocov2")
+    assert d.augment.view1.aug == d.augment.view2.aug == "mocov2" and d.augment.view1.scale == (0.2, 1.0)
+    assert A.build_train_loader("device", image_folder, "", "cifar10", 32, 32).augment.view2.aug == "byol"
+    monkeypatch.setattr(A, "beton_labels", lambda path: np.zeros(200, np.int64))
+    monkeypatch.setattr(A, "build_ffcv_loader", lambda *a, **k: None)
+    (tmp_path / "train.beton").touch()
+    f = A.build_train_loader("ffcv", image_folder, str(tmp_path), "imagenet", 64, 32, aug="mocov2")
+    assert f.view1.aug == f.view2.aug == "mocov2" and f.view1.p_blur == f.view2.p_blur == 0.5
+    assert f.view1.p_solarize == f.view2.p_solarize == 0 and not f.view1.crop
+
+
+def test_bad_aug_is_a_one_line_config_error(image_folder, tmp_path):
+    for kind, ffcv_path in (("torch", ""), ("device", ""), ("ffcv", str(tmp_path))):  # before any file is read
+        with pytest.raises(ConfigError) as e:
+            A.build_train_loader(kind, image_folder, ffcv_path, "cifar10", 32, 32, aug="simclr")
+        assert str(e.value) == "config error: aug='simclr', allowed: byol, mocov2"
+    with pytest.raises(ValueError, match="aug byol|mocov2"):
+        A.BatchAugment(aug="mocov3")

@@ -263,12 +263,29 @@ def test_augmentation_parameters():
             assert o["RandomGrayscale"].p == 0.2 and o["RandomSolarize"].p == solarize_p
             assert ("GaussianBlur" not in o) if dataset == "cifar10" else o["GaussianBlur"].p == blur_p
             assert tuple(o["Normalize"].mean) == data.MEAN_STD[dataset][0]
+        # aug=mocov2 (the US3L release's recipe): one transform for both views, saturation 0.4, blur
+        # p=0.5 off CIFAR, no solarize, bilinear crops of the requested min_scale (MoCo v2: 0.2)
+        views = data.pretrain_transform(dataset, min_scale=0.2, aug="mocov2")
+        assert views.t1 is views.t2
+        o = ops(views.t1)
+        crop = o["RandomResizedCrop"]
+        assert crop.size == (size, size) and crop.scale == (0.2, 1.0)
+        assert crop.interpolation == torchvision.transforms.InterpolationMode.BILINEAR
+        assert o["RandomApply"].p == 0.8 and o["RandomGrayscale"].p == 0.2 and o["RandomHorizontalFlip"].p == 0.5
+        cj = o["RandomApply"].transforms[0]
+        assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+        assert "RandomSolarize" not in o
+        assert ("GaussianBlur" not in o) if dataset == "cifar10" else o["GaussianBlur"].p == 0.5
+        assert tuple(o["Normalize"].mean) == data.MEAN_STD[dataset][0]
+    with pytest.raises(ValueError, match="aug must be byol or mocov2"):
+        data.pretrain_transform("cifar10", aug="simclr")
 
 
-def test_two_views_cifar(image_folder):
+@pytest.mark.parametrize("aug", ["byol", "mocov2"])
+def test_two_views_cifar(image_folder, aug):
     img = Image.open(next((image_folder / "train" / "cat").glob("*.jpg")))
     torch.manual_seed(0)
-    v1, v2 = data.pretrain_transform("cifar10")(img)
+    v1, v2 = data.pretrain_transform("cifar10", aug=aug)(img)
     assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == v2.dtype == torch.float32
     assert not torch.equal(v1, v2)
 

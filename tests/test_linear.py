@@ -1,6 +1,7 @@
 """eval_linear.py: the head separates separable features, the backbone is never changed, label
 fractions are class-balanced and reproducible, label lists parse (and name what they cannot match),
-the recipes load, and the CLI writes results.json and the plot (1 and 2 processes)."""
+the recipes load, the lr schedules (cosine, step) reach every optimizer, the US3L release's probe
+(recipe, transforms) runs, and the CLI writes results.json and the plot (1 and 2 processes)."""
 
 import contextlib
 import io
@@ -15,10 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import eval_linear
 from config import ConfigError, parse_config
-from data import build_dataset
+from data import MEAN_STD, build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
 from tests.test_multiprocess import _free_port, thread_env, two_ranks
@@ -246,6 +250,156 @@ def test_byol_recipes_load():
     assert cfg.finetune and cfg.label_fraction == 0.1 and cfg.weight_decay == 0 and cfg.momentum == 0.9
     assert eval_linear.schedule(cfg, 128_116, 1_281_167) == (20, 0.01)
     assert eval_linear.linear_kind(cfg) == "finetune_10pct"
+
+
+@contextlib.contextmanager
+def recorded_lrs():
+    """The lr of every optimizer step taken inside the block (first param group), in order."""
+    lrs = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        yield lrs
+    finally:
+        handle.remove()
+
+
+def test_lr_at_step_and_cosine():
+    """lr_schedule=step as the release: 30 through epoch 59, 3 from epoch 60, 0.3 from epoch 80, constant
+    within an epoch (any step of it); cosine, the default, from the peak to 0."""
+    spe = 7  # steps per epoch
+
+    def at(epoch, k=0):
+        return eval_linear.lr_at(epoch * spe + k, spe, 100, 30.0, "step", [60, 80])
+
+    assert at(0) == at(0, spe - 1) == at(59) == at(59, spe - 1) == 30.0
+    assert at(60) == at(79) == at(79, spe - 1) == pytest.approx(3.0, rel=1e-12)
+    assert at(80) == at(99, spe - 1) == pytest.approx(0.3, rel=1e-12)
+    cos = [eval_linear.lr_at(k, spe, 100, 30.0) for k in (0, 350, 700)]
+    assert cos == [30.0, pytest.approx(15.0), pytest.approx(0.0, abs=1e-12)]
+    with pytest.raises(ValueError, match="linear"):
+        eval_linear.lr_at(0, spe, 100, 30.0, "linear")
+
+
+def test_step_schedule_reaches_cached_head_and_finetuning(restore_threads):
+    """The lr each optimizer step used: the cached head and fine-tuning follow lr_schedule=step (the augment
+    mode: test_us3l_recipe_runs), and the cached head's default is still the cosine."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 16, generator=g), torch.arange(128) % 4
+    peak = 0.4 * 64 / 256  # 2 steps an epoch
+    with recorded_lrs() as lrs:
+        train_head_cached(x, y, 4, epochs=3, batch_size=64, base_lr=0.4, schedule="step", milestones=[1, 2])
+    assert lrs == pytest.approx([peak, peak, peak / 10, peak / 10, peak / 100, peak / 100], rel=1e-12)
+    with recorded_lrs() as lrs:
+        train_head_cached(x, y, 4, epochs=3, batch_size=64, base_lr=0.4)
+    assert lrs == pytest.approx([peak * 0.5 * (1 + np.cos(np.pi * k / 6)) for k in range(6)], rel=1e-12)
+
+    cfg = Config(epochs=3, batch_size=24, base_lr=0.5, lr_schedule="step", lr_milestones=[1, 2], autocast=False,
+                 dataset="cifar10")
+    peak = 0.5 * 24 / 256  # 48 images: 2 steps an epoch
+    torch.set_num_threads(1)
+    with recorded_lrs() as lrs:
+        eval_linear.finetune_network(tiny_resnet(), 0.5, None, RandomImages(), 10, torch.device("cpu"), cfg)
+    assert lrs == pytest.approx([peak, peak, peak / 10, peak / 10, peak / 100, peak / 100], rel=1e-12)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"lr_schedule": "step"}, "lr_milestones is empty"),
+    ({"lr_schedule": "step", "lr_milestones": [80, 60]}, r"lr_milestones=\[80, 60\]: must increase strictly"),
+    ({"lr_schedule": "step", "lr_milestones": [60, 60]}, r"lr_milestones=\[60, 60\]: must increase strictly"),
+    ({"lr_schedule": "step", "lr_milestones": [0, 60]}, r"lr_milestones=\[0, 60\]: .* in 1\.\.99"),
+    ({"lr_schedule": "step", "lr_milestones": [60, 100]}, r"lr_milestones=\[60, 100\]: .* in 1\.\.99"),
+    ({"lr_milestones": [60, 80]}, "lr_milestones=.* needs lr_schedule=step"),
+    ({"probe_aug": "us3l"}, "probe_aug=us3l augments the training images: it needs mode=augment"),
+    ({"probe_aug": "us3l", "mode": "augment", "loader": "ffcv"}, "probe_aug=us3l .* loader=ffcv"),
+])
+def test_bad_schedule_or_probe_is_a_config_error(over, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        eval_linear.check_protocol(replace(Config(), **over), "cifar10", 100)
+    assert "\n" not in str(e.value)
+
+
+def test_good_schedule_and_probe_pass():
+    for over in ({}, {"lr_schedule": "step", "lr_milestones": [1, 99]}, {"probe_aug": "us3l", "mode": "augment"},
+                 {"probe_aug": "us3l", "finetune": True, "loader": "device"}):
+        eval_linear.check_protocol(replace(Config(), **over), "cifar100", 100)
+    with pytest.raises(ConfigError, match="probe_aug=us3l is the release's CIFAR probe, not for dataset=imagenet"):
+        eval_linear.check_protocol(Config(probe_aug="us3l", mode="augment"), "imagenet", 100)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"lr_schedule": "linear"}, "lr_schedule='linear', allowed: cosine, step"),
+    ({"probe_aug": "release"}, "probe_aug='release', allowed: default, us3l"),
+    ({"lr_schedule": "step", "lr_milestones": [3]}, r"lr_milestones=\[3\]: .* in 1\.\.2 \(epochs=3\)"),
+])
+def test_main_checks_schedule_and_probe(image_folder, tmp_path, monkeypatch, over, match):
+    """main refuses them before it reads any image (epochs=3 in tiny_cfg)."""
+    monkeypatch.setattr(eval_linear, "calibration_shard", None)  # reached only past the checks
+    with pytest.raises(ConfigError, match=match):
+        eval_linear.main(tiny_cfg(image_folder, tmp_path, **over), backbone=tiny_resnet())
+
+
+def test_us3l_recipe_is_the_release_probe():
+    """yaml/linear_us3l_cifar.yaml holds the release's probe (workers/linear.py, configs/cifar/*_linear_eval_cifar
+    .yaml): lr 30 at batch 512, x0.1 at epochs 60 and 80 of 100, no weight decay, a plain Linear; its transforms:
+    RandomResizedCrop(32, scale (0.8, 1), bicubic) + flip, test Resize(36) + CenterCrop(32), bicubic."""
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "linear_us3l_cifar.yaml")])
+    assert (cfg.mode, cfg.probe_aug, cfg.head_bn, cfg.finetune) == ("augment", "us3l", False, False)
+    assert (cfg.epochs, cfg.lr_schedule, cfg.lr_milestones) == (100, "step", [60, 80])
+    assert (cfg.weight_decay, cfg.momentum, cfg.base_lr * cfg.batch_size / 256) == (0.0, 0.9, 30.0)  # 1 process
+    eval_linear.check_protocol(cfg, "cifar100", cfg.epochs)
+    assert eval_linear.linear_kind(cfg) == "linear_augment_us3l"  # not the default probe's folder
+    mean, std = MEAN_STD["cifar100"]
+
+    crop, flip, _, norm = eval_linear.augment_transform("cifar100", cfg.probe_aug).transforms
+    assert type(crop) is T.RandomResizedCrop and crop.size == (32, 32) and crop.scale == (0.8, 1.0)
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3)) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert type(flip) is T.RandomHorizontalFlip and flip.p == 0.5
+    assert (tuple(norm.mean), tuple(norm.std)) == (mean, std)  # the pretraining's normalization
+
+    test = eval_linear.probe_test_transform("cifar100", cfg.probe_aug)
+    resize, center = test.transforms[:2]
+    assert type(resize) is T.Resize and resize.size == 36 and resize.interpolation == T.InterpolationMode.BICUBIC
+    assert type(center) is T.CenterCrop and center.size == (32, 32)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    zoomed = img.resize((36, 36), Image.BICUBIC).crop((2, 2, 34, 34))  # the centre 32 px of the 36 px image
+    want = (torch.from_numpy(np.array(zoomed)).permute(2, 0, 1) / 255 - torch.tensor(mean)[:, None, None]) \
+        / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(test(img), want, rtol=0, atol=1e-5)
+
+    # the default probe is unchanged: RandomCrop(32, pad 4) + flip, test images as stored
+    assert type(eval_linear.augment_transform("cifar10").transforms[0]) is T.RandomCrop
+    assert [type(t) for t in eval_linear.probe_test_transform("cifar10").transforms] == [T.ToTensor, T.Normalize]
+
+
+def test_us3l_recipe_runs(image_folder, tmp_path, monkeypatch, capsys):
+    """The recipe, 2 epochs with the drop at epoch 1, on the generated folder with the tiny ResNet-18: augment
+    mode steps at the step schedule's lr, a plain Linear head, the release's train transform for the head and
+    its test transform for the test features and the BN calibration images."""
+    args = ["--config", str(REPO / "yaml" / "linear_us3l_cifar.yaml"), "--arch=resnet18_cifar_tiny",
+            f"--data_path={image_folder}", f"--out_dir={tmp_path}", "--widths=1.0,0.25", "--epochs=2",
+            "--lr_milestones=1", "--batch_size=50", "--num_workers=0", "--calib_images=40", "--autocast=false"]
+    cfg = parse_config(Config, args)
+    built, heads, real_build, real_head = [], [], eval_linear.build_dataset, eval_linear.make_head
+
+    def build(path, split, transform=None, **kw):
+        built.append((split, type(transform.transforms[0]).__name__))
+        return real_build(path, split, transform, **kw)
+
+    def head(*args, **kw):
+        heads.append(real_head(*args, **kw))
+        return heads[-1]
+
+    monkeypatch.setattr(eval_linear, "build_dataset", build)
+    monkeypatch.setattr(eval_linear, "make_head", head)
+    with recorded_lrs() as lrs:
+        res = eval_linear.main(cfg)
+    peak = 15.0 * 50 / 256  # 200 training images: 4 steps an epoch, per width
+    assert lrs == pytest.approx(2 * ([peak] * 4 + [peak / 10] * 4), rel=1e-12)
+    assert sorted(built) == [("test", "Resize"), ("train", "RandomResizedCrop"), ("train", "Resize")]
+    assert len(heads) == 2 and all(len(h) == 1 and isinstance(h[0], torch.nn.Linear) for h in heads)
+    assert set(res) == {"1.0", "0.25"} and all(0 <= r["top1"] <= r["top5"] <= 1 for r in res.values())
+    out = capsys.readouterr().out
+    assert "2 epochs, lr 2.92969 x0.1 at epochs 1, probe_aug=us3l" in out
 
 
 def cli_args(data, out, **over):

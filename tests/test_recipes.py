@@ -27,8 +27,8 @@ from utils import ema_update_
 
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
-                "vit_tiny_cifar10"]
-LINEAR_RECIPES = ["linear_cifar", "linear_in", "linear_byol_in", "finetune_dspnet_in"]  # eval_linear.py; loaded
+                "r18_in_release", "r50_in_release", "vit_tiny_cifar10"]
+LINEAR_RECIPES = ["linear_cifar", "linear_in", "linear_byol_in", "linear_us3l_cifar", "finetune_dspnet_in"]  # eval_linear.py; loaded
 # in tests/test_linear.py
 DSPNET_RECIPES = ["dspnet_cifar10_quick", "mbv3_in", "resnet_dn9_in"]
 # US3L Tables 7-9, one recipe per row (rows that are the same run share a file: README, US3L ablations)
@@ -49,7 +49,7 @@ def test_dspnet_recipe_loads(name):
     assert dns[0]["width"] == 1.0 and len(dns) == len(cfg.dns)
 
 
-@pytest.mark.parametrize("name", ["r18_in", "r50_in", "mbv3_in", "resnet_dn9_in"])
+@pytest.mark.parametrize("name", ["r18_in", "r50_in", "r18_in_release", "r50_in_release", "mbv3_in", "resnet_dn9_in"])
 def test_imagenet_recipes_default_to_ffcv(name, tmp_path):
     """The ImageNet pretraining recipes read a .beton; the recipe says how to write it, and so does the
     error when it is missing."""
@@ -67,7 +67,7 @@ def test_imagenet_recipes_default_to_ffcv(name, tmp_path):
 def test_every_recipe_has_a_test():
     assert sorted(p.stem for p in (REPO / "yaml").glob("*.yaml")) == sorted(US3L_RECIPES + LINEAR_RECIPES
                                                                              + DSPNET_RECIPES)
-    assert sorted(p.stem for p in (REPO / "yaml" / "us3l_ablations").glob("*.yaml")) == sorted(ABLATIONS)
+    assert sorted(p.stem for p in (REPO / "yaml" / "us3l_ablations").glob("*.yaml")) == sorted(ABLATIONS + ["paper"])
     assert sorted(p.name for p in (REPO / "yaml").iterdir() if p.is_dir()) == ["us3l_ablations"]
     readme = (REPO / "README.md").read_text()
     assert all(f"yaml/us3l_ablations/{name}.yaml" in readme for name in ABLATIONS)  # the paper row -> file table
@@ -113,7 +113,12 @@ def ablation_recipe(name):
     assert (cfg.base_loss, cfg.distill_loss, cfg.aux_head, cfg.momentum_target_base, cfg.momentum_target_sub) == \
         tuple(bool(v) if i > 1 else v for i, v in enumerate(switches))
     assert (cfg.sandwich, cfg.dynamic_sampling, cfg.group_reg_alpha > 0) == strategies
-    assert (cfg.infonce_negatives, cfg.temperature, cfg.loss_views, cfg.base_lr) == ("both_views", 0.5, "mean", 0.25)
+    assert (cfg.infonce_negatives, cfg.temperature, cfg.loss_views) == ("both_views", 0.5, "mean")
+    # the InfoNCE rows at the paper's lr 0.5 (base_lr 0.25), wd 1e-4; the MSE rows (cases 1-8) at the release's
+    # SimSiam/BYOL settings: lr 0.05 at batch 512, wd 5e-4, 3-layer 2048-d heads
+    mse = cfg.base_loss == "mse"
+    assert (cfg.base_lr, cfg.weight_decay) == ((0.025, 5e-4) if mse else (0.25, 1e-4))
+    assert (cfg.proj_hidden, cfg.proj_dim, cfg.proj_layers) == ((2048, 2048, 3) if mse else (2048, 128, 2))
     return cfg
 
 
@@ -260,7 +265,7 @@ def test_readme_commands_run(image_folder, tmp_path):
             # the ImageNet recipes read a .beton (loader=ffcv): here the torch reference path on CIFAR images;
             # their kNN monitor runs at 224 px whatever the training size: one bank and one test image per class
             small = ("--batch_size=4 --loader=torch --knn_bank_subset=10 --knn_test_subset=10 --knn_k=5"
-                     if "_in.yaml" in cmd else "")
+                     if re.search(r"_in(_release)?\.yaml", cmd) else "")
             cmd = f"{cmd} {tiny} {tiny_network(cmd)} {small} --num_workers=0 --out_dir={tmp_path}/launch{launched}"
             launched += 1
             if "--num_processes 2" in cmd:  # the 2 processes share this one's threads
@@ -299,3 +304,56 @@ def test_readme_commands_run(image_folder, tmp_path):
             res = json.loads((tmp_path / f"eval{evals - 1}" / "results.json").read_text())
             assert "MMACs" in p.stdout and sorted(float(w) for w in res) == [0.25, 0.5, 0.75, 1.0], p.stdout
     assert ran >= 4 and evals >= 4 and launched >= 4 and exports >= 4
+
+
+PAPER = ["--config", str(REPO / "yaml" / "us3l_ablations" / "paper.yaml")]
+PAPER_SCALE = {"dataset": "cifar100", "arch": "resnet18_cifar", "epochs": 400, "max_steps": 0, "batch_size": 512,
+               "num_widths": 3, "momentum": 0.99, "momentum_cosine": False, "knn_bank_subset": 0}
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_paper_scale_overlay_keeps_the_row(name):
+    """--config ROW --config paper.yaml: the paper's CIFAR-100 scale, the row's switches and hyper-parameters."""
+    row = ablation_recipe(name)
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / "us3l_ablations" / f"{name}.yaml"), *PAPER,
+                                "--out_dir=out/x"])
+    check_config(cfg)
+    assert {k: getattr(cfg, k) for k in PAPER_SCALE} == PAPER_SCALE
+    assert (cfg.aug, cfg.min_scale) == ("mocov2", 0.2)  # the release's CIFAR views
+    scale = set(PAPER_SCALE) | {"data_path", "out_dir", "loader", "num_workers", "knn_test_subset", "knn_widths",
+                                "eval_every", "log_every", "image_size", "aug", "min_scale"}
+    assert {k: v for k, v in dataclasses.asdict(row).items() if k not in scale} == \
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k not in scale}
+
+
+def test_paper_scale_overlay_needs_an_out_dir_and_trains(image_folder, tmp_path, one_thread, fresh_accelerate):
+    row = ["--config", str(REPO / "yaml" / "us3l_ablations" / "t7_case02.yaml")]
+    with pytest.raises(SystemExit, match="out_dir is empty: name the run's folder"):
+        train_us3l.main(parse_config(Config, row + PAPER))
+    cfg = parse_config(Config, row + PAPER)
+    tiny = {"data_path": str(image_folder), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8, "image_size": 16,
+            "arch": "resnet18_cifar_tiny", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
+            "knn_bank_subset": 20, "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "num_workers": 0}
+    results = train_us3l.main(dataclasses.replace(cfg, **tiny))
+    assert set(results["knn_top1"]) == {"1.0", "0.75", "0.5", "0.25"}
+
+
+@pytest.mark.parametrize("name", ["r18_in_release", "r50_in_release"])
+def test_release_recipes(name, image_folder, tmp_path, one_thread, fresh_accelerate):
+    """The release's ImageNet run: BYOL base + g + cosine distillation (case 4's design), a step per width,
+    the release's group regularization after a 50-epoch plain-L2 warm-up, lr 0.05 at the release's batch;
+    2 steps on the torch loader (the recipe reads a .beton)."""
+    cfg = parse_config(Config, ["--config", str(REPO / "yaml" / f"{name}.yaml")])
+    check_config(cfg)
+    assert (cfg.base_loss, cfg.distill_loss, cfg.aux_head, cfg.momentum_target_base, cfg.momentum_target_sub) == \
+        ("mse", "mse", True, True, True)
+    assert (cfg.step_per_width, cfg.group_reg_form, cfg.group_reg_warmup_epochs, cfg.dynamic_sampling) == \
+        (True, "release", 50, True)
+    assert (cfg.momentum, cfg.momentum_cosine, cfg.proj_layers, cfg.proj_last_bn) == (0.99, False, 3, False)
+    assert cfg.base_lr * cfg.batch_size * 8 / 256 == pytest.approx(0.05, rel=1e-5)  # 8 GPUs
+    tiny = {"data_path": str(image_folder), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8, "image_size": 16,
+            "arch": "resnet18_cifar_tiny", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
+            "loader": "torch", "knn_bank_subset": 10, "knn_test_subset": 10, "knn_batch_size": 10, "knn_k": 5,
+            "num_workers": 0, "epochs": 4}
+    results = train_us3l.main(dataclasses.replace(cfg, **tiny))
+    assert set(results["knn_top1"]) == {"1.0", "0.25"}

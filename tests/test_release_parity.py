@@ -131,3 +131,26 @@ def test_release_form_in_a_run(image_folder, tmp_path, fresh_accelerate):
     seen = _recorded_run(train_us3l, parse_config(train_us3l.Config, tiny_args(image_folder, tmp_path / "paper",
                                                                                 max_steps=2)))
     assert all(p.ndim > 1 for p in seen.decay[0][0] + seen.decay[1][0])
+
+
+@pytest.mark.parametrize("trainer", ["train_us3l", "train_dspnet"])
+def test_aug_reaches_the_loader(trainer, image_folder, tmp_path, monkeypatch, fresh_accelerate):
+    """aug and min_scale go to build_train_loader (augment.py draws the views: tests/test_augment.py); a bad
+    aug is a one-line error before anything is built."""
+    import train_dspnet
+    from tests.test_dspnet import tiny_args as dspnet_args
+    from tests.test_train_us3l import cli
+
+    module = train_us3l if trainer == "train_us3l" else train_dspnet
+    args = (tiny_args if module is train_us3l else dspnet_args)(image_folder, tmp_path, aug="mocov2", min_scale=0.2)
+    seen = {}
+
+    def build_train_loader(*a, **kw):
+        seen["args"] = a
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(module, "build_train_loader", build_train_loader)
+    assert cli(module.main, module.Config, args, monkeypatch) == "stop"
+    assert seen["args"][-2:] == (0.2, "mocov2")
+    msg = cli(module.main, module.Config, [*args, "--aug=simclr"], monkeypatch)
+    assert msg == "config error: aug='simclr', allowed: byol, mocov2"
