@@ -130,7 +130,8 @@ class Config:
     lr_schedule: str = "cosine"  # cosine (to 0 at the end) | step (x0.1 at each of lr_milestones; the US3L release)
     lr_milestones: list[int] = field(default_factory=list)  # step: lr x 0.1 from each of these epochs on: [60, 80]
     # (the release's); strictly increasing, in 1..epochs-1; empty with cosine
-    momentum: float = 0.9  # SGD momentum (Nesterov when > 0), head and fine-tuning
+    momentum: float = 0.9  # SGD momentum, head and fine-tuning
+    nesterov: bool = True  # Nesterov momentum (BYOL's protocols); the US3L release's probe: plain (false)
     weight_decay: float = 0.0  # head weight decay (BYOL, MAE/MoCo v3 probes, BYOL fine-tuning: 0); try 5e-4 with 1% labels
     calib_images: int = 2000  # BN calibration images per width (US-Nets: about 2000), training pool, same for any N
     num_workers: int = 0  # DataLoader workers; CIFAR decodes faster than the network eats
@@ -213,13 +214,13 @@ def make_head(dim, num_classes, bn=True):
     return head
 
 
-def _sgd(head, lr, momentum, weight_decay):
-    return torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0,
+def _sgd(head, lr, momentum, weight_decay, nesterov=True):
+    return torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                            weight_decay=weight_decay)
 
 
 def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1, momentum=0.9,
-                      weight_decay=0.0, seed=0, bn=True, schedule="cosine", milestones=()):
+                      weight_decay=0.0, seed=0, bn=True, schedule="cosine", milestones=(), nesterov=True):
     """A linear head trained on cached features x (N, D) with labels y (N,): mini-batch SGD, the lr from
     base_lr * batch / 256 by lr_at (cosine, or step at the milestone epochs), a seeded shuffle per epoch.
     Deterministic for a given seed, so every rank trains the same head. The head's BN (bn=True) holds
@@ -235,7 +236,7 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
     batch_size = min(batch_size, x.shape[0])
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
     lr = base_lr * batch_size / 256
-    opt = _sgd(head, lr, momentum, weight_decay)
+    opt = _sgd(head, lr, momentum, weight_decay, nesterov)
     # NOTE: the ops are tiny ((256, 512) x (512, 10)): on a CPU one thread is faster, and far faster
     # on a busy machine. 20 epochs of 10k x 512 features, 2 cores with other jobs running (load 6):
     # 18.8 s with 2 threads, 0.68 s with 1, same head.
@@ -302,7 +303,7 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
         raise ConfigError(f"config error: batch_size={cfg.batch_size} x {world} process(es) exceeds the {n} "
                           "labeled images (mode=augment drops the last partial batch): lower batch_size")
     total, lr = cfg.epochs * steps_per_epoch, cfg.base_lr * cfg.batch_size * world / 256
-    opt = _sgd(head, lr, cfg.momentum, cfg.weight_decay)
+    opt = _sgd(head, lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     views, step = SeededViews(dataset, cfg.seed), 0
     bar = tqdm(total=total, desc="head (augment)", leave=False, disable=rank != 0)
     for epoch in range(cfg.epochs):
@@ -350,7 +351,7 @@ def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
                           "labeled images (fine-tuning drops the last partial batch): lower batch_size")
     params = [*net.parameters(), *head.parameters()]
     total, lr = cfg.epochs * steps_per_epoch, cfg.base_lr * cfg.batch_size * world / 256
-    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     views, step = SeededViews(dataset, cfg.seed), 0
     bar = tqdm(total=total, desc=f"fine-tune {width:g}", leave=False, disable=rank != 0)
@@ -561,7 +562,7 @@ def main(cfg, backbone=None):
             t2 = time.perf_counter()
             head = train_head_cached(train_x, train_y, num_classes, epochs, cfg.batch_size, base_lr,
                                      cfg.momentum, cfg.weight_decay, cfg.seed, cfg.head_bn, cfg.lr_schedule,
-                                     cfg.lr_milestones)
+                                     cfg.lr_milestones, cfg.nesterov)
         else:
             t2 = time.perf_counter()
             head = train_head_augment(backbone, aug, num_classes, test_x.shape[1], device, run_cfg)

@@ -255,8 +255,14 @@ def test_byol_recipes_load():
 @contextlib.contextmanager
 def recorded_lrs():
     """The lr of every optimizer step taken inside the block (first param group), in order."""
-    lrs = []
-    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    lrs = type("Lrs", (list,), {})()  # a list; .nesterov: the optimizers' Nesterov flags
+    lrs.nesterov = set()
+
+    def hook(opt, args, kwargs):
+        lrs.append(opt.param_groups[0]["lr"])
+        lrs.nesterov.add(opt.param_groups[0]["nesterov"])
+
+    handle = register_optimizer_step_pre_hook(hook)
     try:
         yield lrs
     finally:
@@ -346,6 +352,7 @@ def test_us3l_recipe_is_the_release_probe():
     assert (cfg.mode, cfg.probe_aug, cfg.head_bn, cfg.finetune) == ("augment", "us3l", False, False)
     assert (cfg.epochs, cfg.lr_schedule, cfg.lr_milestones) == (100, "step", [60, 80])
     assert (cfg.weight_decay, cfg.momentum, cfg.base_lr * cfg.batch_size / 256) == (0.0, 0.9, 30.0)  # 1 process
+    assert cfg.nesterov is False  # the release's plain momentum
     eval_linear.check_protocol(cfg, "cifar100", cfg.epochs)
     assert eval_linear.linear_kind(cfg) == "linear_augment_us3l"  # not the default probe's folder
     mean, std = MEAN_STD["cifar100"]
@@ -395,6 +402,7 @@ def test_us3l_recipe_runs(image_folder, tmp_path, monkeypatch, capsys):
         res = eval_linear.main(cfg)
     peak = 15.0 * 50 / 256  # 200 training images: 4 steps an epoch, per width
     assert lrs == pytest.approx(2 * ([peak] * 4 + [peak / 10] * 4), rel=1e-12)
+    assert lrs.nesterov == {False}  # nesterov=false reaches the head's SGD
     assert sorted(built) == [("test", "Resize"), ("train", "RandomResizedCrop"), ("train", "Resize")]
     assert len(heads) == 2 and all(len(h) == 1 and isinstance(h[0], torch.nn.Linear) for h in heads)
     assert set(res) == {"1.0", "0.25"} and all(0 <= r["top1"] <= r["top5"] <= 1 for r in res.values())
