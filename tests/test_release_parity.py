@@ -154,3 +154,23 @@ def test_aug_reaches_the_loader(trainer, image_folder, tmp_path, monkeypatch, fr
     assert seen["args"][-2:] == (0.2, "mocov2")
     msg = cli(module.main, module.Config, [*args, "--aug=simclr"], monkeypatch)
     assert msg == "config error: aug='simclr', allowed: byol, mocov2"
+
+
+def test_no_teacher_infonce_scale_is_the_releases():
+    """Without a teacher (Table 7 cases 9-11, 14, 15) the base loss at loss_views=mean is the release's
+    NT-Xent scale: the mean over all 2B anchors of -log(softmax over the 2B-1 others at the other view),
+    written out here; loss_views=sum doubles it (Algorithm 1's sum)."""
+    torch.manual_seed(0)
+    z = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    n, T = z.shape[0] // 2, 0.5
+    u = torch.nn.functional.normalize(z, dim=1)
+    logits = (u @ u.T / T).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])  # anchor i of view 1 <-> i of view 2
+    want = torch.nn.functional.cross_entropy(logits, target)
+    for views, scale in (("mean", 1), ("sum", 2)):
+        cfg = replace(Config(), temperature=T, loss_views=views)
+        got = train_us3l.pair_loss("infonce", z, z, cfg, own=True)
+        torch.testing.assert_close(got, scale * want)
+        g_got, = torch.autograd.grad(got, z)
+        g_want, = torch.autograd.grad(scale * want, z, retain_graph=True)
+        torch.testing.assert_close(g_got, g_want)
