@@ -96,8 +96,8 @@ import data
 from config import ConfigError, run, save_config
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
 from eval_knn import default_out_dir, load_network, log_results, networks_to_eval
-from knn import (_all_gather_rows, _autocast, _DeviceBatches, _Progress, _world, build_knn_loaders, calibration_shard,
-                 extract_features)
+from knn import (DeviceBatches, Progress, all_gather_rows, build_knn_loaders, calibration_shard, extract_features,
+                 maybe_autocast, rank_world)
 from models import calibrate_bn, export, profile, set_active, set_sync_bn
 from utils import all_reduce_grads_, check_tracker, init_tracker
 
@@ -244,7 +244,7 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
     if x.device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        for _ in tqdm(range(epochs), desc="head", leave=False, disable=_world()[0] != 0):
+        for _ in tqdm(range(epochs), desc="head", leave=False, disable=rank_world()[0] != 0):
             perm = torch.randperm(x.shape[0], generator=g).to(x.device)
             for i in range(0, x.shape[0], batch_size):
                 for group in opt.param_groups:
@@ -293,7 +293,7 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
     (data.SeededViews), so a given global batch size (batch_size x processes) sees the same batches
     under any process count; the features of a step are all-gathered so every rank takes the same
     head step. `dataset`: the labeled training images with augment_transform. lr: lr_at."""
-    rank, world = _world()
+    rank, world = rank_world()
     backbone.eval()  # calibrated BN statistics, never batch statistics
     torch.manual_seed(cfg.seed)
     head = make_head(dim, num_classes, cfg.head_bn).to(device).train()
@@ -310,11 +310,11 @@ def train_head_augment(backbone, dataset, num_classes, dim, device, cfg):
         sampler = EpochSampler(n, cfg.batch_size, epoch, seed=cfg.seed, rank=rank, world=world)
         loader = DataLoader(views, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
         for x, y, _ in loader:
-            with torch.no_grad(), _autocast(device, cfg.autocast):
+            with torch.no_grad(), maybe_autocast(device, cfg.autocast):
                 f = backbone(x.to(device).contiguous(memory_format=torch.channels_last)).float()
             y = y.to(device)
             if world > 1:  # (B, D) per rank -> (B * world, D), the same on every rank (EpochSampler: equal B)
-                f, y = torch.cat(_all_gather_rows(f, len(f))), torch.cat(_all_gather_rows(y, len(y)))
+                f, y = torch.cat(all_gather_rows(f, len(f))), torch.cat(all_gather_rows(y, len(y)))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, cfg.epochs, lr, cfg.lr_schedule, cfg.lr_milestones)
             loss = F.cross_entropy(head(f), y)
@@ -334,7 +334,7 @@ def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
     over every process's batch (sync BN), gradients averaged over processes: N processes of batch B
     train what 1 process of batch N x B trains. Views and order as train_head_augment. The copy's BN
     statistics are NOT calibrated (the caller does that). -> (network at (width, depth), head)."""
-    rank, world = _world()
+    rank, world = rank_world()
     net = copy.deepcopy(backbone).requires_grad_(True)
     set_active(net, width, depth)
     dtype = next(net.parameters()).dtype
@@ -360,7 +360,7 @@ def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
         for x, y, _ in DataLoader(views, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps_per_epoch, cfg.epochs, lr, cfg.lr_schedule, cfg.lr_milestones)
-            with _autocast(device, cfg.autocast):
+            with maybe_autocast(device, cfg.autocast):
                 logits = head(net(x.to(device, dtype).contiguous(memory_format=torch.channels_last)))
             F.cross_entropy(logits.float(), y.to(device)).backward()  # this rank's mean: equal shards
             all_reduce_grads_(params, world)
@@ -478,7 +478,7 @@ def main(cfg, backbone=None):
         cfg = replace(cfg, out_dir=default_out_dir(named, linear_kind(cfg)))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # sets up torch.distributed if launched
                               log_with=cfg.tracker or None, project_dir=cfg.out_dir)
-    device, (rank, world) = accelerator.device, _world()
+    device, (rank, world) = accelerator.device, rank_world()
     for key, allowed in (("loader", ("torch", "device", "ffcv")), ("mode", ("cached", "augment")),
                          ("bad_images", ("fail", "skip")), ("lr_schedule", ("cosine", "step")),
                          ("probe_aug", ("default", "us3l"))):
@@ -516,7 +516,7 @@ def main(cfg, backbone=None):
                             num_workers=cfg.num_workers)
         if cfg.loader == "device":  # decoded once, kept on the device (the features are extracted once anyway)
             x, y, i = zip(*loader)
-            return _DeviceBatches([torch.cat(t).to(device) for t in (x, y, i)], cfg.batch_size)
+            return DeviceBatches([torch.cat(t).to(device) for t in (x, y, i)], cfg.batch_size)
         return loader
 
     # NOTE: the same calibration batches for any process count (knn.calibration_shard), drawn from
@@ -547,17 +547,17 @@ def main(cfg, backbone=None):
             net, head = finetune_network(backbone, w, depth, aug, num_classes, device, run_cfg)
             seconds["finetune"] = time.perf_counter() - t0
         tc = time.perf_counter()
-        with _autocast(device, cfg.autocast):  # statistics of the network as it will run
+        with maybe_autocast(device, cfg.autocast):  # statistics of the network as it will run
             calibrate_bn(net, calib, w, depth, all_reduce=world > 1)
         net.eval()
         t1 = time.perf_counter()
-        test_x, test_y, _ = extract_features(net, _Progress(test_loader, rank != 0, f"test {name}"), device,
+        test_x, test_y, _ = extract_features(net, Progress(test_loader, rank != 0, f"test {name}"), device,
                                              cfg.autocast, normalize=False)
         if cfg.finetune:
             t2 = time.perf_counter()
             extra["weight_change"] = weight_change(net, backbone, w, depth)
         elif cfg.mode == "cached":
-            train_x, train_y, _ = extract_features(backbone, _Progress(train_loader, rank != 0, f"train {name}"),
+            train_x, train_y, _ = extract_features(backbone, Progress(train_loader, rank != 0, f"train {name}"),
                                                    device, cfg.autocast, normalize=False)
             t2 = time.perf_counter()
             head = train_head_cached(train_x, train_y, num_classes, epochs, cfg.batch_size, base_lr,

@@ -44,7 +44,7 @@ import torch.nn as nn
 from config import ConfigError, run
 from data import MEAN_STD
 from eval_knn import load_network, net_name, networks_to_eval
-from knn import _autocast, fixed_calibration_batches
+from knn import fixed_calibration_batches, maybe_autocast
 from models import ARCHS, calibrate_bn, export, profile, set_active
 
 FORMATS = ("pt", "torchscript", "onnx", "torchvision")
@@ -403,7 +403,7 @@ def main(cfg):
     mean, std = MEAN_STD[dataset]
     written = []
     for name, w, d in nets:
-        with _autocast(device, cfg.autocast):  # statistics of the network as the evaluations run it
+        with maybe_autocast(device, cfg.autocast):  # statistics of the network as the evaluations run it
             calibrate_bn(model.to(device), calib, w, d)
         model.cpu().eval()
         set_active(model, w, d)

@@ -43,14 +43,14 @@ from models import calibrate_bn, set_active
 from slim import SlimBatchNorm2d
 
 
-def _world():
+def rank_world():
     """(rank, world size) of torch.distributed, (0, 1) when it is not initialized."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _autocast(device, enabled):
+def maybe_autocast(device, enabled):
     """bf16 autocast where the device supports it (CPU too: about 2x on AVX512-BF16)."""
     ok = enabled and torch.amp.is_autocast_available(device.type)
     if ok and device.type == "cuda":
@@ -58,7 +58,7 @@ def _autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=ok)
 
 
-def _all_gather_rows(t, n_max):
+def all_gather_rows(t, n_max):
     """all_gather of a (n, ...) tensor whose n differs by rank: pad to n_max, gather, concat."""
     pad = t.new_zeros((n_max - t.shape[0], *t.shape[1:]))
     out = [t.new_empty((n_max, *t.shape[1:])) for _ in range(dist.get_world_size())]
@@ -83,7 +83,7 @@ def extract_features(model, loader, device, autocast=True, normalize=True, gathe
     model.eval()
     feats, labels, idxs = [], [], []
     try:
-        with _autocast(device, autocast):
+        with maybe_autocast(device, autocast):
             dtype = next(model.parameters()).dtype  # fp32, or a trainer's precision=fp64
             for x, y, idx in loader:
                 x = x.to(device, dtype, non_blocking=True)
@@ -101,7 +101,7 @@ def extract_features(model, loader, device, autocast=True, normalize=True, gathe
     else:  # an empty shard (more ranks than samples): its feature size comes from the others
         feats = torch.zeros(0, 0, device=device)
         labels = idxs = torch.zeros(0, dtype=torch.long, device=device)
-    rank, world = _world()
+    rank, world = rank_world()
     if world > 1 and not gather:
         return _own_shard(feats, labels, idxs, rank)
     if world > 1:
@@ -113,9 +113,9 @@ def extract_features(model, loader, device, autocast=True, normalize=True, gathe
         if feats.shape[0] == 0:
             feats = feats.new_zeros(0, dim)
         # pad to the longest shard for all_gather, then drop each rank's padding rows
-        feats = torch.cat([f[:k] for f, k in zip(_all_gather_rows(feats, n_max), n)])
-        labels = torch.cat([f[:k] for f, k in zip(_all_gather_rows(labels, n_max), n)])
-        idxs = torch.cat([f[:k] for f, k in zip(_all_gather_rows(idxs, n_max), n)])
+        feats = torch.cat([f[:k] for f, k in zip(all_gather_rows(feats, n_max), n)])
+        labels = torch.cat([f[:k] for f, k in zip(all_gather_rows(labels, n_max), n)])
+        idxs = torch.cat([f[:k] for f, k in zip(all_gather_rows(idxs, n_max), n)])
     order = torch.argsort(idxs, stable=True)
     idxs = idxs[order]
     keep = torch.ones_like(idxs, dtype=torch.bool)
@@ -134,7 +134,7 @@ def _own_shard(feats, labels, idxs, rank):
     all_n = [torch.empty_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(all_n, n)
     n = [int(v) for v in all_n]
-    lower = torch.cat([f[:k] for f, k in zip(_all_gather_rows(idxs, max(n)), n)][:rank] + [idxs[:0]])
+    lower = torch.cat([f[:k] for f, k in zip(all_gather_rows(idxs, max(n)), n)][:rank] + [idxs[:0]])
     keep &= ~torch.isin(idxs, lower)
     return feats[keep], labels[keep], idxs[keep]
 
@@ -152,7 +152,7 @@ def _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperatur
     matmul and one topk with the largest k; smaller k are the leading columns (topk sorts).
     sharded: each process holds a shard of the bank (extract_features(gather=False)) and the same
     test rows; every rank searches its shard and the candidates are merged (all_gather of c x k)."""
-    n_bank, world = train_feats.shape[0], _world()[1]
+    n_bank, world = train_feats.shape[0], rank_world()[1]
     sharded = sharded and world > 1
     if sharded:
         n = torch.tensor(n_bank, device=test_feats.device)
@@ -227,7 +227,7 @@ def calibration_batches(loader, n_images=2000, seed=0):
     about the same spread with 500 (4x cheaper). Keep the seed fixed within a run; the draw (and so
     the accuracy) also changes with the number of processes, and bit-equal results would further
     need the same batches, as train-mode BN depends on them."""
-    rank, world = _world()
+    rank, world = rank_world()
     n = max(1, n_images // world + (rank < n_images % world))  # an empty rank would hang all_reduce
     g = torch.Generator().manual_seed(seed + rank)
     ds = loader.dataset
@@ -262,7 +262,7 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     is 10 GB) and the test features are gathered: every rank searches its shard for every test row
     and the top k of the merged candidates are the whole bank's (equal to 1 process, tested).
     """
-    world = _world()[1]
+    world = rank_world()[1]
     if all_reduce is None:
         all_reduce = world > 1
     if iter(calib_batches) is calib_batches:  # a generator would be empty at the second width
@@ -275,12 +275,12 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     try:
         for w in widths:
             t0 = time.perf_counter()
-            with _autocast(device, autocast):  # statistics of the network as it will run
+            with maybe_autocast(device, autocast):  # statistics of the network as it will run
                 calibrate_bn(backbone, calib_batches, w, depth, all_reduce=all_reduce)
             t1 = time.perf_counter()
-            bank, bank_y, _ = extract_features(backbone, _Progress(bank_loader, not progress, f"kNN {w:g} bank"), device,
+            bank, bank_y, _ = extract_features(backbone, Progress(bank_loader, not progress, f"kNN {w:g} bank"), device,
                                                autocast, gather=False)
-            test, test_y, _ = extract_features(backbone, _Progress(test_loader, not progress, f"kNN {w:g} test"), device,
+            test, test_y, _ = extract_features(backbone, Progress(test_loader, not progress, f"kNN {w:g} test"), device,
                                                autocast)
             t2 = time.perf_counter()
             num_classes = torch.stack([bank_y.max() if len(bank_y) else test_y.max(), test_y.max()]).max()
@@ -307,7 +307,7 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     return results
 
 
-class _Progress:
+class Progress:
     """A re-iterable loader wrapper with a tqdm bar per pass (main process only)."""
 
     def __init__(self, loader, disable, desc=""):
@@ -331,7 +331,7 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
     FFCV onto the device, normalized there; no subsets, but rows={"train"|"test": rows} picks rows)."""
     if loader == "ffcv":
         return _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows or {})
-    rank, world = _world()
+    rank, world = rank_world()
     loaders = []
     for split, subset in (("train", bank_subset), ("test", test_subset)):
         ds = build_dataset(data_path, split, eval_transform(dataset_name), subset=subset, subset_seed=seed,
@@ -342,14 +342,14 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
             x, y, idx = zip(*DataLoader(ds, batch_size=256, num_workers=num_workers))
             ds, num_workers = TensorDataset(torch.cat(x), torch.cat(y), torch.cat(idx)), 0
             if loader == "device":
-                loaders.append(_DeviceBatches([t.to(device) for t in ds.tensors], batch_size))
+                loaders.append(DeviceBatches([t.to(device) for t in ds.tensors], batch_size))
                 continue
         loaders.append(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0))
     return tuple(loaders)
 
 
-class _DeviceBatches:
+class DeviceBatches:
     """Re-iterable (x, y, idx) batches sliced from tensors already on the device; .dataset,
     .batch_size and .num_workers as a DataLoader's (calibration_batches draws from it)."""
 
@@ -378,7 +378,7 @@ def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_su
         cap = "--raw" if dataset_name.startswith("cifar") else "--max_resolution 256"
         raise ConfigError(f"config error: loader=ffcv: {', '.join(missing)} not found; write them with "
                           f"`python ffcv_data.py --data_path DIR --out {ffcv_path or 'FFCV_PATH'} {cap}`")
-    rank, world = _world()
+    rank, world = rank_world()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset_name])
     size = 32 if dataset_name.startswith("cifar") else 224
 
@@ -409,7 +409,7 @@ def calibration_shard(ds, n_images, batch_size, seed=0, num_workers=0, pool=None
     r, r + N, ... and calibrate_bn pools the statistics (all_reduce). Train-mode BN depends on the
     batch composition, so the same batches are what make N processes give 1 process's numbers.
     On 1 process, without pool, it equals calibration_batches(loader of ds, n_images, seed)."""
-    rank, world = _world()
+    rank, world = rank_world()
     pool = torch.arange(len(ds)) if pool is None else torch.as_tensor(pool)
     g = torch.Generator().manual_seed(seed)
     pick = pool[torch.randperm(len(pool), generator=g)[:n_images]].sort().values

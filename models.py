@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slim import (SLIM, BatchNorm1d, SlimBatchNorm2d, SlimConv2d, SlimLayerNorm, SlimLinear, _Slim, conv_bn,
+from slim import (SLIM, BatchNorm1d, SlimBatchNorm2d, SlimConv2d, SlimLayerNorm, SlimLinear, SlimWidth, conv_bn,
                   make_divisible, sincos_pos_embed)
 
 # ----------------------------------------------------------------------------------------------
@@ -195,45 +195,119 @@ class MobileNetV3(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Vision Transformer with real embedding-dimension slimming (US3L Sec. 4.3: "we directly reduce the
-# embedding dimension in all layers"). The paper is silent on heads: we keep the number of heads and
-# shrink every head, so the width unit is 8 * heads (each head a multiple of 8 dims).
+# Vision Transformer, slimmed one of two ways (ViT's `slim` argument):
+#
+# slim="embed": real embedding-dimension slimming, as the paper words it (US3L Sec. 4.3: "we directly reduce
+#   the embedding dimension in all layers"): patch projection, LayerNorms, residual stream, q/k/v, heads and
+#   MLP all shrink; the width-w network is a narrower ViT. The paper is silent on heads: we keep the number of
+#   heads and shrink every head, so the width unit is 8 * heads (each head a multiple of 8 dims).
+# slim="input": what the official release ran for Table 3 (ViT_experiments/models/us_vits.py, USLinear with
+#   its default us=[True, False]): at width w, qkv, proj, fc1 and fc2 each read only the leading
+#   n = make_divisible(C_in * w) features of their input. The patch projection (a plain conv there), the
+#   LayerNorms (its USLayerNorm computes a width and ignores it), class token, position embedding, residual
+#   stream, head dim (D / heads, and the attention scale with it) and the features handed to the projector stay
+#   full. proj reads the attention output's leading heads, fc2 the leading hidden units.
+#   NOTE: the release computes every head and all 4D hidden units at every width and then never reads most of
+#   them; we compute only what is read, with the same outputs: q, k and v of the heads proj reads (the leading
+#   ceil(n / head_dim); of a partly read head, v is computed whole) and the hidden units fc2 reads. So the
+#   width-w network is a ViT with a full-width residual stream, fewer heads and a narrower MLP: export() gives
+#   it and profile() counts it. LayerNorm scales and shifts past n touch features no Linear reads at width w.
+# NOTE: the two modes make different networks of the same name: Table 3's 0.25x is, in the release, a full-width
+#   ViT whose four Linears per block read a quarter of their inputs, not a ViT a quarter as wide. At 224 px and
+#   w = 0.25, vit_tiny_us3l keeps 17% of its parameters and 19% of its MACs (27% and 37% as the release runs
+#   it, dropped outputs included); vit_tiny keeps 7% and 9%. The "embed" archs (vit_tiny, vit_*_cifar*) follow
+#   the paper's words at 32 px; the "_us3l" archs follow its code (224 px CIFAR images, 16 x 16 patches, the
+#   release's heads).
+#
+# init="mocov3" (MoCo v3's ViT, which the release builds on): Xavier-uniform for every Linear, qkv's fused
+#   weight as three blocks q, k, v, each with the bound of its own (D_out/3, D_in) shape; zero biases; class
+#   token N(0, 1e-6^2); patch projection Xavier-uniform over its (D, 3 * p * p) flattening (fan_in 3 p^2,
+#   fan_out D, not torch's fans of a 4-D conv weight, which count p^2 on both sides) with a zero bias.
+#   init="trunc_normal" (timm / DeiT's): trunc N(0, 0.02^2) Linear weights, zero biases, class token trunc
+#   N(0, 0.02^2), PyTorch's default conv init for a trained patch projection. Either rule reads each layer's own
+#   shape, so models.reinit applies it to an exported narrow slice.
+# frozen_patch_embed=True (MoCo v3's stop-grad patch projection, which the release's run_ofa.sh turns on): the
+#   projection keeps its Xavier-uniform weight and zero bias (with either init) and neither is ever trained.
+
+def _linear(layer, x):
+    """layer(x) on x's leading layer.in_features features. Only an exported slim="input" layer (a plain
+    nn.Linear of the slice's width, fed a wider input) gets more than it reads; a SlimLinear with slim_in
+    slices by itself, and everywhere else this is all of x."""
+    return layer(x[..., :layer.in_features])
+
+
+class _InputQKV(SlimLinear):
+    """slim="input"'s qkv: reads in_active features of the full-width stream and outputs q, k and v (rows
+    ordered (q|k|v, head, head_dim)) of the leading heads whose values proj reads, ceil(in_active / head_dim)."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, 3 * dim, slim_out=False, slim_in=True, out_groups=3)
+        self.head_dim = dim // heads
+
+    def set_width(self, w):
+        super().set_width(w)
+        if w != 1.0:  # (the constructor's call, at 1.0, comes before head_dim is set)
+            heads = -(-self.in_active // self.head_dim)
+            self.out_active = 3 * heads * self.head_dim
+
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads, divisor):
+    def __init__(self, dim, heads, divisor, slim="embed"):
         super().__init__()
         self.heads = heads
-        # qkv rows ordered (q|k|v, head, head_dim); proj columns ordered (head, head_dim)
-        self.qkv = SlimLinear(dim, 3 * dim, factor=3, divisor=divisor, out_groups=3 * heads)
-        self.proj = SlimLinear(dim, dim, divisor=divisor, in_groups=heads)
+        self.head_dim = dim // heads if slim == "input" else None  # fixed (input) or shrinking (embed)
+        if slim == "input":  # proj reads the leading in_active features: whole heads, the last one maybe in part
+            self.qkv = _InputQKV(dim, heads)
+            self.proj = SlimLinear(dim, dim, slim_out=False, slim_in=True)
+        else:  # qkv rows ordered (q|k|v, head, head_dim); proj columns ordered (head, head_dim)
+            self.qkv = SlimLinear(dim, 3 * dim, factor=3, divisor=divisor, out_groups=3 * heads)
+            self.proj = SlimLinear(dim, dim, divisor=divisor, in_groups=heads)
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, C/H)
+        qkv = _linear(self.qkv, x)
+        qkv = qkv.reshape(B, N, 3, *((self.heads, -1) if self.head_dim is None else (-1, self.head_dim)))
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, N, head dim)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(active head dim)
-        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+        return _linear(self.proj, x.transpose(1, 2).reshape(B, N, -1))
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, divisor, mlp_ratio=4):
+    def __init__(self, dim, heads, divisor, mlp_ratio=4, slim="embed"):
         super().__init__()
-        self.norm1, self.attn = SlimLayerNorm(dim, eps=1e-6), Attention(dim, heads, divisor)
-        self.norm2 = SlimLayerNorm(dim, eps=1e-6)
-        self.fc1 = SlimLinear(dim, mlp_ratio * dim, factor=mlp_ratio, divisor=divisor)
-        self.fc2 = SlimLinear(mlp_ratio * dim, dim, divisor=divisor)
+        if slim == "input":  # fc1 outputs exactly the hidden units fc2 reads: make_divisible(4 D w) both
+            self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, divisor, slim)
+            self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+            self.fc1 = SlimLinear(dim, mlp_ratio * dim, slim_in=True)
+            self.fc2 = SlimLinear(mlp_ratio * dim, dim, slim_out=False, slim_in=True)
+        else:
+            self.norm1, self.attn = SlimLayerNorm(dim, eps=1e-6), Attention(dim, heads, divisor)
+            self.norm2 = SlimLayerNorm(dim, eps=1e-6)
+            self.fc1 = SlimLinear(dim, mlp_ratio * dim, factor=mlp_ratio, divisor=divisor)
+            self.fc2 = SlimLinear(mlp_ratio * dim, dim, divisor=divisor)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + _linear(self.fc2, F.gelu(_linear(self.fc1, self.norm2(x))))
 
 
 class ViT(nn.Module):
+    """ViT backbone: (B, 3, img_size, img_size) -> class token features (B, D_w); D_w = dim at every width with
+    slim="input". pos_embed: "learned" (N(0, 0.02^2)) or "sincos" (MoCo v3's, fixed); init: "trunc_normal" or
+    "mocov3"; slim: "embed" or "input" (see above)."""
+
     def __init__(self, dim=192, depth=12, heads=3, img_size=224, patch_size=16, num_classes=0,
-                 pos_embed="learned", frozen_patch_embed=False):
+                 pos_embed="learned", frozen_patch_embed=False, init="trunc_normal", slim="embed"):
         super().__init__()
+        for key, value, allowed in (("init", init, ("trunc_normal", "mocov3")), ("slim", slim, ("embed", "input"))):
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r}, allowed: {', '.join(allowed)}")
         divisor = 8 * heads
-        self.img_size = img_size
-        self.patch_embed = SlimConv2d(3, dim, patch_size, patch_size, padding=0, bias=True, divisor=divisor)
+        self.img_size, self.init, self.slim = img_size, init, slim
+        if slim == "embed":
+            self.patch_embed = SlimConv2d(3, dim, patch_size, patch_size, padding=0, bias=True, divisor=divisor)
+        else:  # the release's: a plain projection to the full width
+            self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         grid = img_size // patch_size
         if pos_embed == "sincos":  # MoCo v3's: fixed, a buffer (never trained or decayed)
@@ -242,26 +316,38 @@ class ViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, grid ** 2 + 1, dim) * 0.02)
         else:
             raise ValueError(f"pos_embed={pos_embed!r}, allowed: learned, sincos")
-        self.blocks = nn.Sequential(*[Block(dim, heads, divisor) for _ in range(depth)])
-        self.norm = SlimLayerNorm(dim, eps=1e-6)
+        self.blocks = nn.Sequential(*[Block(dim, heads, divisor, slim=slim) for _ in range(depth)])
+        self.norm = SlimLayerNorm(dim, eps=1e-6) if slim == "embed" else nn.LayerNorm(dim, eps=1e-6)
         self.feature_dim = dim
         self.head = SlimLinear(dim, num_classes, slim_out=False) if num_classes else nn.Identity()
         self.frozen_patch_embed = frozen_patch_embed
         self.init_weights()
-        if frozen_patch_embed:  # MoCo v3's: random (Xavier-uniform), never trained (requires_grad=False)
+        if frozen_patch_embed:  # MoCo v3's: weight and bias never trained (requires_grad=False)
             self.patch_embed.requires_grad_(False)
 
     def init_weights(self):
-        """From each layer's own shape (reinit applies it to an exported slice). The learned position
-        embedding keeps its N(0, 0.02^2) draw: the same for any width."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.frozen_patch_embed:
-            w = self.patch_embed.weight.data
+        """From each layer's own shape (reinit applies it to an exported slice, whose layers are plain
+        nn.Linear / nn.Conv2d). The learned position embedding keeps its N(0, 0.02^2) draw: the same for any
+        width."""
+        if self.init == "mocov3":
+            qkv = {m.qkv for m in self.modules() if isinstance(m, Attention)}
+            for m in self.modules():
+                if isinstance(m, nn.Linear):  # Xavier-uniform; q, k and v each as a (D_out/3, D_in) layer
+                    fan_out, fan_in = m.weight.shape
+                    bound = math.sqrt(6 / ((fan_out // 3 if m in qkv else fan_out) + fan_in))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                    nn.init.zeros_(m.bias)
+            nn.init.normal_(self.cls_token, std=1e-6)
+        else:
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.init == "mocov3" or self.frozen_patch_embed:
+            w = self.patch_embed.weight.data  # (D, 3, p, p) -> Xavier over (D, 3 p^2)
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.patch_embed.bias)
 
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
@@ -293,6 +379,10 @@ ARCHS = {
     # widths 2/3, 5/6, 1 of it, depths [2,2,2,2] / [2,3,4,3] / [3,4,6,3] are depth slices.
     "resnet34_w96": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(96, 192, 384, 768)),
     "resnet34_w96_cifar": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(96, 192, 384, 768), stem="cifar"),
+    # the same at a quarter of the widths (3.1M params): the test suite's stand-in for resnet34_w96 in the
+    # README's DSPNet commands (its 9 DNs are still distinct networks; at width 5/6 the stem and first stage
+    # round to the full 24 channels)
+    "resnet34_w24_cifar": partial(ResNet, BasicBlock, [3, 4, 6, 3], widths=(24, 48, 96, 192), stem="cifar"),
     "mobilenetv2": MobileNetV2,
     "mobilenetv2_cifar": partial(MobileNetV2, cifar=True),
     "mobilenetv3_large": MobileNetV3,
@@ -301,7 +391,14 @@ ARCHS = {
     "vit_tiny_cifar": partial(ViT, 192, 12, 3, img_size=32, patch_size=4),  # 64 tokens at 32 px
     "vit_small_cifar": partial(ViT, 384, 12, 6, img_size=32, patch_size=4),
     "vit_tiny_cifar_mocov3": partial(ViT, 192, 12, 3, img_size=32, patch_size=4, pos_embed="sincos",  # MoCo v3's
-                                     frozen_patch_embed=True),  # fixed sin-cos, frozen patch projection
+                                     frozen_patch_embed=True, init="mocov3"),  # fixed sin-cos, frozen patch projection
+    # The release's Table 3 networks (ViT_experiments/models/us_vits.py us_vit_tiny / us_vit_small, run_ofa.sh):
+    # CIFAR images at 224 px, 16 x 16 patches (196 tokens), head dim 32, MoCo v3's init, sin-cos and frozen patch
+    # projection (--stop-grad-conv1), each Linear's input slimmed (slim="input")
+    "vit_tiny_us3l": partial(ViT, 192, 12, 6, img_size=224, patch_size=16, pos_embed="sincos", frozen_patch_embed=True,
+                             init="mocov3", slim="input"),
+    "vit_small_us3l": partial(ViT, 384, 12, 12, img_size=224, patch_size=16, pos_embed="sincos",
+                              frozen_patch_embed=True, init="mocov3", slim="input"),
 }
 
 
@@ -365,11 +462,13 @@ def set_active(model, width=1.0, depth=None):
 
 
 def min_width(model):
-    """The network's minimum width: at it the widest slimmable layer has `divisor` channels, so every
-    layer sits at its floor (make_divisible never goes below the divisor) and any smaller width is
-    the same network: 8/512 = 0.0156 for ResNet-18, 8/2048 for ResNet-50."""
-    return min((m.divisor / m.out_base for m in model.modules() if isinstance(m, _Slim) and m.slim_out),
-               default=1.0)
+    """The network's minimum width: at it the widest slimmable layer has `divisor` channels (an input-slimmed
+    SlimLinear reads `divisor` features), so every layer sits at its floor (make_divisible never goes below
+    the divisor) and any smaller width is the same network: 8/512 = 0.0156 for ResNet-18, 8/2048 for
+    ResNet-50, 8/768 for vit_tiny_us3l (fc2 reads 768 hidden units)."""
+    floors = [m.divisor / m.out_base for m in model.modules() if isinstance(m, SlimWidth) and m.slim_out]
+    floors += [m.divisor / m.in_features for m in model.modules() if isinstance(m, SlimLinear) and m.slim_in]
+    return min(floors, default=1.0)
 
 
 def _batches_to_inputs(batches, device, dtype):
@@ -540,8 +639,8 @@ def profile(model, width=1.0, depth=None, input_size=224):
             macs[0] += out[0].numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
         elif isinstance(m, nn.Linear):
             macs[0] += out[0].numel() * m.in_features
-        elif isinstance(m, Attention):  # q @ k^T and attn @ v: 2 * N * N * C per sample
-            macs[0] += 2 * x.shape[1] ** 2 * x.shape[2]
+        elif isinstance(m, Attention):  # q @ k^T and attn @ v: 2 * N * N * C per sample (C: the heads' width)
+            macs[0] += 2 * x.shape[1] ** 2 * (m.qkv.out_features // 3)
 
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, Attention)):

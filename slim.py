@@ -38,9 +38,12 @@ def make_divisible(v, divisor=8):
 # stored copies). `out_base * factor` is the full output size; at width w a layer outputs
 # make_divisible(out_base * w, divisor) * factor channels (factor > 1 keeps MobileNetV2's expanded
 # layers exactly `t` times their input, as in the standard width-w MobileNetV2). slim_out=False
-# pins the output (classifier, MobileNetV2's last 1x1 conv).
+# pins the output (classifier, MobileNetV2's last 1x1 conv); SlimLinear's slim_in slims its input
+# instead, whatever width arrives (the US3L release's ViT).
 
-class _Slim:
+class SlimWidth:
+    """The width state of the layers that slice (SlimConv2d, SlimLinear): set_width(w) sets out_active."""
+
     def _init_slim(self, out_base, factor, divisor, slim_out):
         self.out_base, self.factor, self.divisor, self.slim_out = out_base, factor, divisor, slim_out
         self.set_width(1.0)
@@ -51,7 +54,7 @@ class _Slim:
         self.out_active = min(c, self.out_base) * self.factor
 
 
-class SlimConv2d(nn.Conv2d, _Slim):
+class SlimConv2d(nn.Conv2d, SlimWidth):
     def __init__(self, cin, cout, k, stride=1, padding=None, depthwise=False, bias=False,
                  factor=1, divisor=8, slim_out=True):
         super().__init__(cin, cout, k, stride, (k - 1) // 2 if padding is None else padding,
@@ -81,14 +84,23 @@ class SlimConv2d(nn.Conv2d, _Slim):
         return m
 
 
-class SlimLinear(nn.Linear, _Slim):
+class SlimLinear(nn.Linear, SlimWidth):
     """Linear whose rows/columns may be structured in groups (ViT: q|k|v x heads, heads x head_dim);
-    slimming then keeps the leading entries of every group, so each head shrinks, none is dropped."""
+    slimming then keeps the leading entries of every group, so each head shrinks, none is dropped.
+    slim_in=True: at width w the layer reads only the leading in_active = make_divisible(cin * w) features of
+    whatever input arrives (the US3L release's USLinear: its ViT keeps the token stream at full width and
+    slims each Linear's input only; models.ViT(slim="input"))."""
 
-    def __init__(self, cin, cout, bias=True, factor=1, divisor=8, slim_out=True, in_groups=1, out_groups=1):
+    def __init__(self, cin, cout, bias=True, factor=1, divisor=8, slim_out=True, in_groups=1, out_groups=1,
+                 slim_in=False):
         super().__init__(cin, cout, bias)
-        self.in_groups, self.out_groups = in_groups, out_groups
+        self.in_groups, self.out_groups, self.slim_in = in_groups, out_groups, slim_in
         self._init_slim(cout // factor, factor, divisor, slim_out)
+
+    def set_width(self, w):
+        super().set_width(w)
+        self.in_active = (min(make_divisible(self.in_features * w, self.divisor), self.in_features)
+                          if self.slim_in and w != 1.0 else self.in_features)
 
     def _sliced(self, cin):
         cout, og, ig = self.out_active, self.out_groups, self.in_groups
@@ -103,11 +115,13 @@ class SlimLinear(nn.Linear, _Slim):
         return w, b
 
     def forward(self, x):
+        if self.slim_in:
+            x = x[..., :self.in_active]
         return F.linear(x, *self._sliced(x.shape[-1]))
 
-    def to_plain(self, cin):
-        w, b = self._sliced(cin)
-        m = nn.Linear(cin, w.shape[0], bias=b is not None)
+    def to_plain(self, cin):  # cin: the input width that arrives (an input-slimmed layer reads in_active of it)
+        w, b = self._sliced(min(cin, self.in_active))
+        m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         m.weight.data.copy_(w)
         if b is not None:
             m.bias.data.copy_(b)

@@ -102,8 +102,8 @@ class Config:
     proj_dim: int = 128  # output of projector, predictor and auxiliary head
     proj_layers: int = 2  # projector: 2 (BYOL: Linear-BN-ReLU-Linear) | 3 (one more Linear-BN-ReLU: MoCo v3,
     # SimSiam, the US3L release)
-    proj_last_bn: bool = False  # MoCo v3: a BN without affine after the last Linear of the projector and of the
-    # predictor (predictor=true); the BYOL/SimSiam predictor and the aux head g never have one
+    proj_last_bn: bool = False  # MoCo v3: a BN without affine after the last Linear of the projector and, with
+    # predictor=true, of the predictor and the aux head g (the release's ViT: g is a copy of the predictor)
     predictor: bool = False  # MoCo v3: a predictor MLP (proj_dim -> proj_hidden -> proj_dim) on the query
     # side of the base network's InfoNCE (base_loss=mse always has one)
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
@@ -289,8 +289,9 @@ def main(cfg):
     if cfg.base_loss == "mse" or cfg.predictor:
         student["predictor"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim,
                                               last_bn=cfg.proj_last_bn and cfg.predictor)
-    if cfg.aux_head and cfg.distill_loss != "none":
-        student["aux"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+    if cfg.aux_head and cfg.distill_loss != "none":  # g: the predictor's shape (the release's MoCo v3 ViT: a copy)
+        student["aux"] = projection_mlp(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim,
+                                        last_bn=cfg.proj_last_bn and cfg.predictor)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     dtype = torch.float64 if cfg.precision == "fp64" else torch.float32  # of the weights (autocast aside)
     student = set_sync_bn(student.to(device, dtype, memory_format=fmt), cfg.sync_bn)

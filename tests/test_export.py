@@ -20,7 +20,7 @@ import torch.nn as nn
 import export as export_py
 from config import ConfigError
 from data import build_dataset, eval_transform
-from knn import _autocast, fixed_calibration_batches
+from knn import fixed_calibration_batches, maybe_autocast
 from export import CLASSIFIER, Config, main, torchvision_model
 from models import ARCHS, calibrate_bn, export, set_active
 from tests.test_models import counted_macs
@@ -50,7 +50,7 @@ def reference(arch, width, depth, data, x):
     torch.manual_seed(0)  # export.py's random init (eval_knn.load_network, seed 0)
     model = ARCHS[arch]()
     calib = fixed_calibration_batches(str(data), "cifar10", 0, CALIB["calib_images"], CALIB["calib_batch_size"])
-    with _autocast(torch.device("cpu"), True):
+    with maybe_autocast(torch.device("cpu"), True):
         calibrate_bn(model, calib, width, depth)
     set_active(model, width, depth)
     return model.eval()(x)

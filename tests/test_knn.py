@@ -109,14 +109,14 @@ def test_calibration_shard_same_batches_for_any_process_count(monkeypatch):
     for world in (2, 3):
         shares = []
         for rank in range(world):
-            monkeypatch.setattr(knn, "_world", lambda rank=rank, world=world: (rank, world))
+            monkeypatch.setattr(knn, "rank_world", lambda rank=rank, world=world: (rank, world))
             shares.append([b.flatten().tolist() for b in calibration_shard(Indexed(), 11, 3, seed=0, pool=pool)])
         assert shares == [one[r::world] for r in range(world)]
-    monkeypatch.setattr(knn, "_world", lambda: (0, 5))
+    monkeypatch.setattr(knn, "rank_world", lambda: (0, 5))
     with pytest.raises(ValueError, match="4 calibration batch"):  # every rank raises: none hangs
         calibration_shard(Indexed(), 11, 3, pool=pool)
     # without a pool: the whole dataset, as calibration_batches draws on 1 process
-    monkeypatch.setattr(knn, "_world", lambda: (0, 1))
+    monkeypatch.setattr(knn, "rank_world", lambda: (0, 1))
     ref = calibration_batches(DataLoader(Indexed(), batch_size=8), 20, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(calibration_shard(Indexed(), 20, 8, seed=3), ref, strict=True))
 

@@ -1,15 +1,14 @@
 """models.py: shapes at any width/depth, exact export, MACs/params against reference figures and
-against PyTorch's own FLOP counter, exact BN calibration."""
+against PyTorch's own FLOP counter, exact BN calibration. The ViT's own features: tests/test_vit.py."""
 
 import io
-import math
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ARCHS, ViT, calibrate_bn, export, profile, projection_mlp, set_active
+from models import ARCHS, calibrate_bn, export, profile, projection_mlp, set_active
 from slim import SlimBatchNorm2d, make_divisible
 
 RESNETS = [a for a in ARCHS if a.startswith("resnet")]
@@ -55,7 +54,9 @@ def test_shapes_at_random_widths(arch):
         assert y.ndim == 2 and y.shape[0] == 2 and torch.isfinite(y).all()
         dims.append(y.shape[1])
     assert dims[0] == model.feature_dim
-    if not arch.startswith("mobilenetv2"):  # MobileNetV2 keeps its 1280-d last layer at every width
+    if arch.startswith("mobilenetv2") or getattr(model, "slim", None) == "input":  # features at full width at
+        assert set(dims) == {model.feature_dim}  # every width: MobileNetV2's 1280-d last layer, the release's ViT
+    else:
         assert dims[2] < dims[1] < dims[0]
 
 
@@ -196,63 +197,6 @@ def test_slices_share_the_full_weights():
     g = model.stages[3][1].conv2.weight.grad
     assert g.shape == (512, 512, 3, 3)
     assert g[:128, :128].abs().sum() > 0 and g[128:].abs().sum() == 0 and g[:, 128:].abs().sum() == 0
-
-
-def tiny_mocov3_vit():
-    """dim 48, 2 heads (width unit 16: active widths 16, 32, 48), 4 x 4 patches of a 16 px image."""
-    return ViT(48, 1, 2, img_size=16, patch_size=4, pos_embed="sincos", frozen_patch_embed=True)
-
-
-def test_sincos_pos_embed_is_fixed_and_right_at_every_width():
-    torch.manual_seed(0)
-    model = tiny_mocov3_vit()
-    assert "pos_embed" in dict(model.named_buffers()) and "pos_embed" in model.state_dict()
-    assert "pos_embed" not in dict(model.named_parameters())
-    pe = model.pos_embed[0].double()
-    assert pe.shape == (17, 48) and not pe[0].any()  # the class token's row is zero
-    for n in range(16):  # direct formula: patch n at row n // 4, column n % 4; 4 channels per frequency
-        h, w = divmod(n, 4)
-        for i in range(12):
-            om = 10000.0 ** (-i / 12)
-            want = [math.sin(w * om), math.cos(w * om), math.sin(h * om), math.cos(h * om)]
-            torch.testing.assert_close(pe[1 + n, 4 * i:4 * i + 4], torch.tensor(want, dtype=pe.dtype), atol=1e-6,
-                                       rtol=0)
-    x = torch.randn(3, 3, 16, 16)
-    for c in (16, 32, 48):  # each width's slice: a sin-cos of both axes, every position distinct
-        sl = pe[1:, :c].reshape(4, 4, c // 4, 4)  # (row, column, frequency, sin w|cos w|sin h|cos h)
-        torch.testing.assert_close(sl[..., 0] ** 2 + sl[..., 1] ** 2, torch.ones_like(sl[..., 0]))
-        torch.testing.assert_close(sl[..., 2] ** 2 + sl[..., 3] ** 2, torch.ones_like(sl[..., 2]))
-        assert torch.equal(sl[..., :2], sl[:1, :, :, :2].expand_as(sl[..., :2]))  # column code: same in every row
-        assert torch.equal(sl[..., 2:], sl[:, :1, :, 2:].expand_as(sl[..., 2:]))  # row code: same in every column
-        assert len({tuple(r.tolist()) for r in pe[1:, :c]}) == 16
-        # the forward at width c adds exactly the leading c channels
-        set_active(model, c / 48)
-        with torch.no_grad():
-            ref = model(x)
-            saved = model.pos_embed.clone()
-            model.pos_embed[..., c:] = 7.0
-            same = model(x)
-            model.pos_embed[..., :c] += 1.0
-            moved = model(x)
-            model.pos_embed.copy_(saved)
-        assert torch.equal(ref, same) and not torch.allclose(ref, moved)
-    set_active(model, 1.0)
-
-
-def test_frozen_patch_projection_and_export_of_the_mocov3_vit():
-    torch.manual_seed(0)
-    model = tiny_mocov3_vit()
-    assert not any(p.requires_grad for p in model.patch_embed.parameters())
-    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("patch_embed"))
-    set_active(model, 0.5)
-    model(torch.randn(2, 3, 16, 16)).sum().backward()
-    assert model.patch_embed.weight.grad is None and model.blocks[0].fc1.weight.grad is not None
-    net = export(model, 0.5)
-    assert isinstance(net.pos_embed, torch.Tensor) and not isinstance(net.pos_embed, torch.nn.Parameter)
-    assert net.pos_embed.shape == (1, 17, 32) and torch.equal(net.pos_embed, model.pos_embed[..., :32])
-    assert not net.patch_embed.weight.requires_grad and net.patch_embed.weight.shape == (32, 3, 4, 4)
-    with pytest.raises(ValueError, match="pos_embed='fixed', allowed: learned, sincos"):
-        ViT(48, 1, 2, img_size=16, patch_size=4, pos_embed="fixed")
 
 
 def test_projection_mlp_three_layers_mocov3():

@@ -397,6 +397,7 @@ def test_vit_mocov3_recipe_trains(image_folder, tmp_path, monkeypatch, fresh_acc
     # MoCo v3's heads: a BN without affine after the projector's and the predictor's last Linear
     assert "projector.7.running_var" in ckpt["student"] and "projector.7.weight" not in ckpt["student"]
     assert "predictor.4.running_var" in ckpt["student"] and "predictor.4.weight" not in ckpt["student"]
+    assert "aux.4.running_var" in ckpt["student"] and "aux.4.weight" not in ckpt["student"]
     for net in (ckpt["student"], ckpt["teacher"]):
         for k in ("backbone.patch_embed.weight", "backbone.patch_embed.bias", "backbone.pos_embed"):
             assert torch.equal(net[k], init[k.removeprefix("backbone.")]), k
