@@ -1,6 +1,6 @@
 """Batched on-device two-view augmentation (BYOL's, or MoCo v2's with aug="mocov2") and an on-device
-CIFAR loader: `loader=device`, and the batched part of `loader=ffcv` (docs/design.md, The three
-loaders). The CPU reference is data.byol_view / data.mocov2_view (PIL + torchvision per sample); this
+CIFAR loader: `loader=device`, and the batched part of `loader=ffcv`
+(docs/design.md, The three loaders). The CPU reference is data.byol_view / data.mocov2_view (PIL + torchvision per sample); this
 module draws the same distributions with per-sample random parameters, vectorized over the batch, on
 the uint8 batch's device (CPU or CUDA).
 
