@@ -109,6 +109,8 @@ class Config:
     save_every_min: float = 1.0  # checkpoint at least this often (minutes), and at every epoch end
     eval_every: int = 0  # epochs between kNN monitors (0: before training and at the end only)
     resume: str = "auto"  # auto (out_dir/checkpoints/last.pt if any) | none | PATH
+    allow_changed: list[str] = field(default_factory=list)  # resume: keys that may differ from the checkpoint's
+    # config besides utils.RESUME_SAFE (logging, workers, data paths), e.g. [max_steps] to extend a run on purpose
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
@@ -196,7 +198,6 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
-        save_config(cfg, cfg.out_dir)
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}; {len(dns)} DNs (MMACs): "
                       + ", ".join(f"{dn_name(d)} ({m / 1e6:.0f})" for d, m in zip(dns, dn_macs)))
 
@@ -247,6 +248,8 @@ def main(cfg):
         state["scaler"] = scaler
     found = {"wandb_id": None}  # the W&B run a resumed run continues
     step = load_resume(cfg, ckpt_path, state, accelerator, extra=found)
+    if accelerator.is_main_process:  # after the resume check: a refused run leaves the folder's config as it was
+        save_config(cfg, cfg.out_dir)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:
         trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again

@@ -156,6 +156,8 @@ class Config:
     save_every_min: float = 1.0  # checkpoint at least this often (minutes), and at every epoch end
     eval_every: int = 0  # epochs between kNN monitors (0: before training and at the end only)
     resume: str = "auto"  # auto (out_dir/checkpoints/last.pt if any) | none | PATH
+    allow_changed: list[str] = field(default_factory=list)  # resume: keys that may differ from the checkpoint's
+    # config besides utils.RESUME_SAFE (logging, workers, data paths), e.g. [max_steps] to extend a run on purpose
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
@@ -257,7 +259,6 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
-        save_config(cfg, cfg.out_dir)
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}" + (f"\n{note}" if note else ""))
 
     # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
@@ -270,10 +271,14 @@ def main(cfg):
                                       cfg.min_scale, cfg.aug)
     steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
+    # the kNN images at the input size the network fixes (a ViT's img_size: the release's Table 3 ViT takes CIFAR
+    # at 224 px); None for a CNN, which takes any size (CIFAR as is, ImageNet at 224 px)
+    with torch.device("meta"):  # the architecture only: no weights allocated, no draw from the RNG
+        knn_size = getattr(ARCHS[cfg.arch](), "img_size", None)
     bank_loader, test_loader = build_knn_loaders(  # CIFAR-size banks are decoded once and kept in memory
         cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
         cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
-        loader="device" if cfg.loader == "device" else "torch", device=device)
+        loader="device" if cfg.loader == "device" else "torch", device=device, image_size=knn_size)
 
     # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
     # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
@@ -335,6 +340,8 @@ def main(cfg):
         state["scaler"] = scaler
     found = {"wandb_id": None}  # the W&B run a resumed run continues
     step = load_resume(cfg, ckpt_path, state, accelerator, extra=found)
+    if accelerator.is_main_process:  # after the resume check: a refused run leaves the folder's config as it was
+        save_config(cfg, cfg.out_dir)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:
         trim_jsonl(log_path, step)  # a killed run's records past its last checkpoint are logged again

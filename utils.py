@@ -284,15 +284,18 @@ def load_resume(cfg, ckpt_path, modules: dict, accelerator, extra: dict | None =
     optimizer or grad scaler} from the checkpoint and returns its step, or 0 for a fresh start.
     extra: {key: default} of plain values the checkpoint may hold (e.g. the W&B run id), updated
     in place from it on every process.
-    A checkpoint written under another config (the trainers store it as "config") that does not
-    load, or of another arch, is a one-line ConfigError naming the keys that differ; keys that
-    differ but load (log_every, epochs, ...) are printed and taken from this config.
+    A checkpoint written under another config (the trainers store it as "config") is a one-line
+    ConfigError naming the keys that differ, unless they are RESUME_SAFE (logging, workers, ...) or
+    listed in cfg.allow_changed; those are printed and taken from this config.
     The global batch (batch_size x processes, stored as "num_processes") must be the checkpoint's:
     the lr, the steps per epoch and every schedule depend on it, so another one is refused; the same
     global batch on another number of processes resumes (same data order, same schedules).
     Several processes: the main one decides whether there is a checkpoint, every process loads it,
     and all of them fail together (one message) if any cannot read it or reads another step, so
     processes that see different files never hang in a later collective."""
+    unknown = [k for k in getattr(cfg, "allow_changed", ()) if not hasattr(cfg, k)]
+    if unknown:
+        raise ConfigError(f"config error: allow_changed names keys this script does not have: {', '.join(unknown)}")
     path = ckpt_path if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
     status = 0 if path is None else (2 if not os.path.isfile(path) else 1)  # fresh | resume | missing
     if accelerator.num_processes > 1:
@@ -323,11 +326,21 @@ def load_resume(cfg, ckpt_path, modules: dict, accelerator, extra: dict | None =
     return step
 
 
+# Keys a resumed run may change: where it logs and how often, its workers, where it finds the same data,
+# how the all-reduce is scheduled (bit-identical sums), the kNN monitor's batch, and batch_size (checked
+# below: the global batch must stay). Any other change (a seed, max_steps, the lr, a loss switch) would
+# continue the old run as another one: refused unless listed in the config's allow_changed.
+RESUME_SAFE = {"resume", "out_dir", "allow_changed", "log_every", "save_every", "save_every_min", "eval_every",
+               "num_workers", "tracker", "knn_batch_size", "data_path", "ffcv_path", "overlap_allreduce",
+               "batch_size"}
+
+
 def _load_checkpoint(cfg, path, modules, accelerator, extra=None) -> int:
     # to the CPU, then load_state_dict copies to each module's device (a 2-process CPU run's device is
     # cpu:0 / cpu:1, which torch.load cannot map to)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     now, then = dataclasses.asdict(cfg), ckpt.get("config", {})
+    allowed = RESUME_SAFE | set(getattr(cfg, "allow_changed", ()))
     changed = [k for k in now if k in then and then[k] != now[k] and k not in ("resume", "out_dir")]
     how = ("; use another out_dir or --resume=none to start afresh" if cfg.resume == "auto"
            else "; resume from a checkpoint of this config")
@@ -344,6 +357,12 @@ def _load_checkpoint(cfg, path, modules, accelerator, extra=None) -> int:
                           f"{cfg.batch_size * world} (batch_size={cfg.batch_size} x num_processes={world}): the lr, "
                           f"steps per epoch and schedules depend on it; resume with {fits}"
                           f"batch_size={batch_then} on {world_then} processes{how}")
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        diff = ", ".join(f"{k}={then[k]!r} there, {now[k]!r} here" for k in refused)
+        raise ConfigError(f"config error: {path} was written by a run with another config ({diff}): a new run "
+                          f"needs a new --out_dir (or --resume=none); to continue this run with the change, "
+                          f"--allow_changed={','.join(refused)}")
     try:
         for key, m in modules.items():
             m.load_state_dict(ckpt[key])

@@ -357,13 +357,15 @@ def test_resume_across_a_changed_world_with_fp16(image_folder, tmp_path):
     assert ckpt["scaler"]["scale"] == 65536.0  # no overflow in 2 steps: the initial scale
     ckpt["scaler"]["scale"] = 1024.0  # as after overflowing steps: the resumed run must take it over
     torch.save(ckpt, out / "checkpoints" / "last.pt")
-    p = launch("train_us3l.py", tiny(image_folder, batch_size=16, max_steps=3, epochs=1, precision="fp16"), out, 2)
+    p = launch("train_us3l.py", tiny(image_folder, batch_size=16, max_steps=3, epochs=1, precision="fp16",
+                                     allow_changed="max_steps"), out, 2)  # a longer run on purpose
     assert p.returncode != 0
     errors = [line for line in p.stderr.splitlines() if line.startswith("config error")]
     assert errors, p.stderr[-3000:]
     assert "global batch of 16" in errors[0] and "batch_size=16 x num_processes=2" in errors[0]
     assert "batch_size=8 on 2 processes" in errors[0]
-    p = launch("train_us3l.py", tiny(image_folder, batch_size=8, max_steps=3, epochs=1, precision="fp16"), out, 2)
+    p = launch("train_us3l.py", tiny(image_folder, batch_size=8, max_steps=3, epochs=1, precision="fp16",
+                                     allow_changed="max_steps"), out, 2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "resuming a run of 1 process(es) on 2" in p.stdout
     assert json.loads((out / "results.json").read_text())["num_processes"] == 2

@@ -182,7 +182,7 @@ def test_wandb_run_continues_on_resume(image_folder, tmp_path):
     assert all(isinstance(v, (bool, int, float, str)) for v in calls("config")[0]["values"].values())
 
     p = run([sys.executable, "train_us3l.py", *us3l_args(image_folder, out, max_steps=4, log_every=1),
-             "--tracker=wandb"], env=env)  # the same run, longer: resumes from step 2
+             "--tracker=wandb", "--allow_changed=max_steps"], env=env)  # the same run, longer: resumes from step 2
     assert p.returncode == 0 and "at step 2" in p.stdout, p.stderr[-3000:]
     assert [c["id"] for c in calls("init")] == [None, "fakerun1"] and len(calls("finish")) == 2
     assert {r["step"] for r in calls("log")[-4:]} >= {3, 4}

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -408,3 +409,22 @@ def test_vit_mocov3_recipe_trains(image_folder, tmp_path, monkeypatch, fresh_acc
     model, _ = load_backbone(tmp_path / "backbone.pt")  # backbone.pt: loads, slims, exports
     assert not model.patch_embed.weight.requires_grad and torch.equal(model.pos_embed, init["pos_embed"])
     assert export(model, 0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_a_changed_config_does_not_resume_into_the_old_run(us3l_run, tmp_path, monkeypatch, fresh_accelerate):
+    """Re-running a finished run's folder with another seed or max_steps is refused in one line naming the
+    keys and the way out (a new out_dir, or allow_changed to continue on purpose); the folder's config.yaml
+    is left as it was. Safe keys (log_every) and allow_changed resume."""
+    out = tmp_path / "run"
+    shutil.copytree(us3l_run.out, out)  # the shared run's folder stays as it is
+    before = (out / "config.yaml").read_text()
+    args = tiny_args(us3l_run.cfg.data_path, out, max_steps=8, train_subset=40, eval_every=2, tracker="tensorboard")
+    msg = cli(train_us3l.main, Config, [*args, "--seed=1", "--max_steps=12"], monkeypatch)
+    assert msg.startswith(f"config error: {out / 'checkpoints' / 'last.pt'} was written by a run with another config")
+    assert "max_steps=8 there, 12 here" in msg and "seed=0 there, 1 here" in msg
+    assert "new --out_dir" in msg and "--allow_changed=seed,max_steps" in msg and "\n" not in msg
+    assert (out / "config.yaml").read_text() == before
+    assert cli(train_us3l.main, Config, [*args, "--allow_changed=sed"], monkeypatch) == \
+        "config error: allow_changed names keys this script does not have: sed"
+    # a safe key: the finished run is found and left alone
+    assert cli(train_us3l.main, Config, [*args, "--log_every=4"], monkeypatch) is None
