@@ -264,8 +264,9 @@ def _convert(value, tp):
 
 
 def _field_comments(cls) -> dict[str, str]:
-    """{field: comment} from `name: type = default  # comment` lines of the class source; {} when
-    the source is unavailable (a class made in a REPL, say)."""
+    """{field: comment} from `name: type = default  # comment` lines of the class source, with the
+    comment-only lines that follow a field (its comment, continued); a `# --- title` line starts a
+    section and continues nothing. {} when the source is unavailable (a class made in a REPL, say)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
         tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
@@ -278,4 +279,13 @@ def _field_comments(cls) -> dict[str, str]:
         elif tok.type == tokenize.COMMENT:
             comment[tok.start[0]] = tok.string.lstrip("#").strip()
     names = {f.name for f in dataclasses.fields(cls)}
-    return {first_name[n]: c for n, c in comment.items() if first_name.get(n) in names}
+    out, field = {}, None
+    for n in sorted(comment):
+        if first_name.get(n) in names:  # a field's own line
+            field = first_name[n]
+            out[field] = comment[n]
+        elif n not in first_name and field and n - 1 in comment and not comment[n].startswith("---"):
+            out[field] += " " + comment[n]  # a continuation line right below the field's comment
+        else:
+            field = None
+    return out

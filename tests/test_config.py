@@ -209,3 +209,20 @@ def test_help_lists_every_field_with_default_and_comment(capsys):
     assert "100" in lines["--epochs"] and "passes over the training set" in lines["--epochs"]
     assert "[1.0, 0.5]" in lines["--widths"] and "widths to evaluate" in lines["--widths"]
     assert "null" in lines["--tracker"] and "str | None" in lines["--tracker"]
+
+
+@dataclass
+class Sectioned:
+    # --- data
+    loader: str = "torch"  # torch | device (batched on the device,
+    # CIFAR scale) | ffcv
+    # --- model
+    arch: str = "r18"  # a key of ARCHS
+    seed: int = 0
+
+
+def test_help_prints_each_whole_comment_and_no_section_title():
+    help_lines = {line.split()[0]: line for line in config_help(Sectioned).splitlines() if line.startswith("  --")}
+    assert help_lines["--loader"].endswith("torch | device (batched on the device, CIFAR scale) | ffcv")
+    assert help_lines["--arch"].endswith("a key of ARCHS") and "model" not in help_lines["--arch"]
+    assert help_lines["--seed"].rstrip().endswith("0")  # no comment, and not the next section's title
