@@ -56,7 +56,7 @@ from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, chec
 
 @dataclass
 class Config:
-    # data
+    # --- data
     data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
     # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
@@ -70,7 +70,7 @@ class Config:
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
     ffcv_path: str = ""  # loader=ffcv: folder written by `python ffcv_data.py` (the kNN monitor reads data_path)
-    # model
+    # --- model
     arch: str = "resnet18_cifar"  # a key of models.ARCHS; the whole online encoder (= the largest DN)
     dns: list[list[float]] = field(default_factory=lambda: [[1.0], [0.875], [0.75], [0.625], [0.5]])  # the
     # desired networks, [width] or [width, depth per stage...]; default: the paper's MobileNetV3 widths
@@ -80,14 +80,14 @@ class Config:
     proj_hidden: int = 4096  # BYOL projector / predictor hidden size
     proj_dim: int = 256  # BYOL projection size
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
-    # DSPNet
+    # --- DSPNet
     num_subnets: int = 4  # n of the sandwich rule: largest, smallest, n-2 others (paper: 4)
     full_only_epochs: float = 10.0  # train only the whole network at first (paper: the 10 warm-up epochs)
     momentum: float = 0.996  # target EMA tau at the start, -> 1 by cosine (BYOL)
     momentum_bn: bool = False  # momentum BN in the target (backbone and projector; paper Sec. 5.1, on in the
     # ImageNet recipes): normalized by an EMA of batch statistics whose weight on each new batch falls from
     # 1 to 0 by cosine over the run (bn_momentum). false: batch statistics, as BYOL
-    # optimization (paper: LARS, 0.2 x batch/256, 10 warm-up epochs, cosine, wd 1.5e-6, 300 epochs, batch 4096)
+    # --- optimization (paper: LARS, 0.2 x batch/256, 10 warm-up epochs, cosine, wd 1.5e-6, 300 epochs, batch 4096)
     epochs: int = 300
     batch_size: int = 256  # per process
     base_lr: float = 0.2  # lr = base_lr * global batch / 256
@@ -101,7 +101,7 @@ class Config:
     overlap_allreduce: bool = True  # N processes: gradient buckets all-reduced while the last backward runs
     # (utils.OverlappedAllReduce); false: one blocking all-reduce after it (the fallback, and the bench's baseline)
     seed: int = 0
-    # run
+    # --- run
     out_dir: str = "out/dspnet"
     max_steps: int = 0  # > 0: the run is this many steps (schedules compressed to it): smoke runs
     log_every: int = 20  # steps; losses are synced (and checked for NaN) only then

@@ -82,7 +82,7 @@ from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, chec
 
 @dataclass
 class Config:
-    # data
+    # --- data
     data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
     # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
@@ -96,7 +96,7 @@ class Config:
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
     ffcv_path: str = ""  # loader=ffcv: folder written by `python ffcv_data.py` (the kNN monitor reads data_path)
-    # model
+    # --- model
     arch: str = "resnet18_cifar"  # a key of models.ARCHS
     proj_hidden: int = 2048  # projector / heads hidden size
     proj_dim: int = 128  # output of projector, predictor and auxiliary head
@@ -107,7 +107,7 @@ class Config:
     predictor: bool = False  # MoCo v3: a predictor MLP (proj_dim -> proj_hidden -> proj_dim) on the query
     # side of the base network's InfoNCE (base_loss=mse always has one)
     channels_last: bool = True  # faster convolutions with bf16 (CPU and GPU)
-    # US3L (Table 7 switchboard; defaults = case 13)
+    # --- US3L (Table 7 switchboard; defaults = case 13)
     width_min: float = 0.25  # smallest width trained (R_min at the end of dynamic sampling)
     individual: float = 0.0  # > 0: the papers' "individually trained" baseline: this width alone, as a plain
     # network of its own init (models.make_individual_), the same recipe without sub-networks (no aux head,
@@ -135,7 +135,7 @@ class Config:
     # group regularization after each width's backward, as the authors' release does (3 per batch in stage 4)
     momentum: float = 0.99  # EMA teacher tau at the start
     momentum_cosine: bool = True  # tau -> 1 by cosine over the run (BYOL); else constant
-    # optimization
+    # --- optimization
     epochs: int = 400
     batch_size: int = 512  # per process
     base_lr: float = 0.25  # lr = base_lr * global batch / 256: 0.5 at batch 512, as the paper's CIFAR
@@ -148,7 +148,7 @@ class Config:
     overlap_allreduce: bool = True  # N processes: gradient buckets all-reduced while the last backward runs
     # (utils.OverlappedAllReduce); false: one blocking all-reduce after it (the fallback, and the bench's baseline)
     seed: int = 0
-    # run
+    # --- run
     out_dir: str = "out/us3l"
     max_steps: int = 0  # > 0: the run is this many steps (schedules compressed to it): smoke runs
     log_every: int = 20  # steps; losses are synced (and checked for NaN) only then
