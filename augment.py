@@ -41,7 +41,7 @@ from PIL import Image
 
 from config import ConfigError
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, pretrain_transform, subset_indices
-from ffcv_data import beton_labels, build_ffcv_loader
+from ffcv_data import beton_labels, build_ffcv_loader, require_ffcv
 
 # The references' constants (data.byol_view, data.mocov2_view); tests/test_augment.py checks them.
 AUGS = ("byol", "mocov2")  # config key `aug`
@@ -531,6 +531,7 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
         return DeviceLoader(build_dataset(data_path, "train", subset=subset), batch_size, device, views, seed=seed,
                             rank=rank, world=world, num_workers=num_workers)
     if kind == "ffcv":
+        require_ffcv()
         path = os.path.join(ffcv_path, "train.beton")
         if not ffcv_path or not os.path.isfile(path):
             cap = "--raw" if dataset.startswith("cifar") else "--max_resolution 256"

@@ -57,11 +57,22 @@ class ConfigError(SystemExit):
     """A bad config key, value or file. A SystemExit, so a script prints one line, no traceback."""
 
 
+class UserError(Exception):
+    """Base of the errors a user causes and fixes from the message alone (data.BadImageError): run()
+    prints them as one line, as the missing-file errors (USER_ERRORS)."""
+
+
+# What run() reports in one line, `error: <message>`, without a traceback (DEBUG=1 prints it as well):
+# a missing or unreadable file or folder (data, split, .beton, checkpoint) names itself and the fix.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UserError)
+
+
 T = typing.TypeVar("T")
 
 
 def run(main, cls: type) -> None:
-    """Entry point of every script: `run(main, Config)` parses the config and calls main(cfg).
+    """Entry point of every script: `run(main, Config)` parses the config and calls main(cfg). A config
+    error or a USER_ERRORS failure exits with one line; any other exception with its traceback.
     However main ends, the process group is torn down before the interpreter exits, so a rank that
     stops on an error (e.g. a non-finite loss, raised on every rank by check_finite) exits with code 1
     and its traceback, not with an abort ("terminate called without an active exception").
@@ -73,6 +84,10 @@ def run(main, cls: type) -> None:
         main(parse_config(cls))
     except SystemExit as e:  # --help (code 0), ConfigError (its one-line message, exit 1)
         code = e.code
+    except USER_ERRORS as e:  # one line naming the problem and its fix
+        if os.environ.get("DEBUG"):
+            traceback.print_exc()
+        code = f"error: {e}"
     except (Exception, KeyboardInterrupt) as e:
         traceback.print_exc()
         code = 130 if isinstance(e, KeyboardInterrupt) else 1

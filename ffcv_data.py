@@ -26,7 +26,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import data
+from config import UserError
 from data import BadImageError, EpochSampler, build_dataset
+
+
+def require_ffcv():
+    """One line, not an ImportError's traceback, where FFCV is not installed (make install FFCV=0)."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        raise UserError("loader=ffcv needs FFCV, which is not installed: `make install` (with FFCV's Debian "
+                        "packages), or pip install ffcv==1.0.2 once libturbojpeg, OpenCV and pkg-config are there; "
+                        "loader=torch (any data) and loader=device (CIFAR) need none") from None
 
 
 def write_beton(data_path, out, splits=("train", "test"), max_resolution=None, jpeg_quality=90, raw=False,
@@ -47,6 +58,7 @@ def write_beton(data_path, out, splits=("train", "test"), max_resolution=None, j
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} exists: pass --overwrite (overwrite=True) to replace it")
     sources = {s: build_dataset(data_path, s, image_key=image_key, label_key=label_key) for s in splits}
+    require_ffcv()
     from ffcv.fields import IntField, RGBImageField  # after the checks: a bad path fails fast
     from ffcv.writer import DatasetWriter
 

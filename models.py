@@ -14,6 +14,7 @@ file builds the architectures from them and holds what you do with a sub-network
     calibrate_bn(model, batches, width=0.5)            # exact BN statistics for that sub-network
     net = export(model, width=0.5)                     # plain nn.Module, same eval output
     params, macs = profile(model, width=0.5, input_size=224)
+    net = load_subnet("out/run/backbone.pt", width=0.5, batches=calib)  # a pretrained slice, BN calibrated
 
 This file imports only slim.py from the rest of the repo: copy the two into another project if you like.
 CLI: python models.py --arch resnet50 --widths 0.25,0.5,0.75,1.0 --input_size 224
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import math
+import os
 from functools import partial
 
 import torch
@@ -431,13 +433,51 @@ def _local_bn(model):
 def load_backbone(path, teacher=False):
     """The backbone saved by train_us3l.py / train_dspnet.py (backbone.pt): plain tensors and
     primitives, loaded with weights_only=True. Returns (model at full width, checkpoint dict)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder: pass the backbone.pt in it (train_*.py writes one per run)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # not a checkpoint, cut short, or not plain tensors
+        raise ValueError(f"{path} is not a checkpoint this code can read ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:120]}); pass a backbone.pt written by train_*.py") from None
     key = "teacher" if teacher else "backbone"
-    if key not in ckpt:
-        raise KeyError(f"{path} holds no {key!r} weights (keys: {sorted(ckpt)})")
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} holds no {key!r} weights ({have}); pass a backbone.pt written by train_*.py")
     model = ARCHS[ckpt["arch"]]()
     model.load_state_dict(ckpt[key])
     return model, ckpt
+
+
+def load_subnet(path, width=None, depth=None, dn=None, batches=None, teacher=False):
+    """A pretrained sub-network of backbone.pt as a plain nn.Module (eval mode) for your own code:
+
+        net = load_subnet("out/run/backbone.pt", width=0.5, batches=calib)  # calib: ~2000 training images
+        feats = net(images)                                                  # (B, D_w) features
+
+    width/depth: the slice (default: an individual checkpoint's network, else 1.0); dn: an index into a
+    DSPNet checkpoint's DN list (largest first) instead. batches: images as in training (tensors or
+    (x, y) pairs, normalized by data.eval_transform) on which BN is calibrated for this slice, which
+    eval-mode use needs; None leaves BN uncalibrated (fine-tuning with BN in train mode only)."""
+    model, ckpt = load_backbone(path, teacher)
+    if dn is not None:
+        if not ckpt.get("dns") or not 0 <= dn < len(ckpt["dns"]) or width is not None or depth is not None:
+            raise ValueError(f"dn={dn}: an index into {path}'s DN list ({len(ckpt.get('dns') or [])} DNs), "
+                             f"without width or depth")
+        width, depth = ckpt["dns"][dn]["width"], ckpt["dns"][dn]["depth"]
+    ind = ckpt.get("individual")
+    width = width if width is not None else (ind["width"] if ind else 1.0)
+    depth = depth if depth is not None or not ind else ind["depth"]
+    if ind and (round(width, 4), depth) != (round(ind["width"], 4), ind["depth"]):
+        raise ValueError(f"{path} is an individually pretrained network (width {ind['width']}, depth "
+                         f"{ind['depth']}): no other slice was trained")
+    if width < ckpt.get("width_min", 0.0) - 1e-6:
+        raise ValueError(f"width={width} lies below {ckpt['width_min']}, the smallest width {path} was trained at")
+    if batches is not None:
+        calibrate_bn(model, batches, width, depth)
+    return export(model, width, depth, check_stats=batches is not None)
 
 
 def set_active(model, width=1.0, depth=None):

@@ -196,8 +196,6 @@ def main(cfg):
     if cfg.individual:  # the DN's slice starts as a plain network of that size; every other weight is 0
         make_individual_(backbone, dns[0]["width"], dns[0]["depth"])
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
-    if accelerator.is_main_process:
-        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}; {len(dns)} DNs (MMACs): "
                       + ", ".join(f"{dn_name(d)} ({m / 1e6:.0f})" for d, m in zip(dns, dn_macs)))
 
@@ -248,7 +246,8 @@ def main(cfg):
         state["scaler"] = scaler
     found = {"wandb_id": None}  # the W&B run a resumed run continues
     step = load_resume(cfg, ckpt_path, state, accelerator, extra=found)
-    if accelerator.is_main_process:  # after the resume check: a refused run leaves the folder's config as it was
+    if accelerator.is_main_process:  # after the data and the resume check: a run that fails before training
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)  # creates no folder, a refused one keeps its config
         save_config(cfg, cfg.out_dir)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:

@@ -257,8 +257,6 @@ def main(cfg):
     # (make_divisible rounds to multiples of 8), so the tuning is paid a few hundred times per run
     torch.backends.cudnn.benchmark = device.type == "cuda"
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
-    if accelerator.is_main_process:
-        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}" + (f"\n{note}" if note else ""))
 
     # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
@@ -340,7 +338,8 @@ def main(cfg):
         state["scaler"] = scaler
     found = {"wandb_id": None}  # the W&B run a resumed run continues
     step = load_resume(cfg, ckpt_path, state, accelerator, extra=found)
-    if accelerator.is_main_process:  # after the resume check: a refused run leaves the folder's config as it was
+    if accelerator.is_main_process:  # after the data and the resume check: a run that fails before training
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)  # creates no folder, a refused one keeps its config
         save_config(cfg, cfg.out_dir)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if accelerator.is_main_process:

@@ -354,3 +354,42 @@ def test_config_error_on_the_command_line(image_folder, tmp_path):
     assert p.returncode == 1 and lines, p.stderr[-3000:]
     assert "another arch (arch='resnet50' there, 'resnet18_cifar' here)" in lines[-1], p.stderr[-3000:]
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def no_test_split(image_folder, tmp_path):
+    shutil.copytree(image_folder / "train", tmp_path / "notest" / "train")
+    return tmp_path / "notest"
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing data", ["--data_path={tmp}/nowhere"], "error: "),
+    ("no test split", ["--data_path={notest}"], "error: "),
+    ("no .beton", ["--loader=ffcv", "--ffcv_path={tmp}/nobeton"], "error: loader=ffcv needs ffcv_path"),
+    ("no FFCV", ["--loader=ffcv", "--ffcv_path={tmp}/nobeton"], "error: loader=ffcv needs FFCV, which is not installed"),
+])
+def test_user_errors_are_one_line(case, args, message, image_folder, tmp_path, monkeypatch, capsys):
+    """Data a user got wrong ends in one line naming the problem (config.USER_ERRORS), exit code 1, no
+    traceback; DEBUG=1 adds the traceback."""
+    if case == "no FFCV":
+        monkeypatch.setitem(sys.modules, "ffcv", None)  # import ffcv now raises ImportError
+    notest = no_test_split(image_folder, tmp_path) if case == "no test split" else None
+    argv = us3l_args(image_folder, tmp_path / "o") + [a.format(tmp=tmp_path, notest=notest) for a in args]
+    monkeypatch.setattr(sys, "argv", ["train_us3l.py", *argv])
+    monkeypatch.setattr(data, "BAD_IMAGES", data.BAD_IMAGES)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            config.run(train_us3l.main, train_us3l.Config)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    said, err = exit_.value.code, capsys.readouterr().err
+    assert isinstance(said, str) and said.startswith(message) and "\n" not in said, said
+    assert "Traceback" not in err, err[-3000:]
+    if case == "missing data":
+        assert "nowhere" in said
+        monkeypatch.setenv("DEBUG", "1")
+        try:
+            with pytest.raises(SystemExit):
+                config.run(train_us3l.main, train_us3l.Config)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        assert "Traceback" in capsys.readouterr().err

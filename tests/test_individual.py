@@ -102,3 +102,39 @@ def test_bad_individual_is_one_line(trainer, value, message, image_folder, tmp_p
     args = (tiny_args if trainer is train_us3l else dspnet_args)(image_folder, tmp_path, individual=value)
     msg = cli(trainer.main, trainer.Config, args, monkeypatch)  # a ConfigError: its one line
     assert isinstance(msg, str) and message in msg and "\n" not in msg
+
+
+def test_load_subnet_is_the_calibrated_exported_slice(us3l_run, dspnet_run):
+    """models.load_subnet (the README's snippet): load, slice, calibrate, export in one call; the same
+    network as doing it by hand; DN indices; an individual checkpoint's one network; refusals."""
+    path = us3l_run.out / "backbone.pt"
+    torch.manual_seed(0)
+    calib = [torch.randn(20, 3, 16, 16) for _ in range(2)]
+    x = torch.randn(4, 3, 16, 16)
+    net = models.load_subnet(path, width=0.5, batches=calib)
+    model, _ = models.load_backbone(path)
+    models.calibrate_bn(model, calib, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), models.export(model, 0.5)(x))
+    assert not any(isinstance(m, models.SlimConv2d) for m in net.modules()) and not net.training
+    with pytest.raises(ValueError, match="below 0.25, the smallest width"):
+        models.load_subnet(path, width=0.125)
+    with pytest.raises(IsADirectoryError, match="is a folder: pass the backbone.pt in it"):
+        models.load_subnet(us3l_run.out)
+    dn = models.load_subnet(dspnet_run.out / "backbone.pt", dn=2, batches=calib)  # 0.5_d1-1-1-1
+    assert [len(stage) for stage in dn.stages] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="an index into"):
+        models.load_subnet(dspnet_run.out / "backbone.pt", dn=7)
+
+
+def test_load_subnet_of_an_individual_checkpoint(tmp_path):
+    model = models.make_individual_(models.ARCHS["resnet18_cifar_tiny"](), 0.5)
+    torch.save({"arch": "resnet18_cifar_tiny", "backbone": model.state_dict(),
+                "individual": {"width": 0.5, "depth": None}}, tmp_path / "b.pt")
+    net = models.load_subnet(tmp_path / "b.pt")  # its one network by default
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in narrow_resnet().parameters())
+    with pytest.raises(ValueError, match="individually pretrained network"):
+        models.load_subnet(tmp_path / "b.pt", width=1.0)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="is not a checkpoint this code can read"):
+        models.load_subnet(tmp_path / "junk.pt")
