@@ -1,17 +1,21 @@
 # Set-up and checks. `make test` installs first when needed; `make install` twice is a no-op.
 #   make install   system packages for FFCV (Debian), then .venv/ with requirements.txt
+#                  FFCV=0: no FFCV, no system packages, no root (loader=torch and loader=device only;
+#                  make test needs the full install: its FFCV tests import ffcv)
 #   make quick     the quick US3L CIFAR-10 run (QUICK_ARGS="--data_path=DIR" to point elsewhere)
 #   make test      ruff + pytest on 2 workers (PYTEST_ARGS="-k config" to narrow, PYTEST_WORKERS=0 for one process)
 #   make lint      ruff only
 #   make clean     remove .venv/ and caches (not data, not runs)
 
 SHELL := /bin/bash
+comma := ,
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 QUICK_ARGS ?=
+FFCV ?= 1
 # What FFCV's source build needs: libturbojpeg, OpenCV headers, pkg-config to find both.
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 
@@ -21,11 +25,13 @@ install: $(VENV)/.installed
 
 # The stamp depends on requirements.txt: editing it reinstalls, otherwise nothing happens.
 # system-deps is order-only: it re-checks (quietly) but never forces a reinstall.
-$(VENV)/.installed: requirements.txt | system-deps
+# FFCV=0 installs requirements.txt without its ffcv line and needs no system packages (make clean to switch).
+$(VENV)/.installed: requirements.txt | $(if $(filter 0,$(FFCV)),,system-deps)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
-	$(PY) -c "import torch, torchvision, accelerate, ffcv, datasets; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(if $(filter 0,$(FFCV)),grep -v '^ffcv==',cat) requirements.txt > $(VENV)/requirements.txt
+	$(PY) -m pip install -r $(VENV)/requirements.txt
+	$(PY) -c "import torch, torchvision, accelerate, datasets$(if $(filter 0,$(FFCV)),,$(comma) ffcv); print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $@
 
 system-deps:
