@@ -386,10 +386,21 @@ def pretrain_transform(dataset, size=None, min_scale=0.08, aug="byol"):
 
 
 def eval_transform(dataset, size=None):
-    """CIFAR: the 32 px image as is. ImageNet: Resize(256) + CenterCrop(224), scaled for other sizes."""
+    """CIFAR: the 32 px image as is (size None or 32). At another size, for a network that fixes its input
+    size (the US3L release's ViT takes CIFAR at 224 px): upsampled as the release's ViT linear probe tests,
+    Resize(256) + CenterCrop(224), scaled for other sizes, bicubic. ImageNet: Resize(256) + CenterCrop(224),
+    scaled for other sizes, bicubic."""
     mean, std = MEAN_STD[dataset]
     if dataset.startswith("cifar"):
-        return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        as_is = [T.ToTensor(), T.Normalize(mean, std)]
+        if not size or size == 32:
+            return T.Compose(as_is)
+        # NOTE: the release resizes the PIL image with torchvision's default, bilinear; we upsample bicubic,
+        # as byol_view upsamples the pretraining crops, and on the normalized tensor, last (antialias=True:
+        # PIL's bicubic kernel, without its 8-bit rounding), so that knn.py can keep the 32 px images cached
+        # and apply these two ops to whole batches on the device, with the same result per image
+        return T.Compose([*as_is, T.Resize(round(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC,
+                                           antialias=True), T.CenterCrop(size)])
     size = size or 224
     return T.Compose([T.Resize(round(size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])

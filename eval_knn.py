@@ -5,7 +5,8 @@ The command evaluates every width of a checkpoint (its `widths` list, or each DS
 `dns` list with its depth), or of a seeded random-init network (the baseline), and writes a table to
 stdout, out_dir/results.json ({"<width or DN>": {"top1", "top5", "params", "macs", "top1_k"}, ...},
 accuracies in [0, 1], top1/top5 at the last k given) and out_dir/knn.png (top-1 against MACs and
-against width). MACs are counted at the eval image size (32 px CIFAR, 224 px ImageNet). out_dir
+against width). MACs are counted at the eval image size (32 px CIFAR, 224 px ImageNet; a network that
+fixes its input size, a ViT's img_size, at that size: CIFAR upsampled to it, data.eval_transform). out_dir
 defaults to a folder beside the checkpoint (default_out_dir: <ckpt dir>/knn, <ckpt dir>/knn_teacher;
 out/random_init/<arch>/knn without one), so evaluations of different runs never share one.
 --tracker=tensorboard|wandb also logs each network's top-1, top-5, MMACs and params there.
@@ -201,15 +202,18 @@ def main(cfg):
         save_config(cfg, cfg.out_dir)
     init_tracker(accelerator, cfg, "eval_knn")
     model = model.to(device)
+    # a network that fixes its input size (a ViT's img_size) gets the images at it: CIFAR upsampled to 224 px
+    # for the release's Table 3 ViT (data.eval_transform); a CNN (None) takes CIFAR as is, ImageNet at 224 px
+    img_size = getattr(model, "img_size", None)
     bank_loader, test_loader = build_knn_loaders(cfg.data_path, dataset, cfg.batch_size, cfg.bank_subset,
                                                  cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache,
-                                                 cfg.loader, cfg.ffcv_path, device)
+                                                 cfg.loader, cfg.ffcv_path, device, image_size=img_size)
     calib = fixed_calibration_batches(cfg.data_path, dataset, cfg.bank_subset, cfg.calib_images, cfg.batch_size,
-                                      cfg.seed, cfg.num_workers)
+                                      cfg.seed, cfg.num_workers, image_size=img_size)
     accelerator.print(f"kNN T={cfg.temperature} k={cfg.k} on {dataset} ({cfg.data_path}): "
                       f"{ckpt['arch']} {cfg.ckpt + (' (teacher)' if cfg.teacher else '') or '(random init, seed %d)' % cfg.seed}, "
                       f"{accelerator.num_processes} process(es)")
-    main_k, size = cfg.k[-1], 32 if dataset.startswith("cifar") else 224
+    main_k, size = cfg.k[-1], img_size or (32 if dataset.startswith("cifar") else 224)
     results, timings = {}, {}
     for name, w, depth in nets:
         details = {}

@@ -19,6 +19,16 @@ classifier is trained on its pooled features. Two modes:
   RandomResizedCrop(32, scale 0.8-1, bicubic) + flip, test images Resize(36) + CenterCrop(32); a plain
   Linear head, lr 30 at batch 512 with lr_schedule=step, x0.1 at epochs 60 and 80, 100 epochs).
 
+A network that fixes its input size (a ViT's img_size) gets the images at it: CIFAR is upsampled
+(data.eval_transform: Resize(size * 256 / 224) + CenterCrop(size), bicubic), and probe_aug=default then
+trains augment mode and fine-tuning on MoCo v3's probe transforms, RandomResizedCrop(size) + flip, as
+the US3L release's ViT probe for Table 3 (ViT_experiments/main_lincls_ddp.py: CIFAR-10 at 224 px, test
+images Resize(256) + CenterCrop(224)). NOTE (our decision): the transforms follow the network, the
+schedule stays in the keys; that probe's schedule is `--mode=augment --head_bn=false --nesterov=false
+--epochs=90 --base_lr=0.1 --batch_size=256` (SGD momentum 0.9, no weight decay, cosine; the command in
+yaml/vit_tiny_cifar10_release.yaml's header). Both take torchvision's default bilinear resize; we
+upsample bicubic (as data.byol_view crops the pretraining views).
+
 In both modes and in fine-tuning the lr is set by hand each step, a pure function of the step (lr_at):
 lr_schedule=cosine (default, to 0 at the end) or step (x0.1 from each epoch in lr_milestones on).
 
@@ -96,8 +106,8 @@ import data
 from config import ConfigError, run, save_config
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
 from eval_knn import default_out_dir, load_network, log_results, networks_to_eval
-from knn import (DeviceBatches, Progress, all_gather_rows, build_knn_loaders, calibration_shard, extract_features,
-                 maybe_autocast, rank_world)
+from knn import (DeviceBatches, Progress, Upsampled, all_gather_rows, build_knn_loaders, calibration_shard,
+                 eval_parts, extract_features, maybe_autocast, rank_world)
 from models import calibrate_bn, export, profile, set_active, set_sync_bn
 from utils import all_reduce_grads_, check_tracker, init_tracker
 
@@ -115,8 +125,9 @@ class Config:
     mode: str = "cached"  # cached: head on cached features (fast) | augment: on-the-fly augmentation (slow)
     head_bn: bool = True  # BatchNorm1d(affine=False) before the head's Linear (MoCo v3 / MAE); false: plain Linear (BYOL)
     probe_aug: str = "default"  # mode=augment / finetune: default (CIFAR RandomCrop(32, pad 4) + flip, ImageNet
-    # RandomResizedCrop(224) + flip) | us3l (the US3L release's CIFAR probe: RandomResizedCrop(32, scale 0.8-1,
-    # bicubic) + flip; test and BN calibration images Resize(36) + CenterCrop(32), bicubic)
+    # RandomResizedCrop(224) + flip; a network with a fixed input size other than 32 px on CIFAR, e.g. the release's
+    # 224 px ViT: RandomResizedCrop(size, bicubic) + flip, MoCo v3's) | us3l (the US3L release's 32 px CIFAR probe:
+    # RandomResizedCrop(32, scale 0.8-1, bicubic) + flip; test and BN calibration images Resize(36) + CenterCrop(32))
     finetune: bool = False  # fine-tune each whole sub-network with a Linear classifier (semi-supervised, BYOL's
     # schedule; see the docstring) instead of a linear probe; mode and head_bn do not apply
     label_fraction: float = 0.0  # semi-supervised: 0.01 or 0.1 of the training labels (class-balanced); 0 = all
@@ -167,9 +178,10 @@ def schedule(cfg, labeled, pool):
     return epochs, cfg.base_lr or (0.01 if cfg.finetune else 0.1 if cfg.head_bn else 0.2)
 
 
-def check_protocol(cfg, dataset, epochs):
+def check_protocol(cfg, dataset, epochs, img_size=None):
     """ConfigError (one line, naming the key) for an lr schedule or probe augmentation that cannot run
-    as asked; `epochs` as schedule() resolved it. main checks the keys' allowed values first."""
+    as asked; `epochs` as schedule() resolved it, img_size the input size the network fixes (None: any).
+    main checks the keys' allowed values first."""
     ms = list(cfg.lr_milestones)
     if cfg.lr_schedule != "step" and ms:
         raise ConfigError(f"config error: lr_milestones={ms} needs lr_schedule=step ({cfg.lr_schedule} has none)")
@@ -184,6 +196,9 @@ def check_protocol(cfg, dataset, epochs):
         return
     if not dataset.startswith("cifar"):
         raise ConfigError(f"config error: probe_aug=us3l is the release's CIFAR probe, not for dataset={dataset}")
+    if img_size not in (None, 32):
+        raise ConfigError(f"config error: probe_aug=us3l is the release's 32 px CIFAR probe; this network takes "
+                          f"{img_size} px inputs: use probe_aug=default (MoCo v3's probe at that size, the release's ViT's)")
     if cfg.mode == "cached" and not cfg.finetune:
         raise ConfigError("config error: probe_aug=us3l augments the training images: it needs mode=augment "
                           "or finetune=true")
@@ -260,28 +275,35 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
     return head
 
 
-def augment_transform(dataset, probe_aug="default"):
+def augment_transform(dataset, probe_aug="default", size=None):
     """The linear-eval augmentation. default: CIFAR RandomCrop(32, padding 4) + flip; ImageNet
-    RandomResizedCrop(224) + flip (MoCo v3, DINO). us3l (CIFAR): the US3L release's probe
-    (workers/linear.py), RandomResizedCrop(32, scale (0.8, 1), ratio (3/4, 4/3), bicubic) + flip."""
+    RandomResizedCrop(224) + flip (MoCo v3, DINO). size: the input size the network fixes (None: any);
+    CIFAR at another size than 32 px: RandomResizedCrop(size, bicubic) + flip, MoCo v3's probe as the
+    release's ViT uses it. us3l (CIFAR, 32 px): the US3L release's probe (workers/linear.py),
+    RandomResizedCrop(32, scale (0.8, 1), ratio (3/4, 4/3), bicubic) + flip."""
     mean, std = MEAN_STD[dataset]
+    cifar = dataset.startswith("cifar")
     if probe_aug == "us3l":
         crop = T.RandomResizedCrop(32, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3),
                                    interpolation=T.InterpolationMode.BICUBIC)
+    elif cifar and size not in (None, 32):  # upsampled as data.eval_transform does (bicubic)
+        crop = T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC)
     else:
-        crop = T.RandomCrop(32, padding=4) if dataset.startswith("cifar") else T.RandomResizedCrop(224)
+        crop = T.RandomCrop(32, padding=4) if cifar else T.RandomResizedCrop(size or 224)
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def probe_test_transform(dataset, probe_aug="default"):
-    """Test (and BN calibration) images. default: data.eval_transform. us3l: the US3L release's CIFAR
+def probe_test_transform(dataset, probe_aug="default", size=None):
+    """Test (and BN calibration) images. default: data.eval_transform at size, the input size the network
+    fixes (None: any; CIFAR at another size than 32 px is upsampled to it; main applies it in two parts,
+    knn.eval_parts). us3l: the US3L release's CIFAR
     test transform, Resize(36) + CenterCrop(32), bicubic (its 32 x 8/7: a slight zoom into the centre).
     NOTE (our decision): probe_aug=us3l extracts the test features with it, as the release tests, and
     calibrates BN on training images with it too: the statistics of the inputs the head is scored on,
     and a deterministic transform, so the calibration batches stay the same under any process count
     (the release instead runs 3 passes of its augmented training loader in train mode)."""
     if probe_aug != "us3l":
-        return eval_transform(dataset)
+        return eval_transform(dataset, size)
     mean, std = MEAN_STD[dataset]
     return T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
                       T.Normalize(mean, std)])
@@ -339,7 +361,7 @@ def finetune_network(backbone, width, depth, dataset, num_classes, device, cfg):
     set_active(net, width, depth)
     dtype = next(net.parameters()).dtype
     with torch.no_grad():  # the feature size at this width; batch statistics, this process only
-        size = 32 if cfg.dataset.startswith("cifar") else 224
+        size = getattr(net, "img_size", None) or (32 if cfg.dataset.startswith("cifar") else 224)
         dim = net.train()(torch.zeros(2, 3, size, size, device=device, dtype=dtype)).shape[1]
     set_sync_bn(net, True)
     torch.manual_seed(cfg.seed)
@@ -498,30 +520,37 @@ def main(cfg, backbone=None):
     init_tracker(accelerator, cfg, "eval_linear")
 
     # data: the train split with the eval transform (features, calibration), sharded by rank;
-    # probe_aug=us3l: the release's test transform for test features and calibration (probe_test_transform)
-    test_transform = probe_test_transform(dataset, cfg.probe_aug)
+    # probe_aug=us3l: the release's test transform for test features and calibration (probe_test_transform).
+    # A network that fixes its input size (a ViT's img_size) gets the images at it: CIFAR decoded at 32 px and
+    # upsampled batch by batch as it is used, on the device (knn.eval_parts: as data.eval_transform at that size)
+    img_size = getattr(backbone, "img_size", None)
+    test_transform, upsample = probe_test_transform(dataset, cfg.probe_aug), None
+    if cfg.probe_aug == "default":
+        test_transform, upsample = eval_parts(dataset, img_size)
     train = build_dataset(cfg.data_path, "train", test_transform, return_index=True)
     test = build_dataset(cfg.data_path, "test", test_transform, subset=cfg.test_subset,
                          subset_seed=cfg.seed, return_index=True)
     pool, labeled = labeled_indices(train, cfg)
     num_classes = train.num_classes
     epochs, base_lr = schedule(cfg, len(labeled), len(pool))  # printed, not stored
-    check_protocol(cfg, dataset, epochs)  # before any image is decoded
+    check_protocol(cfg, dataset, epochs, img_size)  # before any image is decoded
 
     def shard(ds, idx, split):  # this rank's share of the samples idx of ds, as (x, y, idx) batches
         if cfg.loader == "ffcv":  # the same rows of the .beton (write_beton keeps build_dataset's order)
             return build_knn_loaders("", dataset, cfg.batch_size, loader="ffcv", ffcv_path=cfg.ffcv_path,
-                                     device=device, rows={split: ds.indices[np.asarray(idx)]})[split == "test"]
+                                     device=device, rows={split: ds.indices[np.asarray(idx)]},
+                                     image_size=img_size)[split == "test"]
         loader = DataLoader(Subset(ds, np.asarray(idx)[rank::world].tolist()), batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers)
         if cfg.loader == "device":  # decoded once, kept on the device (the features are extracted once anyway)
             x, y, i = zip(*loader)
-            return DeviceBatches([torch.cat(t).to(device) for t in (x, y, i)], cfg.batch_size)
-        return loader
+            loader = DeviceBatches([torch.cat(t).to(device) for t in (x, y, i)], cfg.batch_size)
+        return Upsampled(loader, upsample, device) if upsample else loader
 
     # NOTE: the same calibration batches for any process count (knn.calibration_shard), drawn from
     # the training pool (labels unused): with per-rank draws N processes would not give 1 process's numbers
     calib = calibration_shard(train, cfg.calib_images, cfg.batch_size, cfg.seed, cfg.num_workers, pool=pool)
+    calib = Upsampled(calib, upsample, device) if upsample else calib
     test_loader = shard(test, np.arange(len(test)), "test")
     train_loader = shard(train, labeled, "train") if cfg.mode == "cached" and not cfg.finetune else None
     counts = np.bincount(train.labels[labeled], minlength=num_classes)
@@ -536,9 +565,9 @@ def main(cfg, backbone=None):
                       f"{world} process(es); {epochs} epochs, lr {lr:g} {decay}"
                       f"{', probe_aug=us3l' if cfg.probe_aug == 'us3l' else ''}")
 
-    results, input_size = {}, 32 if dataset.startswith("cifar") else 224
+    results, input_size = {}, img_size or (32 if dataset.startswith("cifar") else 224)
     if cfg.mode == "augment" or cfg.finetune:
-        aug = Subset(build_dataset(cfg.data_path, "train", augment_transform(dataset, cfg.probe_aug),
+        aug = Subset(build_dataset(cfg.data_path, "train", augment_transform(dataset, cfg.probe_aug, img_size),
                                    return_index=True), labeled.tolist())
     for name, w, depth in nets:
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
@@ -218,7 +219,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
 
 def calibration_batches(loader, n_images=2000, seed=0):
     """A list of image batches for calibrate_bn: n_images drawn at random (seeded) from the
-    loader's dataset, with its transform and batch size. Random, not the loader's first batches:
+    loader's dataset, with its transform and batch size (an Upsampled loader: its 32 px images, and
+    the batches are upsampled when used, Upsampled). Random, not the loader's first batches:
     an image folder lists the images class by class, so the first 2000 CIFAR images are 2 classes.
     US-Nets calibrate on about 2000 training images. Under N processes each rank draws
     n_images / N from its own shard and knn_eval pools the statistics (all_reduce).
@@ -227,6 +229,8 @@ def calibration_batches(loader, n_images=2000, seed=0):
     about the same spread with 500 (4x cheaper). Keep the seed fixed within a run; the draw (and so
     the accuracy) also changes with the number of processes, and bit-equal results would further
     need the same batches, as train-mode BN depends on them."""
+    if isinstance(loader, Upsampled):  # drawn at 32 px, upsampled batch by batch when used
+        return Upsampled(calibration_batches(loader.loader, n_images, seed), loader.upsample, loader.device)
     rank, world = rank_world()
     n = max(1, n_images // world + (rank < n_images % world))  # an empty rank would hang all_reduce
     g = torch.Generator().manual_seed(seed + rank)
@@ -318,7 +322,7 @@ class Progress:
 
 
 def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_subset=0, num_workers=0,
-                      seed=0, cache=False, loader="torch", ffcv_path="", device="cpu", rows=None):
+                      seed=0, cache=False, loader="torch", ffcv_path="", device="cpu", rows=None, image_size=None):
     """(bank_loader, test_loader): the train split (bank) and the test split with the eval
     transform, optionally class-balanced seeded subsets (0 = all), yielding (x, y, idx) in a fixed
     order. Under N processes (call it after the process group is up, e.g. after Accelerator())
@@ -328,25 +332,60 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
     bank is 123 MB), where JPEG decoding would otherwise cost about as much as a 0.25x forward.
     loader: torch (DataLoader, as above) | device (cached, and the tensors kept on `device`,
     batches sliced there) | ffcv (ffcv_path/train.beton and test.beton, center crops decoded by
-    FFCV onto the device, normalized there; no subsets, but rows={"train"|"test": rows} picks rows)."""
+    FFCV onto the device, normalized there; no subsets, but rows={"train"|"test": rows} picks rows).
+    image_size: the input size the network fixes (a ViT's img_size; None for a CNN, which takes any):
+    CIFAR is upsampled to it as data.eval_transform does, batch by batch (eval_parts, Upsampled)."""
+    transform, upsample = eval_parts(dataset_name, image_size)
     if loader == "ffcv":
-        return _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows or {})
+        loaders = _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows or {},
+                                     image_size)
+        return tuple(Upsampled(ld, upsample, device) for ld in loaders) if upsample else loaders
     rank, world = rank_world()
     loaders = []
     for split, subset in (("train", bank_subset), ("test", test_subset)):
-        ds = build_dataset(data_path, split, eval_transform(dataset_name), subset=subset, subset_seed=seed,
-                           return_index=True)
+        ds = build_dataset(data_path, split, transform, subset=subset, subset_seed=seed, return_index=True)
         if world > 1:
             ds = Subset(ds, range(rank, len(ds), world))
         if cache or loader == "device":
             x, y, idx = zip(*DataLoader(ds, batch_size=256, num_workers=num_workers))
             ds, num_workers = TensorDataset(torch.cat(x), torch.cat(y), torch.cat(idx)), 0
-            if loader == "device":
-                loaders.append(DeviceBatches([t.to(device) for t in ds.tensors], batch_size))
-                continue
-        loaders.append(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0))
+        if loader == "device":
+            batches = DeviceBatches([t.to(device) for t in ds.tensors], batch_size)
+        else:
+            batches = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                 pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+        loaders.append(Upsampled(batches, upsample, device) if upsample else batches)
     return tuple(loaders)
+
+
+def eval_parts(dataset_name, image_size=None):
+    """(transform, upsample) of data.eval_transform(dataset_name, image_size): CIFAR at a network's size
+    other than 32 px is the 32 px transform per image, then `upsample` (the resize and centre crop that
+    eval_transform applies last, to the tensor) per batch, on the device; otherwise the whole transform
+    and None. The images stay 32 px until a batch is used: a 10k-image bank at 224 px would be 6 GB in
+    fp32, 2000 calibration images 1.2 GB, and the resize runs on the GPU, not in the loader's workers."""
+    small, full = eval_transform(dataset_name), eval_transform(dataset_name, image_size)
+    extra = full.transforms[len(small.transforms):]
+    return (small, T.Compose(extra)) if extra else (full, None)
+
+
+class Upsampled:
+    """A loader's batches, (x, y, idx) or image batches x (calibration), with x upsampled as it is
+    served, on `device`: the same tensors per image as data.eval_transform (eval_parts). batch_size and
+    num_workers are the loader's; calibration_batches of it draws 32 px images and upsamples them too."""
+
+    def __init__(self, loader, upsample, device="cpu"):
+        self.loader, self.upsample, self.device = loader, upsample, device
+        self.batch_size, self.num_workers = getattr(loader, "batch_size", None), getattr(loader, "num_workers", 0)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for b in self.loader:
+            x, rest = (b, None) if torch.is_tensor(b) else (b[0], b[1:])
+            x = self.upsample(x.to(self.device, non_blocking=True))
+            yield x if rest is None else (x, *rest)
 
 
 class DeviceBatches:
@@ -365,7 +404,7 @@ class DeviceBatches:
             yield tuple(t[i:i + self.batch_size] for t in self.tensors)
 
 
-def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows):
+def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows, image_size=None):
     from data import MEAN_STD
     from ffcv_data import build_ffcv_eval_loader
 
@@ -380,7 +419,7 @@ def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_su
                           f"`python ffcv_data.py --data_path DIR --out {ffcv_path or 'FFCV_PATH'} {cap}`")
     rank, world = rank_world()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset_name])
-    size = 32 if dataset_name.startswith("cifar") else 224
+    size = 32 if dataset_name.startswith("cifar") else image_size or 224  # CIFAR: as stored (Upsampled resizes it)
 
     class Normalized:  # uint8 -> normalized float on the device, as eval_transform
         def __init__(self, path, indices):
@@ -396,10 +435,14 @@ def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_su
     return tuple(Normalized(p, rows.get(split)) for p, split in zip(paths, ("train", "test")))
 
 
-def fixed_calibration_batches(data_path, dataset_name, bank_subset, n_images, batch_size, seed=0, num_workers=0):
-    """The CLI's calibration set: calibration_shard of the bank split (with the eval transform)."""
-    ds = build_dataset(data_path, "train", eval_transform(dataset_name), subset=bank_subset, subset_seed=seed)
-    return calibration_shard(ds, n_images, batch_size, seed, num_workers)
+def fixed_calibration_batches(data_path, dataset_name, bank_subset, n_images, batch_size, seed=0, num_workers=0,
+                              image_size=None):
+    """The CLI's calibration set: calibration_shard of the bank split (with the eval transform at image_size,
+    the network's input size: CIFAR upsampled batch by batch when used, eval_parts)."""
+    transform, upsample = eval_parts(dataset_name, image_size)
+    ds = build_dataset(data_path, "train", transform, subset=bank_subset, subset_seed=seed)
+    batches = calibration_shard(ds, n_images, batch_size, seed, num_workers)
+    return Upsampled(batches, upsample) if upsample else batches
 
 
 def calibration_shard(ds, n_images, batch_size, seed=0, num_workers=0, pool=None):

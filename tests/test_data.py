@@ -301,6 +301,37 @@ def test_two_views_imagenet(image_folder):
     assert np.asarray(blur(img), dtype=float).std() < np.asarray(img, dtype=float).std()
 
 
+def test_eval_transform_sizes(image_folder):
+    """CIFAR as stored for a network that takes any size (None) or 32 px; at another size (a network that fixes
+    it, the release's 224 px ViT) upsampled as the release's ViT probe tests: Resize(256) + CenterCrop(224), scaled
+    to the size, bicubic, on the normalized tensor, last. ImageNet as before."""
+    import torchvision.transforms as T
+
+    img = Image.open(next((image_folder / "test" / "ship").glob("*.jpg")))
+    mean, std = data.MEAN_STD["cifar10"]
+    as_is = data.eval_transform("cifar10")
+    assert [type(t) for t in as_is.transforms] == [T.ToTensor, T.Normalize]
+    for same in (data.eval_transform("cifar10", 32), data.eval_transform("cifar10", 0)):
+        assert torch.equal(same(img), as_is(img))
+    for size, resized in ((224, 256), (48, 55)):
+        t = data.eval_transform("cifar10", size)
+        assert [type(o) for o in t.transforms] == [T.ToTensor, T.Normalize, T.Resize, T.CenterCrop]
+        resize, crop = t.transforms[2:]
+        assert resize.size == resized and resize.interpolation == T.InterpolationMode.BICUBIC and resize.antialias
+        assert crop.size == (size, size)
+        x = t(img)
+        assert x.shape == (3, size, size) and x.dtype == torch.float32
+        # the two ops on the 32 px tensor (how knn.py upsamples cached batches), and close to PIL's bicubic
+        # resize of the image (which rounds to 8 bits and clips the overshoot)
+        assert torch.equal(T.Compose(t.transforms[2:])(as_is(img)), x)
+        pil = T.Compose([T.Resize(resized, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                         T.ToTensor(), T.Normalize(mean, std)])(img)
+        assert (pil - x).abs().mean() < 0.02
+    # ImageNet: Resize + CenterCrop on the image, then ToTensor + Normalize, as before
+    assert [type(o) for o in data.eval_transform("imagenet", 64).transforms] == [T.Resize, T.CenterCrop, T.ToTensor,
+                                                                                 T.Normalize]
+
+
 # --- loader: the trainers' torch path (augment.TorchLoader over data.EpochSampler + data.SeededViews) ---
 
 

@@ -143,3 +143,38 @@ def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="bank_subset"):
         main([*common, "--loader=ffcv", f"--ffcv_path={tmp_path / 'beton'}", "--bank_subset=50",
               f"--out_dir={tmp_path / 'x'}"])
+
+
+def test_vit_images_at_its_input_size(image_folder, tmp_path, monkeypatch, capsys):
+    """A random-init ViT that fixes its input size (48 px here, the release's Table 3 ViT: 224 px) gets CIFAR
+    upsampled to it on every loader (data.eval_transform; cached and on the device each batch is upsampled as
+    it is served): the same features, and MACs counted at 48 px (loader=ffcv: tests/test_knn.py)."""
+    import functools
+
+    from models import ViT
+
+    monkeypatch.setitem(ARCHS, "vit_48_test", functools.partial(ViT, 32, 1, 2, img_size=48, patch_size=16,
+                                                                 slim="input"))
+    common = ["--arch=vit_48_test", "--widths=1.0,0.5", f"--data_path={image_folder}", "--bank_subset=40",
+              "--test_subset=20", "--calib_images=20", "--batch_size=16", "--k=5", "--autocast=false"]
+    real, features, res = knn.extract_features, {}, {}
+
+    def recorded(*args, **kw):  # (a 32 px batch fails the ViT: 5 tokens, 10 position embeddings)
+        out = real(*args, **kw)
+        features[kind].append(out)
+        return out
+
+    monkeypatch.setattr(knn, "extract_features", recorded)
+    for kind in ("torch", "cache", "device"):
+        features[kind] = []
+        loader = "--cache=true" if kind == "cache" else f"--loader={kind}"
+        res[kind] = main([*common, loader, f"--out_dir={tmp_path / kind}"])
+    assert "MACs at 48 px" in capsys.readouterr().out
+    model = ARCHS["vit_48_test"]()
+    assert [(r["params"], r["macs"]) for r in res["torch"].values()] == [profile(model, w, input_size=48)
+                                                                        for w in (1.0, 0.5)]
+    for kind in ("cache", "device"):
+        assert res[kind] == res["torch"]
+        for (f, y, idx), (ref_f, ref_y, ref_idx) in zip(features[kind], features["torch"], strict=True):
+            assert torch.equal(y.cpu(), ref_y) and torch.equal(idx.cpu(), ref_idx)
+            torch.testing.assert_close(f.cpu(), ref_f, rtol=0, atol=1e-6, msg=kind)

@@ -87,6 +87,96 @@ def test_knn_eval_tiny_resnet(image_folder):
     assert not model.training
 
 
+def batches(loader):
+    return [tuple(t.cpu() for t in b) for b in loader]
+
+
+def test_knn_loaders_upsample_cifar_to_the_networks_size(image_folder):
+    """image_size (a network's fixed input size): every path serves CIFAR at it, each image as
+    data.eval_transform(image_size) makes it alone: the 32 px images are decoded (and cached, or kept on the
+    device) and each batch is upsampled as it is served (knn.Upsampled); calibration images too."""
+    def reference(split, n):  # per image, at 48 px
+        return DataLoader(build_dataset(image_folder, split, eval_transform("cifar10", 48), subset=n,
+                                        return_index=True), batch_size=8)
+
+    ref = [reference("train", 30), reference("test", 20)]
+    ref_calib = calibration_batches(ref[0], 12, seed=1)
+    for kw in ({}, {"cache": True}, {"loader": "device"}):
+        got = build_knn_loaders(image_folder, "cifar10", 8, bank_subset=30, test_subset=20, image_size=48, **kw)
+        for loader, ref_loader in zip(got, ref, strict=True):
+            assert isinstance(loader, knn.Upsampled) and len(loader) == len(ref_loader) and loader.batch_size == 8
+            for b, r in zip(batches(loader), batches(ref_loader), strict=True):
+                assert b[0].shape[1:] == (3, 48, 48) and all(torch.equal(x, y) for x, y in zip(b, r)), kw
+        calib = calibration_batches(got[0], 12, seed=1)  # drawn at 32 px, upsampled when used
+        assert isinstance(calib, knn.Upsampled) and [c.shape for c in calib] == [(8, 3, 48, 48), (4, 3, 48, 48)]
+        assert all(torch.equal(a, b) for a, b in zip(calib, ref_calib, strict=True))
+    # the CLIs' calibration set (the same for any process count), likewise
+    fixed = knn.fixed_calibration_batches(image_folder, "cifar10", 30, 12, 8, seed=1, image_size=48)
+    want = calibration_shard(build_dataset(image_folder, "train", eval_transform("cifar10", 48), subset=30,
+                                           subset_seed=1), 12, 8, seed=1)
+    assert isinstance(fixed, knn.Upsampled) and all(torch.equal(a, b) for a, b in zip(fixed, want, strict=True))
+
+
+def test_ffcv_batches_upsampled_to_the_networks_size(image_folder, monkeypatch):
+    """loader=ffcv at a network's size: FFCV's 32 px CIFAR batches (faked here by the device path's, which
+    tests/test_eval_knn_cli.py shows equal to FFCV's) are upsampled on the device as the torch path's images."""
+    asked = []
+
+    def fake_ffcv(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows, image_size=None):
+        asked.append(image_size)
+        return build_knn_loaders(image_folder, dataset_name, batch_size, loader="device", device=device)
+
+    monkeypatch.setattr(knn, "_ffcv_eval_loaders", fake_ffcv)
+    got = build_knn_loaders("", "cifar10", 50, loader="ffcv", image_size=48)
+    ref = build_knn_loaders(image_folder, "cifar10", 50, image_size=48)
+    assert asked == [48] and all(isinstance(loader, knn.Upsampled) for loader in got)
+    for loader, ref_loader in zip(got, ref, strict=True):
+        for b, r in zip(batches(loader), batches(ref_loader), strict=True):
+            assert b[0].shape[1:] == (3, 48, 48) and all(torch.equal(x, y) for x, y in zip(b, r))
+
+
+def test_knn_loaders_of_a_cnn_are_unchanged(image_folder):
+    """A network without a fixed input size (image_size None, a CNN) and image_size=32 get CIFAR as stored on every
+    path, without Upsampled: the tensors of the per-sample 32 px eval transform."""
+    want = batches(DataLoader(build_dataset(image_folder, "train", eval_transform("cifar10"), subset=30,
+                                            return_index=True), batch_size=8))
+    for kw in ({}, {"cache": True}, {"loader": "device"}, {"image_size": 32, "loader": "device"}):
+        bank, _ = build_knn_loaders(image_folder, "cifar10", 8, bank_subset=30, test_subset=20, **kw)
+        assert not isinstance(bank, knn.Upsampled)
+        got = batches(bank)
+        assert len(got) == len(want) and all(torch.equal(x, y) for b, r in zip(got, want) for x, y in zip(b, r)), kw
+
+
+def test_us3l_monitor_asks_for_the_networks_size(image_folder, tmp_path, monkeypatch, fresh_accelerate):
+    """train_us3l.py's kNN monitor: image_size from the architecture (read on the meta device): the ViT's
+    img_size, None for a CNN (its loaders as before), whatever the training's image_size."""
+    import functools
+
+    import train_us3l
+    from config import parse_config
+    from models import ViT
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["image_size"])
+        raise Built
+
+    monkeypatch.setattr(train_us3l, "build_knn_loaders", spy)
+    monkeypatch.setitem(ARCHS, "vit_48_test", functools.partial(ViT, 32, 1, 2, img_size=48, patch_size=16,
+                                                                 slim="input"))
+    for arch in ("resnet18_cifar_tiny", "vit_48_test"):
+        args = [f"--data_path={image_folder}", f"--out_dir={tmp_path / arch}", f"--arch={arch}", "--image_size=16",
+                "--batch_size=8", "--num_workers=0", "--precision=no"]
+        with pytest.raises(Built):
+            train_us3l.main(parse_config(train_us3l.Config, args))
+        fresh_accelerate()
+    assert seen == [None, 48]
+
+
 class Indexed(Dataset):
     """Sample i is the image tensor([i]): a calibration batch shows which samples it holds."""
 

@@ -495,3 +495,54 @@ def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch
     for r in (*res["torch"].values(), *res["device"].values()):
         del r["seconds"]
     assert res["device"] == res["torch"]
+
+
+def test_vit_probe_at_its_input_size(image_folder, tmp_path, monkeypatch):
+    """A network that fixes its input size (a ViT's img_size: 48 px here, the release's Table 3 ViT 224 px) is
+    probed on CIFAR upsampled to it: test and calibration images data.eval_transform(size); augment mode and
+    fine-tuning train on MoCo v3's RandomResizedCrop(size) + flip (the release's ViT probe); loader=device keeps
+    the 32 px images and upsamples each batch (the torch loader's features); MACs at that size. The release's
+    32 px CIFAR probe (probe_aug=us3l) is refused."""
+    import functools
+
+    from data import eval_transform
+    from models import ViT, profile
+
+    torch.manual_seed(0)
+    vit = functools.partial(ViT, 32, 1, 2, img_size=48, patch_size=16, slim="input")()
+    transforms, first, real_build, real_extract = [], [], eval_linear.build_dataset, eval_linear.extract_features
+
+    def build(path, split, transform=None, **kw):
+        transforms.append((split, transform))
+        return real_build(path, split, transform, **kw)
+
+    def extract(model, loader, *args, **kw):  # the first image each pass feeds the network
+        first.append(next(iter(loader))[0][0].cpu())
+        return real_extract(model, loader, *args, **kw)
+
+    monkeypatch.setattr(eval_linear, "build_dataset", build)
+    monkeypatch.setattr(eval_linear, "extract_features", extract)
+    res = {kind: eval_linear.main(tiny_cfg(image_folder, tmp_path / kind, loader=kind), backbone=vit)
+           for kind in ("torch", "device")}
+    for r in (*res["torch"].values(), *res["device"].values()):
+        del r["seconds"]
+    assert res["device"] == res["torch"]
+    assert [(r["params"], r["macs"]) for r in res["torch"].values()] == [profile(vit, w, input_size=48)
+                                                                        for w in (1.0, 0.5)]
+    test_img = Image.open(image_folder / "test" / "airplane" / "0000.jpg")  # the test split's first image
+    want = eval_transform("cifar10", 48)(test_img)
+    assert len(first) == 8 and all(torch.equal(x, want) for x in first[::2])  # test passes (train passes between)
+
+    transforms.clear()
+    for over in ({"mode": "augment"}, {"finetune": True, "batch_size": 20}):
+        res = eval_linear.main(tiny_cfg(image_folder, tmp_path / "aug", epochs=1, widths=[0.5], **over), backbone=vit)
+        assert 0 <= res["0.5"]["top1"] <= res["0.5"]["top5"] <= 1
+    crops = [t.transforms[0] for split, t in transforms if type(t.transforms[0]) is T.RandomResizedCrop]
+    assert len(crops) == 2 and all(c.size == (48, 48) and c.scale == (0.08, 1.0) for c in crops)
+    assert all(c.interpolation == T.InterpolationMode.BICUBIC for c in crops)
+    assert type(eval_linear.augment_transform("cifar10", size=48).transforms[1]) is T.RandomHorizontalFlip
+
+    with pytest.raises(ConfigError, match="probe_aug=us3l is the release's 32 px CIFAR probe; this network takes "
+                                          "48 px inputs") as e:
+        eval_linear.main(tiny_cfg(image_folder, tmp_path / "us3l", probe_aug="us3l", mode="augment"), backbone=vit)
+    assert "\n" not in str(e.value)

@@ -27,7 +27,7 @@ from utils import ema_update_
 
 REPO = Path(__file__).resolve().parents[1]
 US3L_RECIPES = ["cifar10_quick", "r18_cifar100", "r50_cifar100", "mbv2_cifar100", "r18_in", "r50_in",
-                "r18_in_release", "r50_in_release", "vit_tiny_cifar10"]
+                "r18_in_release", "r50_in_release", "vit_tiny_cifar10", "vit_tiny_cifar10_release"]
 LINEAR_RECIPES = ["linear_cifar", "linear_in", "linear_byol_in", "linear_us3l_cifar", "finetune_dspnet_in"]  # eval_linear.py; loaded
 # in tests/test_linear.py
 DSPNET_RECIPES = ["dspnet_cifar10_quick", "mbv3_in", "resnet_dn9_in"]
@@ -367,3 +367,73 @@ def test_release_recipes(name, image_folder, tmp_path, one_thread, fresh_acceler
             "num_workers": 0, "epochs": 4}
     results = train_us3l.main(dataclasses.replace(cfg, **tiny))
     assert set(results["knn_top1"]) == {"1.0", "0.25"}
+
+
+def test_vit_release_recipe(image_folder, tmp_path, monkeypatch, one_thread, fresh_accelerate):
+    """yaml/vit_tiny_cifar10_release.yaml, Table 3 as the release ran it (ViT_experiments/run_ofa.sh): us_vit_tiny
+    on CIFAR-10 at 224 px, MoCo v3's heads, InfoNCE base and distillation through g to the momentum keys, a step
+    per width, AdamW decaying every trained tensor, no group regularization; its header's probe command parses.
+    Then 2 steps (the second with 3 widths, an optimizer step each) on a tiny input-slimmed ViT at 48 px through
+    the kNN monitor, which serves the 32 px images upsampled to the ViT's size (loader=device, on the CPU)."""
+    import functools
+    from dataclasses import replace
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    import eval_linear
+    import knn
+    from models import ViT
+
+    path = REPO / "yaml" / "vit_tiny_cifar10_release.yaml"
+    cfg = parse_config(Config, ["--config", str(path)])
+    check_config(cfg)
+    with torch.device("meta"):
+        net = ARCHS[cfg.arch]()
+    assert (cfg.arch, net.img_size, net.slim, net.feature_dim, cfg.image_size) == ("vit_tiny_us3l", 224, "input", 192, 224)
+    assert (cfg.dataset, cfg.aug, cfg.min_scale, cfg.loader) == ("cifar10", "byol", 0.08, "device")
+    assert (cfg.proj_hidden, cfg.proj_dim, cfg.proj_layers, cfg.proj_last_bn, cfg.predictor, cfg.aux_head) == \
+        (2048, 256, 3, True, True, True)
+    assert (cfg.base_loss, cfg.distill_loss, cfg.infonce_negatives, cfg.temperature, cfg.loss_views) == \
+        ("infonce", "infonce", "other_view", 0.2, "sum")
+    assert (cfg.momentum_target_base, cfg.momentum_target_sub, cfg.momentum, cfg.momentum_cosine) == (True, True, 0.99, True)
+    assert (cfg.width_min, cfg.num_widths, cfg.sandwich, cfg.dynamic_sampling, cfg.step_per_width) == \
+        (0.25, 3, True, True, True)
+    assert (cfg.optimizer, cfg.weight_decay, cfg.group_reg_alpha, cfg.group_reg_form) == ("adamw", 0.1, 0.0, "release")
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.batch_size * 8) == (300, 40, 512)  # 8 GPUs, as run_ofa.sh
+    assert cfg.base_lr * cfg.batch_size * 8 / 256 == pytest.approx(3e-4)
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "python eval_linear.py" in line)
+    probe = " ".join(lines[start:start + 2]).replace("#", " ").replace("\\", " ").split("eval_linear.py")[1].split()
+    probe = parse_config(eval_linear.Config, probe)
+    assert (probe.mode, probe.head_bn, probe.nesterov, probe.epochs, probe.base_lr, probe.batch_size) == \
+        ("augment", False, False, 90, 0.1, 256)
+    assert (probe.probe_aug, probe.lr_schedule, probe.weight_decay, probe.momentum, probe.widths) == \
+        ("default", "cosine", 0.0, 0.9, [1.0, 0.75, 0.5, 0.25])
+
+    monkeypatch.setitem(ARCHS, "vit_release_test", functools.partial(
+        ViT, 64, 1, 2, img_size=48, patch_size=16, pos_embed="sincos", frozen_patch_embed=True, init="mocov3",
+        slim="input"))
+    built, real_build = [], train_us3l.build_knn_loaders
+
+    def build(*args, **kw):
+        built.append((kw["image_size"], real_build(*args, **kw)))
+        return built[-1][1]
+
+    monkeypatch.setattr(train_us3l, "build_knn_loaders", build)
+    tiny = {"data_path": str(image_folder), "out_dir": str(tmp_path), "max_steps": 2, "batch_size": 8, "image_size": 48,
+            "arch": "vit_release_test", "precision": "no", "log_every": 1, "proj_hidden": 32, "proj_dim": 16,
+            "knn_bank_subset": 20, "knn_test_subset": 10, "knn_batch_size": 20, "knn_k": 5, "num_workers": 0,
+            "warmup_epochs": 0, "base_lr": 1e-2}
+    steps = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kw: steps.append(1))
+    try:
+        results = train_us3l.main(replace(cfg, **tiny))
+    finally:
+        handle.remove()
+    assert set(results["knn_top1"]) == set(results["knn_top1_init"]) == {"1.0", "0.25"}
+    (size, loaders), = built
+    assert size == 48 and all(isinstance(ld, knn.Upsampled) for ld in loaders)
+    assert next(iter(loaders[0]))[0].shape == (20, 3, 48, 48)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [len(r["widths"]) for r in log] == [1, 3] and len(steps) == 4  # an optimizer step per width
+    assert all(math.isfinite(v) for r in log for k, v in r.items() if k.startswith("loss/"))
