@@ -136,9 +136,15 @@ def load_network(cfg):
     """(backbone, checkpoint dict) on the CPU; a random-init network (seeded, the same on every
     rank) without ckpt, with an empty checkpoint dict."""
     if cfg.ckpt:
+        if os.path.isdir(cfg.ckpt):
+            raise ConfigError(f"config error: ckpt={cfg.ckpt} is a folder: pass the backbone.pt in it")
         if not os.path.isfile(cfg.ckpt):
             raise ConfigError(f"config error: checkpoint not found: {cfg.ckpt}")
-        ckpt = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a checkpoint, cut short, or not plain tensors: one line, not a traceback
+            raise ConfigError(f"config error: {cfg.ckpt} is not a checkpoint this code can read ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:120]}); pass a backbone.pt written by train_*.py") from None
         arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
         if arch not in ARCHS:
             raise ConfigError(f"config error: {cfg.ckpt} has arch {arch!r}, not one of models.ARCHS: {', '.join(ARCHS)}")

@@ -168,7 +168,8 @@ def cifar10_knn(args, out, smoke, step_s):
             "--resume=none"]
     if smoke:
         over += ["--batch_size=16", "--train_subset=64", "--knn_bank_subset=40", "--knn_test_subset=20",
-                 "--knn_batch_size=20", "--knn_k=5", "--proj_hidden=64", "--proj_dim=32", "--num_workers=0"]
+                 "--knn_batch_size=20", "--knn_k=5", "--proj_hidden=64", "--proj_dim=32", "--num_workers=0",
+                 "--arch=resnet18_cifar_tiny"]  # toy size: its checkpoints are 15 MB, not 220
     cfg = parse_config(train_us3l.Config, ["--config", os.path.join(REPO, "yaml", "cifar10_quick.yaml"), *over])
     t0 = time.perf_counter()
     res = train_us3l.main(cfg)

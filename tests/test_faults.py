@@ -60,14 +60,14 @@ def test_killed_at_random_points_resumes_exactly(script, image_folder, tmp_path)
     # a checkpoint every step: by step count for DSPNet (with momentum-BN target statistics, which must
     # survive too), by the minutes-based cadence (0 minutes: every step) for US3L
     extra = {"momentum_bn": "true", "save_every": 1} if script == "train_dspnet.py" else {"save_every_min": 0}
-    args = lambda out: TRAINERS[script](image_folder, out, **TINY, **extra, max_steps=12, log_every=1)  # noqa: E731
+    args = lambda out, **kw: TRAINERS[script](image_folder, out, **TINY, **kw, max_steps=8, log_every=1)  # noqa: E731
     ref, out, threads = tmp_path / "ref", tmp_path / "killed", thread_env()
-    p = run([sys.executable, script, *args(ref)], env=threads)
+    p = run([sys.executable, script, *args(ref)], env=threads)  # the reference saves at the end only
     assert p.returncode == 0, p.stderr[-3000:]
     # a step's time, checkpoint included (log_every=1): each kill lands within a step of a logged one
     step_s = statistics.median(TINY["batch_size"] / json.loads(line)["img_per_s"]
                                for line in (ref / "log.jsonl").open())
-    cmd = [sys.executable, script, *args(out)]
+    cmd = [sys.executable, script, *args(out, **extra)]
     rng, kills = random.Random(0), 0
     for _ in range(3):
         before = len(steps_logged(out))
@@ -93,7 +93,7 @@ def test_killed_at_random_points_resumes_exactly(script, image_folder, tmp_path)
             assert torch.equal(t, b[key][name]), (key, name)
     res_a, res_b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
     assert res_a["knn_top1"] == res_b["knn_top1"]
-    assert steps_logged(out) == steps_logged(ref) == list(range(1, 13))  # no step twice, none missing
+    assert steps_logged(out) == steps_logged(ref) == list(range(1, 9))  # no step twice, none missing
     assert not list((out / "checkpoints").glob("*.tmp"))  # a killed write's temp file is cleaned up
 
 
@@ -101,7 +101,7 @@ CHILD = textwrap.dedent("""
     import sys, torch
     from utils import atomic_save
     for i in range(10_000):
-        atomic_save({"i": i, "w": torch.full((4_000_000,), float(i))}, sys.argv[1])  # 16 MB
+        atomic_save({"i": i, "w": torch.full((2_000_000,), float(i))}, sys.argv[1])  # 8 MB
         print(i, flush=True)
 """)
 
@@ -116,7 +116,7 @@ def writing(folder):
 
 
 def test_checkpoint_never_read_half_written(tmp_path):
-    """SIGKILL a process that saves a 16 MB checkpoint over and over, at a random moment once its temp
+    """SIGKILL a process that saves an 8 MB checkpoint over and over, at a random moment once its temp
     file is being written: the kill lands mid-write (the temp file stays behind: utils._atomic_write's
     .last.pt.*.tmp) and the file on disk is still a whole checkpoint, the last save reported or the next."""
     path, script = tmp_path / "last.pt", tmp_path / "child.py"
@@ -126,7 +126,7 @@ def test_checkpoint_never_read_half_written(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script), str(path)], cwd=REPO, stdout=subprocess.PIPE,
                                 text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **thread_env()})
         saved = [int(proc.stdout.readline())]  # one save done, which also removed a killed writer's temp file
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.05))
         deadline = time.time() + 60
         while not writing(tmp_path) and time.time() < deadline:
             time.sleep(0.001)  # until a save has written part of its temp file
@@ -136,7 +136,7 @@ def test_checkpoint_never_read_half_written(tmp_path):
         mid_write += bool(list(tmp_path.glob(".last.pt.*.tmp")))
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["i"] in (saved[-1], saved[-1] + 1)  # the next save may have been renamed, not reported
-        assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["i"])))
+        assert torch.equal(ckpt["w"], torch.full((2_000_000,), float(ckpt["i"])))
     assert mid_write >= 1, "no kill landed mid-write"
 
 
@@ -304,6 +304,8 @@ def script_args(script, image_folder, tmp_path, args):
     widths named are that arch's) with `args`; the checkpoints that args name under {tmp}."""
     if "{tmp}/r50.pt" in args[0]:
         fake_checkpoint(tmp_path / "r50.pt", "resnet50")
+    if "{tmp}/junk.pt" in args[0]:
+        (tmp_path / "junk.pt").write_text("not a checkpoint")
     if "{tmp}/ck.pt" in args[0]:
         torch.save({"arch": "resnet18_cifar_tiny", "backbone": ARCHS["resnet18_cifar_tiny"]().state_dict(),
                     "width_min": 0.5}, tmp_path / "ck.pt")
@@ -327,6 +329,8 @@ def script_args(script, image_folder, tmp_path, args):
     ("eval_knn.py", ["--arch=resnet18_cifar", "--depth=[1,1]"], "config error: depth=[1, 1]: depth must list 4"),
     ("eval_knn.py", ["--arch=resnet18_cifar", "--widths=1.0,0.01"], "widths [0.01] lie below resnet18_cifar's minimum"),
     ("eval_linear.py", ["--ckpt={tmp}/missing.pt"], "config error: checkpoint not found"),
+    ("eval_knn.py", ["--ckpt={tmp}"], "is a folder: pass the backbone.pt in it"),
+    ("eval_knn.py", ["--ckpt={tmp}/junk.pt"], "is not a checkpoint this code can read (UnpicklingError"),
     ("eval_linear.py", ["--arch=resnet18_cifar", "--mode=full"], "config error: mode='full', allowed: cached, augment"),
 ])
 def test_config_errors_are_one_line(script, args, message, image_folder, tmp_path, monkeypatch, capsys):
