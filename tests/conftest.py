@@ -148,7 +148,7 @@ def fresh_accelerate():
     reset_accelerate()
 
 
-def _recorded_run(trainer, cfg):
+def recorded_run(trainer, cfg):
     """trainer.main(cfg) in this process, with recorders around what it calls; returns what they saw."""
     from types import SimpleNamespace
 
@@ -201,7 +201,7 @@ def us3l_run(image_folder, tmp_path_factory):
     from tests.test_train_us3l import tiny_args
 
     out = tmp_path_factory.mktemp("us3l_run")
-    return _recorded_run(train_us3l, parse_config(train_us3l.Config, tiny_args(image_folder, out, **SHARED_RUN)))
+    return recorded_run(train_us3l, parse_config(train_us3l.Config, tiny_args(image_folder, out, **SHARED_RUN)))
 
 
 @pytest.fixture(scope="session")
@@ -213,6 +213,6 @@ def dspnet_run(image_folder, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("dspnet_run")
     args = tiny_args(image_folder, out, knn_dns="all", **SHARED_RUN)
-    return _recorded_run(train_dspnet, parse_config(train_dspnet.Config, args))
+    return recorded_run(train_dspnet, parse_config(train_dspnet.Config, args))
 
 # --- end of the shared trained runs ---------------------------------------------------------------

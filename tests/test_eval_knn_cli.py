@@ -16,7 +16,7 @@ import eval_knn
 import knn
 from config import ConfigError, parse_config
 from models import ARCHS, profile
-from tests.test_multiprocess import _free_port, thread_env
+from tests.test_multiprocess import free_port, thread_env
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--bank_subset=60", "--test_subset=30", "--calib_images=40", "--batch_size=20", "--k=5,20"]
@@ -35,7 +35,7 @@ def run_two_processes(args):
     """eval_knn.py as a command, launched as 2 CPU processes by accelerate (a free port each time; the
     threads of this process shared between the 2)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(REPO / "eval_knn.py"), *args]
+           "--main_process_port", str(free_port()), str(REPO / "eval_knn.py"), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", **thread_env(2)}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
 

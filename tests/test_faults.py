@@ -32,7 +32,7 @@ import train_us3l
 from accelerate.state import AcceleratorState
 from models import ARCHS
 from tests.test_dspnet import tiny_args as dspnet_args
-from tests.test_multiprocess import _free_port, thread_env
+from tests.test_multiprocess import free_port, thread_env
 from tests.test_train_us3l import REPO, run
 from tests.test_train_us3l import tiny_args as us3l_args
 
@@ -165,7 +165,7 @@ def test_nan_in_one_process_stops_all_and_keeps_the_last_good_checkpoint(script,
     wrapper, out = tmp_path / "poisoned.py", tmp_path / "run"
     wrapper.write_text(POISON.format(module=script[:-3], fn=fn))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(wrapper),
+           "--main_process_port", str(free_port()), str(wrapper),
            *TRAINERS[script](image_folder, out, **{**TINY, "batch_size": 8}, log_every=2, save_every=2,
                              max_steps=8)]
     p = run(cmd, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), **thread_env(2)})

@@ -13,7 +13,7 @@ import models
 import train_dspnet
 import train_us3l
 from config import parse_config
-from tests.conftest import _recorded_run
+from tests.conftest import recorded_run
 from tests.test_train_us3l import cli, tiny_args
 from tests.test_dspnet import tiny_args as dspnet_args
 
@@ -54,7 +54,7 @@ def test_make_individual_is_a_plain_network_of_its_own_init(depth):
 def test_us3l_individual_trains_only_its_width(image_folder, tmp_path, capsys, monkeypatch, fresh_accelerate):
     cfg = parse_config(train_us3l.Config, tiny_args(image_folder, tmp_path / "run", individual=0.5, max_steps=4,
                                                     group_reg_alpha=0.05))
-    seen = _recorded_run(train_us3l, cfg)
+    seen = recorded_run(train_us3l, cfg)
     out = capsys.readouterr().out
     assert "individual=0.5: one network, so" in out and "group_reg_alpha=0.0" in out and "aux_head=False" in out
     assert "aux" not in seen.state["student"]
@@ -82,7 +82,7 @@ def test_us3l_individual_trains_only_its_width(image_folder, tmp_path, capsys, m
 def test_dspnet_individual_trains_only_its_dn(image_folder, tmp_path):
     cfg = parse_config(train_dspnet.Config, dspnet_args(image_folder, tmp_path / "run", individual="[0.5,1,1,1,1]",
                                                         max_steps=4))
-    seen = _recorded_run(train_dspnet, cfg)
+    seen = recorded_run(train_dspnet, cfg)
     ckpt = torch.load(tmp_path / "run" / "backbone.pt", weights_only=True)
     dn = {"width": 0.5, "depth": [1, 1, 1, 1]}
     assert ckpt["dns"] == [dn] and ckpt["individual"] == dn

@@ -25,7 +25,7 @@ from config import ConfigError, parse_config
 from data import MEAN_STD, build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
-from tests.test_multiprocess import _free_port, thread_env, two_ranks
+from tests.test_multiprocess import free_port, thread_env, two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -454,7 +454,7 @@ def test_cli_two_cpu_processes_equal_one(image_folder, one_process, tmp_path):
     """2 processes of the command: the same calibration batches (drawn from the pool), gathered features and
     head, so every number of results.json but the timings equals the 1-process run's."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "eval_linear.py", *cli_args(image_folder, tmp_path / "run")]
+           "--main_process_port", str(free_port()), "eval_linear.py", *cli_args(image_folder, tmp_path / "run")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", **thread_env(2)}
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

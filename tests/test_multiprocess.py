@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARCH = "resnet18_cifar_tiny"
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +64,7 @@ def _worker(rank, port, fn, out):
 
 def two_ranks(fn, tmp_path):
     """fn(rank) in 2 gloo processes (forked: no re-import of torch); returns [result of rank 0, 1]."""
-    mp.start_processes(_worker, args=(_free_port(), fn, str(tmp_path / "out")), nprocs=2, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), fn, str(tmp_path / "out")), nprocs=2, start_method="fork")
     return [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(2)]
 
 
@@ -303,7 +303,7 @@ def launch(script, args, out, procs, env=None):
     cmd = [sys.executable, script, *args, f"--out_dir={out}"]
     if procs > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--main_process_port", str(_free_port()), *cmd[1:]]
+               "--main_process_port", str(free_port()), *cmd[1:]]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", **thread_env(procs), **(env or {})}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 

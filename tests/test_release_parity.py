@@ -14,7 +14,7 @@ import losses
 import train_us3l
 from config import parse_config
 from models import BasicBlock, ResNet, projection_mlp, set_active
-from tests.conftest import _recorded_run
+from tests.conftest import recorded_run
 from tests.test_train_us3l import eq2_with_teacher, eq6, tiny_args
 from train_us3l import Config, forward_backward, group_alpha
 from utils import optimizer_step_, param_groups
@@ -116,7 +116,7 @@ def test_release_form_in_a_run(image_folder, tmp_path, fresh_accelerate):
     alpha 0 for the warm-up, then ramped; the paper's form decays weights only."""
     args = tiny_args(image_folder, tmp_path / "rel", group_reg_form="release", group_reg_warmup_epochs=1, epochs=4,
                      max_steps=8, dynamic_sampling="false", step_per_width="true")
-    seen = _recorded_run(train_us3l, parse_config(train_us3l.Config, args))
+    seen = recorded_run(train_us3l, parse_config(train_us3l.Config, args))
     grouped, plain = seen.decay[0][0], seen.decay[1][0]
     assert any(p.ndim == 1 for p in grouped) and all(p.ndim in (1, 4) for p in grouped)
     assert plain and all(p.ndim == 2 for p in plain)
@@ -128,7 +128,7 @@ def test_release_form_in_a_run(image_folder, tmp_path, fresh_accelerate):
     assert alphas[::3] == pytest.approx([0, 0, 0, 0.025, 0.05, 0.05, 0.05, 0.05])
     assert len(seen.taus) == 8  # one teacher update per batch
 
-    seen = _recorded_run(train_us3l, parse_config(train_us3l.Config, tiny_args(image_folder, tmp_path / "paper",
+    seen = recorded_run(train_us3l, parse_config(train_us3l.Config, tiny_args(image_folder, tmp_path / "paper",
                                                                                 max_steps=2)))
     assert all(p.ndim > 1 for p in seen.decay[0][0] + seen.decay[1][0])
 

@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from config import ConfigError
-from tests.test_multiprocess import _free_port, thread_env
+from tests.test_multiprocess import free_port, thread_env
 from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, load_resume, log_jsonl, param_groups,
                    warmup_cosine)
 
@@ -262,7 +262,7 @@ def test_two_processes_check_finite(tmp_path):
     script.write_text(TWO_PROC)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), **thread_env(2)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(script)]
+           "--master_port", str(free_port()), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out  # the error, on both ranks, not a signal (-6 = abort: exit code < 0)
