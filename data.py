@@ -136,6 +136,30 @@ def subset_indices(labels, n, seed=0):
     return np.sort(np.concatenate(out))
 
 
+UNLABELLED = "(unlabelled)"  # the one class of a split folder that holds images and no class folders
+
+
+class FlatFolder:
+    """The images directly in a folder, sorted by name, each with label 0: unlabelled data for
+    pretraining (the trainers' kNN monitor needs labels: knn_monitor=false)."""
+
+    def __init__(self, folder, is_image):
+        self.samples = [(e.path, 0) for e in sorted(os.scandir(folder), key=lambda e: e.name)
+                        if e.is_file() and is_image(e.path)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, j):
+        return torchvision.datasets.folder.default_loader(self.samples[j][0]), 0
+
+
+def is_unlabelled(data_path):
+    """Whether data_path is a folder whose train/ split holds images and no class folders (FlatFolder)."""
+    train = Path(str(data_path)).expanduser() / "train"
+    return not str(data_path).startswith("hf:") and train.is_dir() and not any(e.is_dir() for e in os.scandir(train))
+
+
 def build_imagefolder(root, split):
     tried = [root / s for s in SPLITS[split]]
     folder = next((p for p in tried if p.is_dir()), None)
@@ -149,6 +173,11 @@ def build_imagefolder(root, split):
         ignored.append(path)
         return False
 
+    if not any(e.is_dir() for e in os.scandir(folder)):  # images without class folders: unlabelled
+        flat = FlatFolder(folder, is_image)
+        if not len(flat):
+            raise FileNotFoundError(f"{folder} holds no images and no class folders. {HOW_TO}")
+        return ImageDataset(flat, np.zeros(len(flat), dtype=np.int64), [UNLABELLED])
     try:
         ds = torchvision.datasets.ImageFolder(folder, is_valid_file=is_image, allow_empty=BAD_IMAGES == "skip")
     except FileNotFoundError as e:  # "Found no valid file for the classes ...": an empty class folder

@@ -111,6 +111,9 @@ class Config:
     resume: str = "auto"  # auto (out_dir/checkpoints/last.pt if any) | none | PATH
     allow_changed: list[str] = field(default_factory=list)  # resume: keys that may differ from the checkpoint's
     # config besides utils.RESUME_SAFE (logging, workers, data paths), e.g. [max_steps] to extend a run on purpose
+    knn_monitor: bool = True  # the kNN monitor (before training, every eval_every epochs, at the end); false: none,
+    # for unlabelled data (train/ with images and no class folders, no test/ needed): log.jsonl's collapse_std
+    # and losses are then the signal, and results.json holds empty knn_top1 entries
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
@@ -204,6 +207,9 @@ def main(cfg):
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
+    if cfg.knn_monitor and data.is_unlabelled(cfg.data_path):
+        raise ConfigError(f"config error: {cfg.data_path}/train holds images without class folders (unlabelled): "
+                          f"the kNN monitor needs labels and a test split; set knn_monitor=false")
     train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
                                       cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers,
                                       cfg.min_scale, cfg.aug)
@@ -213,10 +219,12 @@ def main(cfg):
     scale = total / (cfg.epochs * steps_per_epoch)
     full_only_steps = round(cfg.full_only_epochs * steps_per_epoch * scale)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch * scale)
-    bank_loader, test_loader = build_knn_loaders(
-        cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
-        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
-        loader="device" if cfg.loader == "device" else "torch", device=device)
+    bank_loader = test_loader = None  # knn_monitor=false: no labels needed
+    if cfg.knn_monitor:
+        bank_loader, test_loader = build_knn_loaders(
+            cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
+            cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
+            loader="device" if cfg.loader == "device" else "torch", device=device)
 
     # target = EMA of encoder + projector, always full width and depth, never prepared
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -265,6 +273,8 @@ def main(cfg):
         results["wandb_id"] = run_id
 
     def monitor(tag):  # weighted kNN on the online encoder at the largest and the smallest DN (or all DNs)
+        if not cfg.knn_monitor:
+            return {}
         t0, acc = time.time(), {}
         calib = calibration_batches(bank_loader, 2000, cfg.seed)
         for dn in range(len(dns)) if cfg.knn_dns == "all" else sorted({0, len(dns) - 1}):

@@ -158,6 +158,9 @@ class Config:
     resume: str = "auto"  # auto (out_dir/checkpoints/last.pt if any) | none | PATH
     allow_changed: list[str] = field(default_factory=list)  # resume: keys that may differ from the checkpoint's
     # config besides utils.RESUME_SAFE (logging, workers, data paths), e.g. [max_steps] to extend a run on purpose
+    knn_monitor: bool = True  # the kNN monitor (before training, every eval_every epochs, at the end); false: none,
+    # for unlabelled data (train/ with images and no class folders, no test/ needed): log.jsonl's collapse_std
+    # and losses are then the signal, and results.json holds empty knn_top1 entries
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_bank_subset: int = 0  # > 0: class-balanced subset of the training set as the kNN bank
@@ -264,6 +267,9 @@ def main(cfg):
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
     size = cfg.image_size or (32 if cfg.dataset.startswith("cifar") else 224)
+    if cfg.knn_monitor and data.is_unlabelled(cfg.data_path):
+        raise ConfigError(f"config error: {cfg.data_path}/train holds images without class folders (unlabelled): "
+                          f"the kNN monitor needs labels and a test split; set knn_monitor=false")
     train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
                                       cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers,
                                       cfg.min_scale, cfg.aug)
@@ -273,10 +279,12 @@ def main(cfg):
     # at 224 px); None for a CNN, which takes any size (CIFAR as is, ImageNet at 224 px)
     with torch.device("meta"):  # the architecture only: no weights allocated, no draw from the RNG
         knn_size = getattr(ARCHS[cfg.arch](), "img_size", None)
-    bank_loader, test_loader = build_knn_loaders(  # CIFAR-size banks are decoded once and kept in memory
-        cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
-        cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
-        loader="device" if cfg.loader == "device" else "torch", device=device, image_size=knn_size)
+    bank_loader = test_loader = None  # knn_monitor=false: no labels needed
+    if cfg.knn_monitor:
+        bank_loader, test_loader = build_knn_loaders(  # CIFAR-size banks are decoded once and kept in memory
+            cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
+            cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
+            loader="device" if cfg.loader == "device" else "torch", device=device, image_size=knn_size)
 
     # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
     # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
@@ -357,6 +365,8 @@ def main(cfg):
         results["wandb_id"] = run_id
 
     def monitor(tag):  # weighted kNN on the online backbone, BN recalibrated per width
+        if not cfg.knn_monitor:
+            return {}
         widths = sorted(set(cfg.knn_widths) or {1.0, cfg.width_min}, reverse=True)
         t0 = time.time()
         calib = calibration_batches(bank_loader, 2000, cfg.seed)  # US-Nets calibrate on ~2k images

@@ -22,6 +22,7 @@ from PIL import Image
 
 import augment as A
 import data
+from config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -401,3 +402,41 @@ def test_bad_images_policy_reaches_the_loader_workers(image_folder, tmp_path, mo
     with pytest.warns(UserWarning, match=f"skipped unreadable image .*{cat[5].name}"):
         img, y = spawned[0, i]
     assert y == 1 and np.array_equal(np.array(img), np.array(Image.open(cat[6])))  # the next image, a cat
+
+
+def unlabelled_folder(image_folder, root):
+    """train/ with the images and no class folders (and no test/): unlabelled data."""
+    (root / "train").mkdir(parents=True)
+    for i, path in enumerate(sorted((image_folder / "train").rglob("*.jpg"))[:48]):
+        shutil.copy(path, root / "train" / f"{i:03d}.jpg")
+    return root
+
+
+def test_unlabelled_folder_pretrains_without_the_knn_monitor(image_folder, tmp_path, monkeypatch, fresh_accelerate):
+    """An image folder without class folders loads as one unlabelled class; both trainers pretrain on it
+    with knn_monitor=false (no test split needed; the collapse monitor is logged) and name the key
+    otherwise, in one line."""
+    import train_dspnet
+    import train_us3l
+    from tests.test_dspnet import tiny_args as dspnet_args
+    from tests.test_train_us3l import cli, read_log
+    from tests.test_train_us3l import tiny_args as us3l_args
+
+    root = unlabelled_folder(image_folder, tmp_path / "flat")
+    ds = data.build_dataset(root, "train")
+    assert len(ds) == 48 and ds.classes == [data.UNLABELLED] and set(ds.labels) == {0}
+    assert data.is_unlabelled(root) and not data.is_unlabelled(image_folder)
+    img, y = ds[0]
+    assert img.size == (32, 32) and y == 0
+    for module, args in ((train_us3l, us3l_args), (train_dspnet, dspnet_args)):
+        out = tmp_path / module.__name__
+        msg = cli(module.main, module.Config, args(root, out, max_steps=2, batch_size=16), monkeypatch)
+        assert msg == (f"config error: {root}/train holds images without class folders (unlabelled): the kNN "
+                       f"monitor needs labels and a test split; set knn_monitor=false")
+        fresh_accelerate()
+        results = module.main(parse_config(module.Config, args(root, out, max_steps=2, batch_size=16,
+                                                               knn_monitor="false", log_every=1)))
+        fresh_accelerate()
+        assert results["knn_top1"] == {} and results["knn_top1_init"] == {}
+        assert any(k.startswith("collapse_std/") for k in read_log(out)[-1])
+        assert (out / "backbone.pt").is_file()
