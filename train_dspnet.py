@@ -49,9 +49,10 @@ from eval_knn import net_name
 from knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, make_individual_, min_width, profile, projection_mlp, set_active, set_sync_bn
 from slim import BatchNorm1d, SlimBatchNorm2d
-from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_same_across_processes,
-                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
-                   param_groups, read_results, to_floats, tracker_log, trim_jsonl, warmup_cosine)
+from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_precision,
+                   check_same_across_processes, check_tracker, cosine, cpu_state, ema_update_, init_tracker,
+                   load_resume, log_jsonl, optimizer_step_, param_groups, read_results, to_floats, tracker_log,
+                   trim_jsonl, warmup_cosine)
 
 
 @dataclass
@@ -187,6 +188,7 @@ def main(cfg):
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     # cudnn autotunes each conv shape once: the DNs are a fixed set of shapes
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    check_precision(cfg.precision, device)  # bf16 below compute capability 8.0: one line, not a slow run
     # model: online = encoder + projector (first Linear takes any DN's width) + predictor. Seeded and built
     # before the data: building loaders may draw from the global RNG (each DataLoader iterator takes
     # a base seed), which would make the initial weights depend on `loader`
@@ -375,8 +377,8 @@ def main(cfg):
     results["num_processes"] = world
     results["knn_top1"] = monitor("end")
     if accelerator.is_main_process:  # plain tensors and primitives: models.load_backbone reads it
-        atomic_save({"arch": cfg.arch, "backbone": online["backbone"].state_dict(),
-                     "teacher": target["backbone"].state_dict(), "dns": dns, "width_min": dns[-1]["width"],
+        atomic_save({"arch": cfg.arch, "backbone": cpu_state(online["backbone"]),
+                     "teacher": cpu_state(target["backbone"]), "dns": dns, "width_min": dns[-1]["width"],
                      "individual": dns[0] if cfg.individual else None,  # eval_knn.py refuses any other network
                      "widths": sorted({d["width"] for d in dns}, reverse=True), "step": step, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "backbone.pt"))

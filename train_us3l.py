@@ -75,9 +75,10 @@ from config import ConfigError, run, save_config
 from data import prepare_cifar10
 from knn import build_knn_loaders, calibration_batches, knn_eval
 from models import ARCHS, make_individual_, min_width, projection_mlp, set_active, set_sync_bn
-from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_same_across_processes,
-                   check_tracker, cosine, ema_update_, init_tracker, load_resume, log_jsonl, optimizer_step_,
-                   param_groups, read_results, to_floats, tracker_log, trim_jsonl, warmup_cosine)
+from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_precision,
+                   check_same_across_processes, check_tracker, cosine, cpu_state, ema_update_, init_tracker,
+                   load_resume, log_jsonl, optimizer_step_, param_groups, read_results, to_floats, tracker_log,
+                   trim_jsonl, warmup_cosine)
 
 
 @dataclass
@@ -259,6 +260,7 @@ def main(cfg):
     # cudnn autotunes each conv shape once: a random width is one of a few hundred channel sets
     # (make_divisible rounds to multiples of 8), so the tuning is paid a few hundred times per run
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    check_precision(cfg.precision, device)  # bf16 below compute capability 8.0: one line, not a slow run
     ckpt_path = os.path.join(cfg.out_dir, "checkpoints", "last.pt")
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}" + (f"\n{note}" if note else ""))
 
@@ -475,8 +477,8 @@ def main(cfg):
     results["knn_top1"] = monitor("end")
     if accelerator.is_main_process:
         # plain tensors and primitives only: torch.load(weights_only=True) and models.load_backbone
-        atomic_save({"arch": cfg.arch, "backbone": student["backbone"].state_dict(),
-                     "teacher": teacher["backbone"].state_dict(), "width_min": cfg.width_min,
+        atomic_save({"arch": cfg.arch, "backbone": cpu_state(student["backbone"]),
+                     "teacher": cpu_state(teacher["backbone"]), "width_min": cfg.width_min,
                      "widths": sorted({w for w in (1.0, 0.75, 0.5, 0.25) if w >= cfg.width_min} | {cfg.width_min},
                                       reverse=True) if not cfg.individual else [cfg.individual],  # the default
                      # list eval_knn.py / eval_linear.py evaluate; an individual network refuses any other

@@ -541,3 +541,23 @@ def check_finite(losses: dict, step: int, accelerator) -> dict[str, float]:
         raise FloatingPointError(f"non-finite loss at step {step}: {shown}"
                                  + (" (means over processes)" if accelerator.num_processes > 1 else ""))
     return dict(zip(names, values))
+
+
+# ------------------------------------------------------------------------------------------------
+# Device
+
+
+def check_precision(precision: str, device) -> None:
+    """bf16 on a GPU below compute capability 8.0 (V100, T4) runs emulated, far slower than fp16, although
+    torch.cuda.is_bf16_supported() says yes: a one-line error instead of a slow run."""
+    if precision == "bf16" and torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise ConfigError(f"config error: precision=bf16 on {torch.cuda.get_device_name(device)} (compute "
+                              f"capability {major}.{minor}) is emulated and slow: use precision=fp16 (with loss "
+                              f"scaling) or precision=no")
+
+
+def cpu_state(module: torch.nn.Module) -> dict:
+    """module.state_dict() as CPU tensors: backbone.pt then loads on a host without the trainer's GPU."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -312,3 +312,20 @@ def test_background_saver_writes_the_state_of_the_save_call(tmp_path):
     with pytest.raises(FileNotFoundError):
         saver.wait()  # ... and the error reaches the training loop
     saver.wait()  # once
+
+
+def test_bf16_refused_below_compute_capability_8(monkeypatch):
+    """A V100/T4 (compute capability 7.x) with precision=bf16: one line pointing to fp16; an A100/H100 passes."""
+    from config import ConfigError
+    from utils import check_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    with pytest.raises(ConfigError, match=r"precision=bf16 on Tesla V100-SXM2-32GB \(compute capability 7.0\) "
+                                          r"is emulated and slow: use precision=fp16"):
+        check_precision("bf16", torch.device("cuda", 0))
+    check_precision("fp16", torch.device("cuda", 0))
+    check_precision("bf16", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    check_precision("bf16", torch.device("cuda", 0))
+
