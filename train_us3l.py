@@ -114,6 +114,8 @@ class Config:
     # network of its own init (models.make_individual_), the same recipe without sub-networks (no aux head,
     # distillation, dynamic sampling or group regularization); 0: the slimmable run
     num_widths: int = 3  # sandwich size per step: full, smallest, num_widths-2 random (paper: 3)
+    width_grid: float = 0.0  # > 0: each random width rounded to a multiple of it (e.g. 0.015625 = 1/64) within
+    # [R_min, 1]: a few dozen shapes for cudnn.benchmark to tune on a GPU instead of ~190; 0: any width (the paper)
     sandwich: bool = True  # false (Table 9): num_widths random widths, the largest takes the base loss
     # (logged as loss/1.0; loss/min is then the smallest drawn)
     dynamic_sampling: bool = True  # full width only for the first quarter, then min width 0.75/0.5/0.25
@@ -199,6 +201,8 @@ def check_config(cfg):
                           if cfg.sandwich else f"config error: num_widths={cfg.num_widths} must be >= 1")
     if cfg.proj_layers not in (2, 3):
         raise ConfigError(f"config error: proj_layers={cfg.proj_layers}, allowed: 2, 3")
+    if not 0 <= cfg.width_grid < 1:
+        raise ConfigError(f"config error: width_grid={cfg.width_grid} must be in [0, 1) (0: no grid)")
     if not cfg.temperature > 0:
         raise ConfigError(f"config error: temperature={cfg.temperature} must be > 0")
     check_tracker(cfg.tracker)
@@ -220,10 +224,16 @@ def sample_widths(step, total, cfg):
     else:
         r_min = cfg.width_min
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+    def draw(n):
+        ws = (r_min + (1.0 - r_min) * torch.rand(n, generator=g)).tolist()
+        if cfg.width_grid:
+            ws = [min(1.0, max(r_min, round(w / cfg.width_grid) * cfg.width_grid)) for w in ws]
+        return sorted(ws, reverse=True)
+
     if not cfg.sandwich:
-        return sorted((r_min + (1.0 - r_min) * torch.rand(cfg.num_widths, generator=g)).tolist(), reverse=True)
-    middle = (r_min + (1.0 - r_min) * torch.rand(cfg.num_widths - 2, generator=g)).tolist()
-    return [1.0] + sorted(middle, reverse=True) + [r_min]
+        return draw(cfg.num_widths)
+    return [1.0] + draw(cfg.num_widths - 2) + [r_min]
 
 
 def group_alpha(step, total, cfg):

@@ -428,3 +428,16 @@ def test_a_changed_config_does_not_resume_into_the_old_run(us3l_run, tmp_path, m
         "config error: allow_changed names keys this script does not have: sed"
     # a safe key: the finished run is found and left alone
     assert cli(train_us3l.main, Config, [*args, "--log_every=4"], monkeypatch) is None
+
+
+def test_width_grid_rounds_the_random_widths():
+    """width_grid=1/64: every random width a multiple of it in [R_min, 1]; 0: the draws as before, bit for bit."""
+    cfg = replace(Config(), dynamic_sampling=False, num_widths=4)
+    grid = replace(cfg, width_grid=1 / 64)
+    for step in range(50):
+        plain, gridded = sample_widths(step, 100, cfg), sample_widths(step, 100, grid)
+        assert gridded[0] == 1.0 and gridded[-1] == plain[-1] == 0.25
+        for w, v in zip(plain[1:-1], gridded[1:-1]):
+            assert abs(v * 64 - round(v * 64)) < 1e-9 and 0.25 <= v <= 1.0 and abs(v - w) <= 1 / 128 + 1e-12
+    assert len({w for s in range(200) for w in sample_widths(s, 400, grid)[1:-1]}) <= 49  # (1 - 0.25) * 64 + 1
+    assert sample_widths(7, 100, replace(cfg, width_grid=0.0)) == sample_widths(7, 100, cfg)
