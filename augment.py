@@ -461,6 +461,10 @@ class FFCVViews:
     def steps(self):
         return self.n // (self.batch_size * self.world)
 
+    def close(self):
+        """Stop FFCV's reading thread (FFCVLoader.close): call it when training ends, early or not."""
+        self.loader.close()
+
     def __iter__(self):
         for k, ((v1, v2), y) in enumerate(self.loader, start=self.start):
             seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + k) * 1_000_033 + self.rank

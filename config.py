@@ -73,12 +73,22 @@ T = typing.TypeVar("T")
 def run(main, cls: type) -> None:
     """Entry point of every script: `run(main, Config)` parses the config and calls main(cfg). A config
     error or a USER_ERRORS failure exits with one line; any other exception with its traceback.
-    However main ends, the process group is torn down before the interpreter exits, so a rank that
-    stops on an error (e.g. a non-finite loss, raised on every rank by check_finite) exits with code 1
-    and its traceback, not with an abort ("terminate called without an active exception").
-    The traceback is printed and dropped *before* the teardown: it holds main's frames, whose DDP
-    model holds the process group; a group still alive at interpreter exit aborted in about 1 run
-    of 5 (two gloo processes, measured here)."""
+    One process, or a clean end: the process group is torn down before the interpreter exits, so a
+    rank that stops on an error (e.g. a non-finite loss) exits with code 1 and its traceback, not
+    with an abort ("terminate called without an active exception"). The traceback is printed and
+    dropped *before* the teardown: it holds main's frames, whose DDP model holds the process group;
+    a group still alive at interpreter exit aborted in about 1 run of 5 (two gloo processes).
+    An error with more than one process: the message is printed and flushed, then os._exit(code),
+    with no teardown at all. The rank may have failed alone (a bad image, an OOM, a full disk) while
+    its peers sit in a collective it will never join; destroy_process_group, or the destructors of
+    DDP and the loaders, could then wait for them, and they would wait in turn for the collective
+    timeout (30 minutes by default, NCCL or gloo). Exiting at once lets the launcher (torchrun under
+    `accelerate launch`) see the failure and stop the other ranks within seconds, and srun's
+    --kill-on-bad-exit the other nodes. A shorter process-group timeout was not chosen: it would
+    also cut legitimate long waits (rank 0 saving a checkpoint or computing a kNN while the others
+    wait at a barrier) and still leave minutes of waiting. Cost of the hard exit: nothing after
+    the error runs (log.jsonl is appended and closed per record, so it is complete; a TensorBoard
+    writer may lose its last buffered events; a W&B run is marked crashed)."""
     code = 0
     try:
         main(parse_config(cls))
@@ -91,8 +101,15 @@ def run(main, cls: type) -> None:
     except (Exception, KeyboardInterrupt) as e:
         traceback.print_exc()
         code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if code and distributed and torch.distributed.get_world_size() > 1:
+        if not isinstance(code, int):  # a message, as sys.exit would print it
+            print(code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 1)
     gc.collect()  # frees what the dropped traceback kept alive (models, loaders, the group's users)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         torch.distributed.destroy_process_group()
     if code:
         sys.stdout.flush()

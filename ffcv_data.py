@@ -133,6 +133,7 @@ class FFCVLoader:
         from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
         self.kind, self.batch_size, self.device, self.epoch_order = kind, batch_size, device, epoch_order
+        self.epoch_iter = None  # ffcv's EpochIterator (a thread) of the epoch being read: close()
         labels = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(torch.device(device), non_blocking=True)]
         self.loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers or min(8, os.cpu_count() or 1),
@@ -151,8 +152,18 @@ class FFCVLoader:
     def __len__(self):
         return len(self.loader)
 
+    def close(self):
+        """Stop the epoch in flight, if any: its ffcv thread keeps decoding batches ahead (and holds
+        its pinned buffers) until the epoch ends, which never comes when a training loop stops early
+        (max_steps, an error). Iterating again starts a new epoch thread."""
+        if self.epoch_iter is not None:
+            self.epoch_iter.close()
+            self.epoch_iter = None
+
     def __iter__(self):
-        for k, batch in enumerate(self.loader):
+        self.close()  # one epoch thread at a time
+        self.epoch_iter = iter(self.loader)
+        for k, batch in enumerate(self.epoch_iter):
             if self.kind == "views":  # (B, 2, H, W, 3) -> two (B, 3, H, W) views of the same buffer
                 x, y = batch
                 v1, v2 = x.permute(1, 0, 4, 2, 3)

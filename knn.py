@@ -67,8 +67,33 @@ def all_gather_rows(t, n_max):
     return out
 
 
+# Memory per process of ImageNet R-50's kNN (1.28M x 2048 bank, 50k test images, one process; N
+# processes hold 1/N of the bank each, the test features whole). Computed from this file's
+# allocations (bytes = rows x cols x element size); before this layout the same count gave about
+# 31 GB (a list of batches + torch.cat + F.normalize's copy, 3 x 10.5 GB, then a 1024 x 1.28M fp32
+# similarity of 5.2 GB). NOTE: measured on CPU at 1/64 scale (20k x 2048 fp32 bank = 164 MB, batch
+# 250, one process, ru_maxrss before/after extract_features) the peak grew by 175 MB in some runs
+# and 334 MB in others of the same script: the second bank-sized block is not explained yet.
+#   bank, filled in place:  fp32 10.5 GB | fp16 (CUDA default, bank_dtype) 5.2 GB
+#   + a sorted copy of it, briefly, only when the loader's order is not already by index (a loader
+#     of build_knn_loaders is: no copy)
+#   test features (fp32) 0.41 GB, plus 2 x that while all-gathered under N processes
+#   search (SIM_BYTES = 1 GiB): a (chunk x bank rows) fp32 similarity <= 1 GiB; an fp16 bank is
+#     upcast block by block, one 1 GiB fp32 block (131k rows x 2048) at a time
+#   peak: fp32 about 12 GB, fp16 about 7.5 GB (+ the model, and the bank's copy if unsorted)
+SIM_BYTES = 2**30  # bound on one fp32 similarity block (and one upcast bank block)
+
+
+def _take(t, rows):
+    """t's rows `rows` (sorted, deduplicated order): a view when that is a prefix, so a bank already in
+    index order is not copied; otherwise a copy (a second bank, briefly)."""
+    if torch.equal(rows, torch.arange(rows.numel(), device=rows.device)):
+        return t[:rows.numel()]
+    return t.index_select(0, rows)
+
+
 @torch.no_grad()
-def extract_features(model, loader, device, autocast=True, normalize=True, gather=True):
+def extract_features(model, loader, device, autocast=True, normalize=True, gather=True, dtype=torch.float32):
     """(features (N, D) float32, L2-normalized unless normalize=False, labels (N,), indices (N,)),
     sorted by sample index. Raw features (normalize=False) feed eval_linear's head.
 
@@ -79,28 +104,42 @@ def extract_features(model, loader, device, autocast=True, normalize=True, gathe
     when a DistributedSampler padded a shard with repeated samples. gather=False: each rank returns
     its own shard only (only the indices are gathered, to drop a sample that a lower rank also
     holds), so the shards partition the dataset: the kNN bank at ImageNet size (1.28M x 2048 fp32 is
-    10 GB) then costs each process 1/N of it."""
+    10 GB) then costs each process 1/N of it.
+    The features are written in place into one buffer sized from len(loader) x the first batch's
+    size (grown by doubling if the loader says nothing or too little), of dtype `dtype` (fp16 or
+    bf16 halves the bank; normalized per batch in fp32 first, then rounded)."""
     was_training = model.training
     model.eval()
-    feats, labels, idxs = [], [], []
+    feats, n, labels, idxs = None, 0, [], []
     try:
         with maybe_autocast(device, autocast):
-            dtype = next(model.parameters()).dtype  # fp32, or a trainer's precision=fp64
+            x_dtype = next(model.parameters()).dtype  # fp32, or a trainer's precision=fp64
             for x, y, idx in loader:
-                x = x.to(device, dtype, non_blocking=True)
+                x = x.to(device, x_dtype, non_blocking=True)
                 if x.ndim == 4:  # NOTE: 10-25% faster on CPU (oneDNN), the weights may stay NCHW
                     x = x.contiguous(memory_format=torch.channels_last)
-                feats.append(model(x).float())
+                f = model(x).float()
+                f = F.normalize(f, dim=1) if normalize else f  # per row: the same as on the whole bank
+                if feats is None or n + len(f) > len(feats):
+                    try:
+                        rows = len(loader) * len(f)
+                    except TypeError:  # no len(): grow as it goes
+                        rows = 0
+                    grown = torch.empty(max(rows, n + len(f), 2 * n), f.shape[1], dtype=dtype, device=device)
+                    if feats is not None:
+                        grown[:n] = feats[:n]
+                    feats = grown
+                feats[n:n + len(f)] = f
+                n += len(f)
                 labels.append(y)
                 idxs.append(idx)
     finally:
         model.train(was_training)
-    if feats:
-        feats = torch.cat(feats)
-        feats = F.normalize(feats, dim=1) if normalize else feats
+    if n:
+        feats = feats[:n]
         labels, idxs = torch.cat(labels).to(device), torch.cat(idxs).to(device)
     else:  # an empty shard (more ranks than samples): its feature size comes from the others
-        feats = torch.zeros(0, 0, device=device)
+        feats = torch.zeros(0, 0, dtype=dtype, device=device)
         labels = idxs = torch.zeros(0, dtype=torch.long, device=device)
     rank, world = rank_world()
     if world > 1 and not gather:
@@ -122,13 +161,13 @@ def extract_features(model, loader, device, autocast=True, normalize=True, gathe
     keep = torch.ones_like(idxs, dtype=torch.bool)
     keep[1:] = idxs[1:] != idxs[:-1]  # duplicates (sampler padding) are the same sample: keep one
     order = order[keep]
-    return feats[order], labels[order], idxs[keep]
+    return _take(feats, order), labels[order], idxs[keep]
 
 
 def _own_shard(feats, labels, idxs, rank):
     """This rank's rows sorted by index, minus those a lower rank holds too (sampler padding)."""
     order = torch.argsort(idxs, stable=True)
-    feats, labels, idxs = feats[order], labels[order], idxs[order]
+    labels, idxs = labels[order], idxs[order]
     keep = torch.ones_like(idxs, dtype=torch.bool)
     keep[1:] = idxs[1:] != idxs[:-1]
     n = torch.tensor([idxs.numel()], device=idxs.device)
@@ -137,7 +176,7 @@ def _own_shard(feats, labels, idxs, rank):
     n = [int(v) for v in all_n]
     lower = torch.cat([f[:k] for f, k in zip(all_gather_rows(idxs, max(n)), n)][:rank] + [idxs[:0]])
     keep &= ~torch.isin(idxs, lower)
-    return feats[keep], labels[keep], idxs[keep]
+    return _take(feats, order[keep]), labels[keep], idxs[keep]
 
 
 def merge_topk(sims, labels, k):
@@ -148,9 +187,26 @@ def merge_topk(sims, labels, k):
     return sim, torch.cat(list(labels), 1).gather(1, pos)
 
 
+def _block_topk(q, bank, k, block):
+    """topk(q @ bank.T) of a half-precision bank, upcast to q's dtype `block` rows at a time: the top k
+    of each block merged with the running top k (merge_topk's argument), never a whole fp32 bank."""
+    sim = idx = None
+    for b0 in range(0, bank.shape[0], block):
+        s = q @ bank[b0:b0 + block].to(q.dtype).T  # (c, D) x (D, block) -> (c, block)
+        s, i = s.topk(min(k, s.shape[1]), dim=1)
+        i += b0
+        if sim is not None:
+            s, pos = torch.cat([sim, s], 1).topk(min(k, sim.shape[1] + s.shape[1]), dim=1)
+            i = torch.cat([idx, i], 1).gather(1, pos)
+        sim, idx = s, i
+    return sim, idx
+
+
 def _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk, sharded=False):
-    """Yield (start, {k: scores (chunk, num_classes)}) per chunk of test rows: one (chunk x N)
+    """Yield (test rows slice, {k: scores (c, num_classes)}) per chunk of c test rows: one (c x N)
     matmul and one topk with the largest k; smaller k are the leading columns (topk sorts).
+    c is `chunk`, less where a (c x N) fp32 similarity would pass SIM_BYTES (ImageNet's 1.28M-row
+    bank: 209 rows). A half-precision bank (knn_eval's bank_dtype) is upcast block by block.
     sharded: each process holds a shard of the bank (extract_features(gather=False)) and the same
     test rows; every rank searches its shard and the candidates are merged (all_gather of c x k)."""
     n_bank, world = train_feats.shape[0], rank_world()[1]
@@ -160,9 +216,17 @@ def _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperatur
         dist.all_reduce(n)
         n_bank = int(n)
     k_max = min(max(ks), n_bank)
+    half = train_feats.dtype != test_feats.dtype and train_feats.shape[0] > 0
+    block = max(1, SIM_BYTES // (4 * max(1, train_feats.shape[1])))  # upcast rows of a half bank
+    cols = -(-n_bank // world) if sharded else n_bank  # the same on every rank: they loop together
+    chunk = max(1, min(chunk, SIM_BYTES // (4 * max(1, min(cols, block) if half else cols))))
     for start in range(0, test_feats.shape[0], chunk):
-        sim = test_feats[start:start + chunk] @ train_feats.T  # (c, D) x (D, N) -> (c, N) cosine
-        sim, nn_idx = sim.topk(min(k_max, sim.shape[1]), dim=1)  # (c, k_max), largest first
+        q = test_feats[start:start + chunk]
+        if half:
+            sim, nn_idx = _block_topk(q, train_feats, k_max, block)
+        else:
+            sim = q @ train_feats.to(q.dtype).T  # (c, D) x (D, N) -> (c, N) cosine
+            sim, nn_idx = sim.topk(min(k_max, sim.shape[1]), dim=1)  # (c, k_max), largest first
         nn_labels = train_labels[nn_idx]
         if sharded:  # pad a short shard with -inf, then the top k_max of every rank's candidates
             pad = k_max - sim.shape[1]
@@ -177,17 +241,17 @@ def _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperatur
         for k in ks:
             kk = min(k, k_max)  # k beyond the bank size: every bank row votes
             out[k] = sim.new_zeros(sim.shape[0], num_classes).scatter_add_(1, nn_labels[:, :kk], weight[:, :kk])
-        yield start, out
+        yield slice(start, start + q.shape[0]), out
 
 
 @torch.no_grad()
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1, chunk=1024):
     """(test, num_classes) class scores: sum over the k most cosine-similar bank rows of
     exp(sim / T), per class. Features must be L2-normalized already. chunk: test rows per matmul,
-    bounding memory to chunk x N floats (1024 x 50k = 200 MB)."""
+    bounding memory to chunk x N floats (1024 x 50k = 200 MB; at most SIM_BYTES)."""
     scores = torch.empty(test_feats.shape[0], num_classes, device=test_feats.device)
-    for start, out in _knn_topk(train_feats, train_labels, test_feats, num_classes, [k], temperature, chunk):
-        scores[start:start + chunk] = out[k]
+    for rows, out in _knn_topk(train_feats, train_labels, test_feats, num_classes, [k], temperature, chunk):
+        scores[rows] = out[k]
     return scores
 
 
@@ -197,9 +261,9 @@ def _knn_correct(train_feats, train_labels, test_feats, test_labels, num_classes
     """(len(ks), 2) counts of top-1 and top-5 hits, for each k."""
     correct = torch.zeros(len(ks), 2, dtype=torch.long, device=test_feats.device)
     top = min(5, num_classes)
-    for start, out in _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk,
-                                sharded):
-        y = test_labels[start:start + chunk, None]
+    for rows, out in _knn_topk(train_feats, train_labels, test_feats, num_classes, ks, temperature, chunk,
+                               sharded):
+        y = test_labels[rows, None]
         for i, k in enumerate(ks):
             hit = out[k].topk(top, dim=1).indices == y  # (c, top)
             correct[i, 0] += hit[:, 0].sum()
@@ -248,7 +312,7 @@ def _bn_state(model):
 @torch.no_grad()
 def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, k=200, temperature=0.1,
              depth=None, autocast=True, all_reduce=None, chunk=1024, timings=None, ks=(), details=None,
-             progress=False):
+             progress=False, bank_dtype=None):
     """{width: kNN top-1 in [0, 1]} of the backbone, each width BN-calibrated first.
 
     calib_batches: re-iterable batches of training images with the eval transform (see
@@ -262,11 +326,15 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     ks, details: more neighbour counts searched at no extra cost (one topk of the largest k); an
     optional dict filled with {width: {"top1_k": {k: acc}, "top5_k": {k: acc}}} for k and ks.
     progress: tqdm bars over the bank and test passes (pass accelerator.is_main_process).
+    bank_dtype: the bank's storage dtype; None = fp16 on CUDA (half the memory; unit vectors keep
+    about 3 decimal digits, sims are computed in fp32), fp32 elsewhere (exact, as tested).
     Under N processes the bank stays sharded (each rank holds 1/N of it, ImageNet's 1.28M x 2048 fp32
     is 10 GB) and the test features are gathered: every rank searches its shard for every test row
     and the top k of the merged candidates are the whole bank's (equal to 1 process, tested).
     """
     world = rank_world()[1]
+    if bank_dtype is None:
+        bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
     if all_reduce is None:
         all_reduce = world > 1
     if iter(calib_batches) is calib_batches:  # a generator would be empty at the second width
@@ -283,7 +351,7 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
                 calibrate_bn(backbone, calib_batches, w, depth, all_reduce=all_reduce)
             t1 = time.perf_counter()
             bank, bank_y, _ = extract_features(backbone, Progress(bank_loader, not progress, f"kNN {w:g} bank"), device,
-                                               autocast, gather=False)
+                                               autocast, gather=False, dtype=bank_dtype)
             test, test_y, _ = extract_features(backbone, Progress(test_loader, not progress, f"kNN {w:g} test"), device,
                                                autocast)
             t2 = time.perf_counter()

@@ -370,6 +370,7 @@ def main(cfg):
                 write_results()
             t_next = time.time()
     pbar.close()
+    getattr(train_loader, "close", lambda: None)()  # loader=ffcv: stop its reading thread
     saver.wait()  # the last checkpoint is on disk
 
     for m in (online, target):  # fails loudly if any process diverged (the target's momentum BN included)

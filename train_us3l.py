@@ -480,6 +480,7 @@ def main(cfg):
                 write_results()
             t_next = time.time()
     pbar.close()
+    getattr(train_loader, "close", lambda: None)()  # loader=ffcv: stop its reading thread
     saver.wait()  # the last checkpoint is on disk
 
     check_same_across_processes(student, accelerator, buffers=cfg.sync_bn)  # fails loudly if any process diverged

@@ -119,7 +119,12 @@ class OverlappedAllReduce:
         self.world, self.buckets, self.hooks, self.sent, size = world, [[]], [], [], 0
         # own group: sync BN's all-reduces in the backward never wait behind a bucket (NCCL: one stream per group)
         self.group = torch.distributed.new_group()
-        for p in reversed([p for p in params if p.requires_grad]):
+        params = [p for p in params if p.requires_grad]
+        # NCCL makes a group's communicator lazily, at its first collective: warm it up here (a tiny
+        # all_reduce), not inside step 1's backward where it would stall the first buckets behind its setup
+        if params:
+            torch.distributed.all_reduce(torch.zeros(1, device=params[0].device), group=self.group)
+        for p in reversed(params):
             if size and size + p.numel() * p.element_size() > bucket_mb * 2**20:
                 self.buckets.append([])
                 size = 0

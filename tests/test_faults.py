@@ -397,3 +397,48 @@ def test_user_errors_are_one_line(case, args, message, image_folder, tmp_path, m
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
         assert "Traceback" in capsys.readouterr().err
+
+
+# --- one rank fails alone --------------------------------------------------------------------------
+
+ALONE = textwrap.dedent("""
+    import time
+    from dataclasses import dataclass
+
+    import torch
+    from accelerate import Accelerator
+    from config import run
+
+    def main(cfg):
+        accelerator = Accelerator()
+        model = accelerator.prepare(torch.nn.Linear(4, 4))  # DDP: the group has a user, as in a trainer
+        if accelerator.process_index == 1:
+            time.sleep(1)  # rank 0 is in the all_reduce by now
+            raise RuntimeError("rank 1 failed alone")
+        torch.distributed.all_reduce(torch.ones(1))  # never joined: waits until the group's timeout
+        print("rank 0 got past the collective", model)
+
+    @dataclass
+    class Config:
+        pass
+
+    run(main, Config)
+""")
+
+
+def test_a_rank_that_fails_alone_ends_the_launch_promptly(tmp_path, monkeypatch):
+    """Rank 1 raises outside any collective while rank 0 waits in one: config.run exits rank 1 at once
+    (os._exit, no collective teardown), the launcher stops rank 0, and the launch ends in seconds with
+    rank 1's error and a nonzero code, not after the 30-minute collective timeout."""
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(script)]
+    start = time.monotonic()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), **thread_env(2)}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    took, out_text = time.monotonic() - start, p.stdout + p.stderr
+    assert p.returncode != 0, out_text[-3000:]
+    assert "RuntimeError: rank 1 failed alone" in out_text, out_text[-3000:]
+    assert "rank 0 got past the collective" not in out_text
+    assert took < 60, f"{took:.0f} s"

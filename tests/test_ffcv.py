@@ -262,3 +262,18 @@ def test_cuda(image_folder, betons):
     ALIVE.append(loader := ffcv_data.build_ffcv_loader(betons / "raw/train.beton", B, 24, device="cuda"))
     (v1, v2), y = next(iter(loader))
     assert v1.is_cuda and v1.dtype == torch.uint8 and v2.shape == (B, 3, 24, 24) and y.device == v1.device
+
+
+def test_close_stops_the_epoch_thread(train_loader):
+    """A loop that stops after one batch (max_steps) leaves ffcv's epoch thread decoding ahead; close()
+    ends it, and the loader reads a whole epoch again afterwards."""
+    train_loader.set_epoch(0)
+    it = iter(train_loader)
+    next(it)
+    thread = train_loader.epoch_iter
+    assert thread.is_alive()
+    train_loader.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and train_loader.epoch_iter is None
+    train_loader.set_epoch(0)
+    assert len(collect(train_loader)) == 200 // B

@@ -313,3 +313,25 @@ def test_merge_topk_of_shards_is_the_whole_banks_topk():
         labs.append(F.pad(labels[:, p].gather(1, i), (0, 12 - s.shape[1])))
     got_sim, got_labels = knn.merge_topk(sims, labs, 12)
     assert torch.equal(got_sim, ref_sim) and torch.equal(got_labels, labels.gather(1, ref_pos))
+
+
+def test_half_bank_and_bounded_chunks_search_what_fp32_searches(monkeypatch):
+    """The bank filled in place (a loader without len(): grown by doubling) and kept in fp16 equals the
+    fp32 bank rounded; searched block by block (SIM_BYTES tiny: 8-row chunks, 16-row upcast blocks),
+    it gives the scores of the fp32 search of those same rounded rows."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 8, generator=g), torch.randint(0, 4, (100,), generator=g)
+    batches = [(x[i:i + 16], y[i:i + 16], torch.arange(i, min(i + 16, 100))) for i in range(0, 100, 16)]
+    model = torch.nn.Identity()
+    model.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))  # extract_features reads a dtype
+    cpu = torch.device("cpu")
+    full, labels, _ = extract_features(model, iter(batches), cpu, autocast=False)
+    half, half_labels, idx = extract_features(model, iter(batches), cpu, autocast=False, dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.shape == (100, 8) and torch.equal(idx, torch.arange(100))
+    assert torch.equal(half, full.half()) and torch.equal(half_labels, labels)
+    test = F.normalize(torch.randn(30, 8, generator=g), dim=1)
+    expect = knn_predict(half.float(), labels, test, 4, k=10)
+    monkeypatch.setattr(knn, "SIM_BYTES", 4 * 8 * 16)  # upcast blocks of 16 rows, 8 test rows per chunk
+    torch.testing.assert_close(knn_predict(half, labels, test, 4, k=10), expect, rtol=0, atol=0)
+    torch.testing.assert_close(knn_predict(full, labels, test, 4, k=10, chunk=1024),
+                               knn_predict(full, labels, test, 4, k=10, chunk=3), rtol=0, atol=0)
