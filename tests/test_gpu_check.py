@@ -1,26 +1,95 @@
-"""bench/gpu_check.py --smoke: every part of the GPU check runs at toy size on a CPU and the JSON has
-every key (a GPU session then runs the same script at full size, with no surprise)."""
+"""bench/gpu_check.py --smoke and bench/gpu_session.sh SMOKE=1: every part and every step of the GPU
+session runs at toy size on a CPU and writes its JSON (a GPU slot then runs the same at full size, with no
+surprise), on a machine without `datasets`, `ffcv` and ONNX as well: only the rows that need them are null."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+from tests.conftest import CIFAR10_TAR
+
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ["device", "torch", "precision", "plain_img_per_s", "us3l_img_per_s", "us3l_vs_limit", "p3_time_ratio",
-        "p4_224_ratio", "copy_224_ratio", "loader_img_per_s", "loader_vs_us3l", "cifar10_knn", "dspnet_p5"]
+ROWS = ["data", "plain_img_per_s", "us3l_img_per_s", "us3l_vs_limit", "p3_time_ratio", "p3_macs_ratio", "copy_224_ratio",
+        "p4_224_ratio", "loader_torch_img_per_s", "loader_torch_vs_us3l", "loader_ffcv_img_per_s", "loader_ffcv_vs_us3l",
+        "dspnet_p5", "dspnet_p5_macs", "cifar10_knn"]
+FFCV_ROWS = {"loader_ffcv_img_per_s", "loader_ffcv_vs_us3l"}
+# run the script with these modules unimportable (None in sys.modules: `import ffcv` raises ImportError)
+WITHOUT = ("import runpy, sys; sys.modules.update(dict.fromkeys(['datasets', 'ffcv', 'onnx', 'onnxruntime', "
+           "'onnxscript'])); sys.path.insert(0, 'bench'); sys.argv[0] = 'bench/gpu_check.py'; "
+           "runpy.run_path('bench/gpu_check.py', run_name='__main__')")
 
 
-def test_smoke(image_folder, tmp_path):
-    p = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", f"--out={tmp_path}",
-                        f"--data_path={image_folder}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+def tiny_tarball(image_folder, path):
+    """The CIFAR-10 tarball's layout (cifar10/{train,test}/<class>/NNNN.jpg) from the generated images."""
+    with tarfile.open(path, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(image_folder / split, arcname=f"cifar10/{split}")
+    return path
+
+
+def test_smoke_without_datasets_ffcv_onnx(image_folder, tmp_path):
+    tar = CIFAR10_TAR if CIFAR10_TAR.is_file() else tiny_tarball(image_folder, tmp_path / "cifar10-jpg.tar.gz")
+    data_path = tmp_path / "data" / "cifar10"  # missing: part data extracts the tarball into it
+    p = subprocess.run([sys.executable, "-c", WITHOUT, "--smoke", f"--out={tmp_path / 'out'}", f"--data_tar={tar}",
+                        f"--data_path={data_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert res["errors"] == {}, res["errors"]
-    for key in KEYS:
-        assert res[key] is not None, key
-    assert set(res["loader_img_per_s"]) == {"torch", "ffcv"} and all(v > 0 for v in res["loader_img_per_s"].values())
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert set(res["errors"]) == {"beton", "loader_ffcv"}, res["errors"]  # FFCV's part, and the one reading its file
+    assert "FFCV" in res["errors"]["beton"] and res["errors"]["loader_ffcv"] == "skipped: part beton failed"
+    for key in ROWS:
+        assert key in res, key
+        assert (res[key] is None) == (key in FFCV_ROWS), key
+    assert res["not_run"] == [] and res["torch"] == __import__("torch").__version__ and res["device"].startswith("cpu")
+    assert res["data"]["path"] == str(data_path) and res["data"]["train_images"] == (50_000 if tar == CIFAR10_TAR else 200)
+    assert (data_path / ".extracted").is_file()
+    assert res["loader_torch_img_per_s"] > 0 and res["loader_torch_vs_us3l"] > 0
     knn = res["cifar10_knn"]
     assert knn["steps"] == 2 and set(knn["knn_top1"]) == {"1.0", "0.75", "0.5", "0.25"}  # the quick recipe's knn_widths
-    assert 0 < res["us3l_vs_limit"] and 0 < res["p3_time_ratio"] and 0 < res["dspnet_p5"]
+    assert 0 <= knn["data_wait"] < 1 and knn["img_per_s"] > 0
+    assert 0 < res["us3l_vs_limit"] and 0 < res["p3_time_ratio"] and 0 < res["dspnet_p5"] and 0 < res["p4_224_ratio"]
     assert "p4_224_ratio" in p.stdout and "wrote" in p.stdout
+
+
+def test_session_smoke(image_folder, tmp_path):
+    """gpu_session.sh SMOKE=1: each step runs at toy size and the summary records it; the kill-and-resume
+    step resumes from a checkpoint and logs every step once; gpu_check's FFCV loader part runs here."""
+    out = tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "OUT": str(out), "DATA_PATH": str(tmp_path / "cifar10"),
+           "CIFAR10_TAR": str(tiny_tarball(image_folder, tmp_path / "tiny.tar.gz"))}
+    p = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = summary["steps"]
+    assert list(steps) == ["cuda_tests", "sync_debug", "knn_memory", "gpu_check", "quick_fp16"]
+    assert summary["ok"] and summary["smoke"], {k: (s["rc"], (out / s["log"]).read_text()[-1500:]) for k, s in steps.items()}
+    assert all(not s["timed_out"] and 0 < s["seconds"] < s["limit_s"] for s in steps.values())
+    tests = steps["cuda_tests"]["result"]
+    assert tests["tests"] >= 3 and tests["failures"] == tests["errors"] == 0
+    assert tests["skipped"] == (0 if __import__("torch").cuda.is_available() else tests["tests"])  # "needs CUDA"
+    assert steps["sync_debug"]["result"]["errors"] == {} and "not checked" in steps["sync_debug"]["result"]["sync_at"]
+    assert steps["knn_memory"]["result"]["knn_memory"]["bank"] == [4096, 64]
+    check = steps["gpu_check"]["result"]
+    assert check["data"]["train_images"] == 200 and check["not_run"] == []
+    if importlib.util.find_spec("ffcv"):
+        assert check["errors"] == {} and check["loader_ffcv_img_per_s"] > 0
+    quick = steps["quick_fp16"]["result"]
+    assert quick["first_rc"] == -9 and quick["killed_after_step"] >= 3 and quick["resumed_from"] in (2, 4)
+    assert quick["second_rc"] == 0 and quick["logged_steps_once"] and set(quick["knn_top1"]) == {"1.0", "0.75", "0.5", "0.25"}
+    assert not list(out.rglob("*.pt"))  # checkpoints do not travel back
+
+
+def test_missing_data_nulls_its_rows_only(tmp_path):
+    """No tarball: part data fails, the parts that need it are skipped, the others run, the JSON is written."""
+    p = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", f"--out={tmp_path}", "--parts=copy_224,cifar10_knn",
+                        f"--data_tar={tmp_path / 'missing.tar.gz'}", f"--data_path={tmp_path / 'cifar10'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["parts"] == ["data", "copy_224", "cifar10_knn"] and res["not_run"] == []  # data: cifar10_knn needs it
+    assert res["errors"]["data"].startswith("FileNotFoundError") and "missing.tar.gz" in res["errors"]["data"]
+    assert res["errors"]["cifar10_knn"] == "skipped: part data failed" and set(res["errors"]) == {"data", "cifar10_knn"}
+    assert res["data"] is None and res["cifar10_knn"] is None and res["copy_224_ratio"] > 0
