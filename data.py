@@ -48,9 +48,10 @@ SPLITS = {"train": ["train"], "test": ["test", "val", "validation"], "val": ["va
 # has train / validation / test with every test label -1 (the test labels were never released), so
 # "test" must not win there; a split with negative labels is an error anyway (build_hf).
 HF_SPLITS = {"train": ["train"], "test": ["validation", "val", "test"], "val": ["validation", "val", "test"]}
-HOW_TO = ("For CIFAR-10 run `python data.py extract-cifar10` (shared tarball -> data/cifar10), or pass "
-          "--data_path=DIR holding train/ and test/ (or val/) class folders or a cifar-10-batches-py / "
-          "cifar-100-python folder, or --data_path=hf:PATH for a HuggingFace dataset.")
+HOW_TO = ("For CIFAR-10 run `python data.py extract-cifar10 --download` (or set CIFAR10_TAR to the JPEG "
+          "tarball), or pass --data_path=DIR holding train/ and test/ (or val/) class folders (train/ alone "
+          "with knn_monitor=false), a cifar-10-batches-py / cifar-100-python folder, or --data_path=hf:PATH "
+          "for a HuggingFace dataset.")
 # What datasets do with an image that does not decode (corrupt, truncated, not an image though named
 # .jpg) and with an empty class folder: "fail" raises an error naming the file or folder; "skip"
 # warns, naming it with a running count, serves the next readable image in a bad one's place and

@@ -116,7 +116,7 @@ from utils import all_reduce_grads_, check_tracker, init_tracker
 class Config:
     ckpt: str = ""  # backbone.pt written by train_us3l.py; empty = random init of --arch (a baseline)
     teacher: bool = False  # evaluate the checkpoint's EMA teacher instead of the online backbone
-    arch: str = "resnet18_cifar"  # models.ARCHS key, used without --ckpt (a checkpoint names its own)
+    arch: str = ""  # models.ARCHS key: a seeded random-init baseline, required without --ckpt (a checkpoint names its own)
     data_path: str = "data/cifar10"  # see data.py; `python data.py extract-cifar10` makes this one
     dataset: str = ""  # cifar10 | cifar100 | imagenet (normalization, transforms); empty = the ckpt's, else cifar10
     widths: list[float] = field(default_factory=list)  # evaluated widths; empty = the ckpt's widths or DSPNet

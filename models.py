@@ -699,10 +699,14 @@ if __name__ == "__main__":
     ap.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
     ap.add_argument("--widths", default="0.25,0.5,0.75,1.0")
     ap.add_argument("--depth", default=None, help="per-stage depths for ResNets, e.g. 2,2,2,2")
-    ap.add_argument("--input_size", type=int, default=224)
-    ap.add_argument("--num_classes", type=int, default=1000,
-                    help="count a classifier of this size too, as published figures do (0: backbone only)")
+    ap.add_argument("--input_size", type=int, default=None, help="default: 32 for the CIFAR archs, else 224")
+    ap.add_argument("--num_classes", type=int, default=None,
+                    help="count a classifier of this size too, as published figures do (0: backbone only; "
+                         "default: 1000 for the ImageNet archs, 100 for the CIFAR ones, the papers' CIFAR-100)")
     args = ap.parse_args()
+    cifar = "cifar" in args.arch
+    args.input_size = args.input_size or (32 if cifar else 224)
+    args.num_classes = 100 if args.num_classes is None and cifar else 1000 if args.num_classes is None else args.num_classes
     model = ARCHS[args.arch](num_classes=args.num_classes)
     depth = [int(d) for d in args.depth.split(",")] if args.depth else None
     print(f"{args.arch}  input {args.input_size} px  depth {depth or 'full'}  "

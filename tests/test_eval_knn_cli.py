@@ -64,7 +64,17 @@ def test_random_init(image_folder, tmp_path, capsys):
     for w in (1.0, 0.25):  # the sub-network's figures at the eval image size, 32 px
         assert (res[str(w)]["params"], res[str(w)]["macs"]) == profile(model, w, input_size=32)
     out = capsys.readouterr().out
-    assert "1 process(es)" in out and "k=20" in out
+    assert "1 process(es)" in out and "k=20" in out and "kNN T=0.1 " in out  # CIFAR's temperature by default
+
+
+def test_imagenet_temperature_by_default(image_folder, tmp_path, capsys):
+    """temperature=0 (the default) is DINO's 0.07 on ImageNet; an explicit one is kept."""
+    args = ["--arch=resnet18_cifar_tiny", "--widths=1.0", f"--data_path={image_folder}", "--dataset=imagenet",
+            "--bank_subset=10", "--test_subset=10", "--calib_images=10", "--batch_size=10", "--k=5"]
+    main([*args, f"--out_dir={tmp_path / 'a'}"])
+    assert "kNN T=0.07 " in capsys.readouterr().out
+    main([*args, f"--out_dir={tmp_path / 'b'}", "--temperature=0.2"])
+    assert "kNN T=0.2 " in capsys.readouterr().out
 
 
 def make_ckpt(path, arch="resnet18_cifar_tiny", **extra):

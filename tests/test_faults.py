@@ -330,6 +330,7 @@ def script_args(script, image_folder, tmp_path, args):
     ("eval_knn.py", ["--arch=resnet18_cifar", "--widths=1.0,0.01"], "widths [0.01] lie below resnet18_cifar's minimum"),
     ("eval_linear.py", ["--ckpt={tmp}/missing.pt"], "config error: checkpoint not found"),
     ("eval_knn.py", ["--ckpt={tmp}"], "is a folder: pass the backbone.pt in it"),
+    ("eval_linear.py", ["--widths=1.0"], "config error: give --ckpt, or --arch"),  # no silent default network
     ("eval_knn.py", ["--ckpt={tmp}/junk.pt"], "is not a checkpoint this code can read (UnpicklingError"),
     ("eval_linear.py", ["--arch=resnet18_cifar", "--mode=full"], "config error: mode='full', allowed: cached, augment"),
 ])
