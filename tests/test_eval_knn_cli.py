@@ -123,6 +123,22 @@ def test_two_processes_equal_one(image_folder, tmp_path):
     assert got == ref
 
 
+class FeatureLog(dict):
+    """module.extract_features patched to keep what each call returns, (features, labels, indices), in
+    the list of the loader kind being run: log.kind = "torch"; ...; log["torch"] lists its passes."""
+
+    def __init__(self, monkeypatch, module):
+        super().__init__()
+        real = module.extract_features
+
+        def recorded(*args, **kw):
+            out = real(*args, **kw)
+            self.setdefault(self.kind, []).append(out)
+            return out
+
+        monkeypatch.setattr(module, "extract_features", recorded)
+
+
 def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch):
     """loader=device (tensors on the device) and loader=ffcv (a raw .beton: the same pixels) feed the network
     the torch loader's images: the same bank and test features at every width, in the same order with the
@@ -132,16 +148,9 @@ def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch
     ffcv_data.write_beton(image_folder, tmp_path / "beton", raw=True, num_workers=1)
     common = ["--arch=resnet18_cifar_tiny", "--widths=1.0,0.25", f"--data_path={image_folder}", "--calib_images=40",
               "--batch_size=50", "--k=5,20", "--autocast=false"]
-    real, features, res = knn.extract_features, {}, {}
-
-    def recorded(*args, **kw):  # knn_eval's features: (features, labels, indices) of each pass
-        out = real(*args, **kw)
-        features[kind].append(out)
-        return out
-
-    monkeypatch.setattr(knn, "extract_features", recorded)
+    features, res = FeatureLog(monkeypatch, knn), {}  # knn_eval's features of each pass
     for kind in ("torch", "device", "ffcv"):
-        features[kind] = []
+        features.kind = kind
         res[kind] = main([*common, f"--loader={kind}", f"--ffcv_path={tmp_path / 'beton'}",
                           f"--out_dir={tmp_path / kind}"])
     assert [len(f) for f, _, _ in features["torch"]] == [200, 100, 200, 100]  # bank and test, at each width
@@ -167,16 +176,9 @@ def test_vit_images_at_its_input_size(image_folder, tmp_path, monkeypatch, capsy
                                                                  slim="input"))
     common = ["--arch=vit_48_test", "--widths=1.0,0.5", f"--data_path={image_folder}", "--bank_subset=40",
               "--test_subset=20", "--calib_images=20", "--batch_size=16", "--k=5", "--autocast=false"]
-    real, features, res = knn.extract_features, {}, {}
-
-    def recorded(*args, **kw):  # (a 32 px batch fails the ViT: 5 tokens, 10 position embeddings)
-        out = real(*args, **kw)
-        features[kind].append(out)
-        return out
-
-    monkeypatch.setattr(knn, "extract_features", recorded)
+    features, res = FeatureLog(monkeypatch, knn), {}  # (a 32 px batch fails the ViT: 5 tokens, 10 position embeddings)
     for kind in ("torch", "cache", "device"):
-        features[kind] = []
+        features.kind = kind
         loader = "--cache=true" if kind == "cache" else f"--loader={kind}"
         res[kind] = main([*common, loader, f"--out_dir={tmp_path / kind}"])
     assert "MACs at 48 px" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from config import ConfigError, parse_config
 from data import MEAN_STD, build_dataset
 from eval_linear import Config, accuracy, labeled_indices, read_label_list, train_head_cached
 from models import BasicBlock, ResNet
+from tests.test_eval_knn_cli import FeatureLog
 from tests.test_multiprocess import free_port, thread_env, two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -473,16 +474,9 @@ def test_device_and_ffcv_loaders_equal_torch(image_folder, tmp_path, monkeypatch
     import ffcv_data
     pytest.importorskip("ffcv")
     ffcv_data.write_beton(image_folder, tmp_path / "beton", raw=True, num_workers=1)
-    real, features, res = eval_linear.extract_features, {}, {}
-
-    def recorded(*args, **kw):  # main's features: (features, labels, indices) of each pass
-        out = real(*args, **kw)
-        features[kind].append(out)
-        return out
-
-    monkeypatch.setattr(eval_linear, "extract_features", recorded)
+    features, res = FeatureLog(monkeypatch, eval_linear), {}  # main's features of each pass
     for kind in ("torch", "device", "ffcv"):
-        features[kind] = []
+        features.kind = kind
         cfg = tiny_cfg(image_folder, tmp_path / kind, loader=kind, ffcv_path=str(tmp_path / "beton"),
                        label_fraction=0.5, test_subset=50)
         res[kind] = eval_linear.main(cfg, backbone=tiny_resnet())
