@@ -232,14 +232,15 @@ class BatchAugment(nn.Module):
     """One view of recipe `aug` (byol: data.byol_view's view 1 or 2; mocov2: data.mocov2_view, the
     same for either view) for a uint8 batch (B, 3, H, W) on any device, parameters drawn per sample
     from `generator` (on the batch's device; None: torch's default). Returns float (B, 3, size, size),
-    normalized with data.MEAN_STD[dataset]. A float input is taken as [0, 1] and its dtype kept.
+    normalized with mean_std ((mean, std) of data.normalization: the mean/std keys), None: data.MEAN_STD[dataset].
+    A float input is taken as [0, 1] and its dtype kept.
     crop=False: the input was already cropped (e.g. by FFCV's RandomResizedCropRGBImageDecoder);
     only resized if not at size, then flipped and so on here. interpolation None: the recipe's
     (byol bicubic, mocov2 bilinear). blur_kernel: default 23 at 224 px (BYOL), about 10% of the
     size, odd; CIFAR has no blur."""
 
     def __init__(self, dataset="cifar10", size=None, view=1, crop=True, min_scale=0.08,
-                 interpolation=None, blur_kernel=None, aug="byol"):
+                 interpolation=None, blur_kernel=None, aug="byol", mean_std=None):
         super().__init__()
         byol = aug == "byol"
         interpolation = interpolation or ("bicubic" if byol else "bilinear")
@@ -258,7 +259,7 @@ class BatchAugment(nn.Module):
         jitter_range = torch.tensor([[1 - b, 1 - c, 1 - s, -h], [1 + b, 1 + c, 1 + s, h]])
         # buffers: moved to the device once by .to(device), no host-to-device copy per batch
         self.register_buffer("jitter_range", jitter_range, persistent=False)
-        mean, std = MEAN_STD[dataset]
+        mean, std = mean_std or MEAN_STD[dataset]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -311,14 +312,14 @@ class BatchAugment(nn.Module):
 
 
 class TwoViewAugment(nn.Module):
-    """data.pretrain_transform(dataset, size, min_scale, aug) batched: view 1 then view 2 from one
+    """data.pretrain_transform(dataset, size, min_scale, aug, mean_std) batched: view 1 then view 2 from one
     generator (aug=byol: BYOL's asymmetric pair; mocov2: two draws of one distribution)."""
 
     def __init__(self, dataset="cifar10", size=None, crop=True, min_scale=0.08, interpolation=None,
-                 aug="byol"):
+                 aug="byol", mean_std=None):
         super().__init__()
-        self.view1 = BatchAugment(dataset, size, 1, crop, min_scale, interpolation, aug=aug)
-        self.view2 = BatchAugment(dataset, size, 2, crop, min_scale, interpolation, aug=aug)
+        self.view1 = BatchAugment(dataset, size, 1, crop, min_scale, interpolation, aug=aug, mean_std=mean_std)
+        self.view2 = BatchAugment(dataset, size, 2, crop, min_scale, interpolation, aug=aug, mean_std=mean_std)
 
     def forward(self, x, generator=None):
         return self.view1(x, generator), self.view2(x, generator)
@@ -440,7 +441,7 @@ class FFCVViews:
     (not reproducible)."""
 
     def __init__(self, path, dataset, size, batch_size, seed, rank, world, device, num_workers=None, subset=0,
-                 min_scale=0.08, aug="byol"):
+                 min_scale=0.08, aug="byol", mean_std=None):
         rows = None
         if subset:
             rows = subset_indices(beton_labels(path), subset)
@@ -448,8 +449,8 @@ class FFCVViews:
                                         min_scale=min_scale, indices=rows, num_workers=num_workers)
         self.n = len(rows) if rows is not None else len(beton_labels(path))
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.view1 = BatchAugment(dataset, size, 1, crop=False, aug=aug).to(device)
-        self.view2 = BatchAugment(dataset, size, 2, crop=False, aug=aug).to(device)
+        self.view1 = BatchAugment(dataset, size, 1, crop=False, aug=aug, mean_std=mean_std).to(device)
+        self.view2 = BatchAugment(dataset, size, 2, crop=False, aug=aug, mean_std=mean_std).to(device)
         self.generator, self.epoch, self.start = torch.Generator(device), 0, 0
         if self.steps() == 0:
             raise no_batch(batch_size, world, self.n, f"images of {path}")
@@ -513,9 +514,10 @@ def to_device(batches, device):
 
 
 def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, subset=0, seed=0, rank=0, world=1,
-                       device="cpu", num_workers=0, min_scale=0.08, aug="byol"):
+                       device="cpu", num_workers=0, min_scale=0.08, aug="byol", mean_std=None):
     """The two-view pretraining loader of config key `loader`, views of recipe `aug` (byol: BYOL's
-    asymmetric pair; mocov2: MoCo v2's alike views, the US3L release's), crops of [min_scale, 1]:
+    asymmetric pair; mocov2: MoCo v2's alike views, the US3L release's), crops of [min_scale, 1],
+    normalized with mean_std (data.normalization of the mean/std keys; None: the dataset's preset):
     torch:  TorchLoader over data_path (the reference; any source, per-sample CPU augmentation);
     device: DeviceLoader, data_path's train split decoded once into device memory (CIFAR scale),
             TwoViewAugment per batch on the device;
@@ -527,11 +529,11 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
     if aug not in AUGS:
         raise ConfigError(f"config error: aug={aug!r}, allowed: {', '.join(AUGS)}")
     if kind == "torch":
-        views = pretrain_transform(dataset, size, min_scale, aug=aug)
+        views = pretrain_transform(dataset, size, min_scale, aug=aug, mean_std=mean_std)
         ds = build_dataset(data_path, "train", views, subset=subset)
         return TorchLoader(ds, batch_size, seed, rank, world, num_workers, pin_memory=torch.device(device).type == "cuda")
     if kind == "device":
-        views = TwoViewAugment(dataset, size, min_scale=min_scale, aug=aug).to(device)
+        views = TwoViewAugment(dataset, size, min_scale=min_scale, aug=aug, mean_std=mean_std).to(device)
         return DeviceLoader(build_dataset(data_path, "train", subset=subset), batch_size, device, views, seed=seed,
                             rank=rank, world=world, num_workers=num_workers)
     if kind == "ffcv":
@@ -543,5 +545,5 @@ def build_train_loader(kind, data_path, ffcv_path, dataset, size, batch_size, su
                                     f"Write it once: python ffcv_data.py --data_path {data_path} "
                                     f"--out {ffcv_path or 'DIR'} {cap}")
         return FFCVViews(path, dataset, size, batch_size, seed, rank, world, device, num_workers or None, subset,
-                         min_scale, aug)
+                         min_scale, aug, mean_std)
     raise ConfigError(f"config error: loader={kind!r}, allowed: torch, device, ffcv")

@@ -63,8 +63,9 @@ class UserError(Exception):
 
 
 # What run() reports in one line, `error: <message>`, without a traceback (DEBUG=1 prints it as well):
-# a missing or unreadable file or folder (data, split, .beton, checkpoint) names itself and the fix.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UserError)
+# a missing, unreadable or foreign file or folder (data, split, .beton, checkpoint) names itself and the fix.
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               UserError)
 
 
 T = typing.TypeVar("T")

@@ -5,6 +5,7 @@ build on it: FFCV in ffcv_data.py, batched on-device augmentation in augment.py.
 
     python data.py extract-cifar10        # the CIFAR-10 tarball -> data/cifar10 of this repository, once
     python data.py extract-cifar10 --tar T --out DIR      # or CIFAR10_TAR=T DATA_DIR=D (-> D/cifar10)
+    python data.py stats DIR              # per-channel mean/std of DIR's training images: the mean/std keys
 
     ds = build_dataset("data/cifar10", "train", pretrain_transform("cifar10"), subset=5000)
     (v1, v2), y = ds[0]                                   # two views (3, 32, 32) of image 0, its label
@@ -40,7 +41,10 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from config import ConfigError
 
 REPO = Path(__file__).resolve().parent
 SPLITS = {"train": ["train"], "test": ["test", "val", "validation"], "val": ["val", "validation", "test"]}
@@ -156,9 +160,17 @@ class FlatFolder:
 
 
 def is_unlabelled(data_path):
-    """Whether data_path is a folder whose train/ split holds images and no class folders (FlatFolder)."""
+    """Whether data_path is a folder whose train/ split holds images and no class folders (FlatFolder).
+    An empty train/ is not: build_dataset names it, instead of a key that would not help."""
     train = Path(str(data_path)).expanduser() / "train"
-    return not str(data_path).startswith("hf:") and train.is_dir() and not any(e.is_dir() for e in os.scandir(train))
+    if str(data_path).startswith("hf:") or not train.is_dir():
+        return False
+    entries = list(os.scandir(train))
+    return not any(e.is_dir() for e in entries) and any(is_image_file(e.path) for e in entries)
+
+
+def is_image_file(path):
+    return torchvision.datasets.folder.has_file_allowed_extension(path, torchvision.datasets.folder.IMG_EXTENSIONS)
 
 
 def build_imagefolder(root, split):
@@ -169,7 +181,7 @@ def build_imagefolder(root, split):
     ignored = []  # files without an image extension (notes, .DS_Store): never read, counted
 
     def is_image(path):
-        if torchvision.datasets.folder.has_file_allowed_extension(path, torchvision.datasets.folder.IMG_EXTENSIONS):
+        if is_image_file(path):
             return True
         ignored.append(path)
         return False
@@ -179,11 +191,15 @@ def build_imagefolder(root, split):
         if not len(flat):
             raise FileNotFoundError(f"{folder} holds no images and no class folders. {HOW_TO}")
         return ImageDataset(flat, np.zeros(len(flat), dtype=np.int64), [UNLABELLED])
-    try:
-        ds = torchvision.datasets.ImageFolder(folder, is_valid_file=is_image, allow_empty=BAD_IMAGES == "skip")
-    except FileNotFoundError as e:  # "Found no valid file for the classes ...": an empty class folder
-        raise FileNotFoundError(f"{folder}: {e} (set bad_images=skip to keep the class without images)") from None
+    ds = torchvision.datasets.ImageFolder(folder, is_valid_file=is_image, allow_empty=True)
     empty = [c for c, n in zip(ds.classes, np.bincount(ds.targets, minlength=len(ds.classes))) if n == 0]
+    if len(empty) == len(ds.classes):  # bad_images=skip would keep every class and leave no image
+        names = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise FileNotFoundError(f"{folder} holds no images: its {len(empty)} class folder(s) ({names}) are empty. "
+                                f"{HOW_TO}")
+    if empty and BAD_IMAGES != "skip":
+        raise FileNotFoundError(f"{folder}: {len(empty)} empty class folder(s): {empty[:5]} (set bad_images=skip "
+                                "to keep the class without images)")
     if empty:
         warnings.warn(f"bad_images=skip: {len(empty)} empty class folder(s) in {folder}: {empty[:5]}", stacklevel=2)
     if ignored:
@@ -216,8 +232,15 @@ def build_hf(spec, split, image_key=None, label_key=None):
             dd = datasets.load_from_disk(str(path))
         else:
             dd = datasets.load_dataset(str(path) if path.is_dir() else name)
-    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise FileNotFoundError(f"HuggingFace dataset {name!r}: not a local folder, not cached ({e}). {HOW_TO}")
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:  # not cached, and the hub refused
+        why = ("offline: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE
+               else f"the hub: {' '.join(str(e).split())[:200]}")  # no network, a typo, a gated dataset
+        raise FileNotFoundError(
+            f"HuggingFace dataset {name!r} is not in the local cache ({datasets.config.HF_DATASETS_CACHE}) and "
+            f"cannot be fetched ({why}). Fetch it once where the hub is reachable, into the same cache (HF_HOME): "
+            f"python -c \"import datasets; datasets.load_dataset('{name}')\"; or point data_path to a local "
+            "copy: hf:FOLDER (a save_to_disk folder, or a clone of the hub repository) or an image folder DIR"
+        ) from None
     if isinstance(dd, datasets.Dataset):  # never serve a split-less Dataset as test data
         dd = {str(dd.split or "train"): dd}
     split_name = next((s for s in HF_SPLITS[split] if s in dd), None)
@@ -262,6 +285,8 @@ def build_dataset(data_path, split="train", transform=None, subset=0, subset_see
             base = tv[cifar[0].name](cifar[0].parent, train=split == "train", download=False)
             ds = ImageDataset(base, base.targets, base.classes)
         elif root.is_dir():
+            if not any(root.iterdir()):
+                raise FileNotFoundError(f"data_path {root} is an empty folder. {HOW_TO}")
             ds = build_imagefolder(root, split)
         else:
             raise FileNotFoundError(f"data_path {root} does not exist. {HOW_TO}")
@@ -282,15 +307,19 @@ def prepare_cifar10(dest=None, tar=None, download=False):
     relative to the current directory), giving dest/train and dest/test. Idempotent (a marker file)
     and atomic (extract into a temp folder beside dest, then rename), so concurrent processes are
     safe. Without the tarball, download=True falls back to torchvision's CIFAR10 download
-    (dest/cifar-10-batches-py). Prints one line when it extracts or downloads, none when dest is ready."""
+    (dest/cifar-10-batches-py). Prints one line when it extracts or downloads, none when dest is ready.
+    A dest that holds a train/ folder (a copy made by hand) is used as it is; an empty one is filled."""
     dest = Path(dest or Path(os.environ.get("DATA_DIR", REPO / "data")) / "cifar10").expanduser()
     # the shared data is reached relative to the repo (or via CIFAR10_TAR), never by an absolute path
     tar = Path(tar or os.environ.get("CIFAR10_TAR", REPO / ".." / "shared/data/cifar10-jpg.tar.gz")).expanduser()
     marker = dest / ".extracted"
-    if marker.is_file() or (dest / "cifar-10-batches-py").is_dir():
+    if marker.is_file() or (dest / "cifar-10-batches-py").is_dir() or (dest / "train").is_dir():
         return dest
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()  # e.g. made by hand beforehand: extracted or downloaded into its place below
     if dest.exists():
-        raise FileExistsError(f"{dest} exists but prepare_cifar10 did not make it (no {marker.name}): remove it")
+        raise FileExistsError(f"{dest} exists, holds no train/ folder and prepare_cifar10 did not make it "
+                              f"(no {marker.name}): remove it, or put CIFAR-10's train/ and test/ folders in it")
     if not tar.is_file():
         if not download:
             raise FileNotFoundError(
@@ -337,6 +366,55 @@ MEAN_STD = {
 }
 
 
+def normalization(dataset, mean=(), std=()):
+    """(mean, std) of the inputs, 3 floats each, for the config keys `mean` and `std`: the dataset's preset
+    (MEAN_STD) when both are empty, else the two given (your own images: `python data.py stats DIR`).
+    Every transform and batched path takes the result as its `mean_std` argument (None: the preset).
+    A ConfigError naming the key for only one of the two, not 3 values, or values off the [0, 1] pixel
+    scale (a std of 58.4 is the 0-255 convention of other code bases; a std <= 0 divides by zero)."""
+    if dataset not in MEAN_STD:
+        raise ConfigError(f"config error: dataset={dataset!r}, allowed: {', '.join(MEAN_STD)}")
+    if not mean and not std:
+        return MEAN_STD[dataset]
+    given = {"mean": list(mean), "std": list(std)}
+    for key, other in (("mean", "std"), ("std", "mean")):
+        if not given[key]:
+            raise ConfigError(f"config error: {other}={given[other]} without {key}: give both (3 values each), "
+                              f"or neither for {dataset}'s preset")
+        if len(given[key]) != 3:
+            raise ConfigError(f"config error: {key}={given[key]}: 3 values needed (R, G, B), got {len(given[key])}")
+    if not all(0 <= m <= 1 for m in mean):
+        raise ConfigError(f"config error: mean={given['mean']}: each must lie in [0, 1] (pixels are scaled to "
+                          "[0, 1] first: 0.485, not 123.7)")
+    if not all(0 < s <= 1 for s in std):
+        raise ConfigError(f"config error: std={given['std']}: each must lie in (0, 1] (pixels are scaled to "
+                          "[0, 1] first: 0.229, not 58.4)")
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def pixel_sums(img):
+    """(3, 3) float64 of an RGB image of any size, pixels in [0, 1]: per channel (columns) the sum of the
+    pixels, the sum of their squares and their count (image_stats' transform)."""
+    x = np.asarray(img, dtype=np.float64).reshape(-1, 3) / 255
+    return torch.from_numpy(np.stack([x.sum(0), (x * x).sum(0), np.full(3, float(len(x)))]))
+
+
+def summed(batch):  # DataLoader collate for image_stats: [(pixel_sums, label), ...] -> their sum (3, 3)
+    return sum(s for s, _ in batch)
+
+
+def image_stats(data_path, max_images=0, num_workers=0, progress=False):
+    """(mean, std, number of images): per-channel statistics of data_path's training split over every
+    pixel (as MEAN_STD's, not a mean of per-image stds), RGB in [0, 1]: what the mean/std keys take.
+    max_images > 0: a seeded class-balanced subset of that many (a large set: a sample is enough)."""
+    ds = build_dataset(data_path, "train", pixel_sums, subset=max_images)
+    loader = DataLoader(ds, batch_size=64, num_workers=num_workers, collate_fn=summed)
+    total = sum(tqdm(loader, desc="batches of 64 images", disable=not progress, leave=False))
+    mean = total[0] / total[2]
+    std = (total[1] / total[2] - mean**2).clamp_min(0).sqrt()  # float64: no cancellation to speak of
+    return mean.tolist(), std.tolist(), len(ds)
+
+
 class GaussianBlur:
     """Blur with sigma ~ U(0.1, 2.0) with probability p. BYOL's 23x23 kernel at 224 px spans +-5.5
     sigma, i.e. is an untruncated Gaussian, which PIL computes (radius = sigma, within 1/255 of
@@ -352,12 +430,13 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(torch.empty(()).uniform_(*self.sigma).item()))
 
 
-def byol_view(view, size, dataset, min_scale=0.08):
+def byol_view(view, size, dataset, min_scale=0.08, mean_std=None):
     """One BYOL view: view 1 blur p=1.0, solarize p=0; view 2 blur p=0.1, solarize p=0.2. CIFAR
     (32 px) drops the blur, as the usual CIFAR variants do, and keeps the solarize. min_scale: BYOL's
     0.08, for CIFAR too; SimSiam-style CIFAR code often uses 0.2. torchvision v1 on PIL, as it is the fastest
-    at 32 px on 1 core here: 3.9k img/s vs 2.0k (v2 on tensors) and 3.1k (v2 on PIL)."""
-    mean, std = MEAN_STD[dataset]
+    at 32 px on 1 core here: 3.9k img/s vs 2.0k (v2 on tensors) and 3.1k (v2 on PIL). mean_std: (mean, std)
+    of normalization() (the mean/std keys); None: MEAN_STD[dataset]."""
+    mean, std = mean_std or MEAN_STD[dataset]
     cifar = dataset.startswith("cifar")
     blur = [] if cifar else [GaussianBlur(p=1.0 if view == 1 else 0.1)]
     return T.Compose([
@@ -372,11 +451,12 @@ def byol_view(view, size, dataset, min_scale=0.08):
     ])
 
 
-def mocov2_view(size, dataset, min_scale=0.08):
+def mocov2_view(size, dataset, min_scale=0.08, mean_std=None):
     """One MoCo v2 view (Chen et al. 2020), both views alike, as the US3L release builds them for its
     CIFAR and ImageNet runs: crop, jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5
-    (none on CIFAR, commented out in the release), flip; no solarize. MoCo v2 crops with min_scale 0.2."""
-    mean, std = MEAN_STD[dataset]
+    (none on CIFAR, commented out in the release), flip; no solarize. MoCo v2 crops with min_scale 0.2.
+    mean_std: as byol_view's."""
+    mean, std = mean_std or MEAN_STD[dataset]
     blur = [] if dataset.startswith("cifar") else [GaussianBlur(p=0.5)]  # sigma ~ U(0.1, 2.0), PIL's blur
     return T.Compose([
         # the release's RandomResizedCrop keeps torchvision's default interpolation, bilinear
@@ -403,24 +483,25 @@ class TwoViews:  # (t1(img), t2(img)): BYOL's asymmetric pair, or MoCo v2's one 
         return self.t1(img), self.t2(img)
 
 
-def pretrain_transform(dataset, size=None, min_scale=0.08, aug="byol"):
+def pretrain_transform(dataset, size=None, min_scale=0.08, aug="byol", mean_std=None):
     """dataset: cifar10 | cifar100 (32 px, no blur) | imagenet (224 px). aug: byol (byol_view 1 and 2)
-    | mocov2 (mocov2_view twice, independent draws). Returns TwoViews."""
+    | mocov2 (mocov2_view twice, independent draws). mean_std: normalization()'s, None: the dataset's
+    preset. Returns TwoViews."""
     size = size or (32 if dataset.startswith("cifar") else 224)
     if aug == "mocov2":
-        view = mocov2_view(size, dataset, min_scale)
+        view = mocov2_view(size, dataset, min_scale, mean_std)
         return TwoViews(view, view)
     if aug != "byol":
         raise ValueError(f"aug must be byol or mocov2, got {aug!r}")
-    return TwoViews(byol_view(1, size, dataset, min_scale), byol_view(2, size, dataset, min_scale))
+    return TwoViews(*(byol_view(view, size, dataset, min_scale, mean_std) for view in (1, 2)))
 
 
-def eval_transform(dataset, size=None):
+def eval_transform(dataset, size=None, mean_std=None):
     """CIFAR: the 32 px image as is (size None or 32). At another size, for a network that fixes its input
     size (the US3L release's ViT takes CIFAR at 224 px): upsampled as the release's ViT linear probe tests,
     Resize(256) + CenterCrop(224), scaled for other sizes, bicubic. ImageNet: Resize(256) + CenterCrop(224),
-    scaled for other sizes, bicubic."""
-    mean, std = MEAN_STD[dataset]
+    scaled for other sizes, bicubic. mean_std: normalization()'s, None: the dataset's preset."""
+    mean, std = mean_std or MEAN_STD[dataset]
     if dataset.startswith("cifar"):
         as_is = [T.ToTensor(), T.Normalize(mean, std)]
         if not size or size == 32:
@@ -491,9 +572,24 @@ if __name__ == "__main__":
                    "beside this repository")
     p.add_argument("--out", default=None, help="default: $DATA_DIR/cifar10, else data/cifar10 in this repository")
     p.add_argument("--download", action="store_true", help="no tarball: download with torchvision (internet)")
+    p = sub.add_parser("stats", help="per-channel mean/std of a data_path's training images, as YAML lines for "
+                       "the trainers' mean/std keys")
+    p.add_argument("data_path", help="what --data_path takes: DIR with train/ (class folders or images), a CIFAR "
+                   "folder, hf:PATH_OR_NAME")
+    p.add_argument("--max_images", type=int, default=0, help="> 0: a seeded class-balanced sample of that many")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    p.add_argument("--bad_images", choices=("fail", "skip"), default="fail",
+                   help="an image that does not decode: fail (error naming it) or skip (warn, count the next)")
     args = parser.parse_args()
     try:
-        out = prepare_cifar10(args.out, args.tar, args.download)
-    except OSError as e:  # no tarball, a foreign folder in the way
+        if args.cmd == "stats":
+            BAD_IMAGES = args.bad_images  # the module default, read by the dataset image_stats builds
+            mean, std, n = image_stats(args.data_path, args.max_images, args.num_workers, progress=True)
+            print(f"# {n} training images of {args.data_path}, per channel over every pixel, RGB in [0, 1]")
+            print(f"mean: [{', '.join(f'{v:.4f}' for v in mean)}]")
+            print(f"std: [{', '.join(f'{v:.4f}' for v in std)}]")
+        else:
+            out = prepare_cifar10(args.out, args.tar, args.download)
+            print(f"CIFAR-10 ready in {out}: use --data_path={out}")
+    except (OSError, BadImageError) as e:  # missing data, no tarball, a foreign folder in the way, a bad image
         raise SystemExit(f"error: {e}")
-    print(f"CIFAR-10 ready in {out}: use --data_path={out}")

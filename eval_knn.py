@@ -21,7 +21,7 @@ The command calibrates BN on the same batches whatever the number of processes
 (fixed_calibration_batches), so N processes give 1 process's numbers (tested with 2 CPU processes,
 fp32); the training monitor's calibration_batches draws per rank instead.
 
-The network selection and naming here (networks_to_eval, net_name, load_network, default_out_dir,
+The network selection and naming here (networks_to_eval, net_name, load_network, eval_data, default_out_dir,
 log_results) are shared with eval_linear.py and export.py.
 
 Measured on 2 CPU cores (AVX512-BF16, shared machine), the command with `--arch=resnet18_cifar
@@ -56,6 +56,9 @@ class Config:
     arch: str = ""  # models.ARCHS key; required without ckpt (seeded random init), checked against it
     data_path: str = "data/cifar10"  # see data.py; `python data.py extract-cifar10` makes this one
     dataset: str = ""  # cifar10 | cifar100 | imagenet (eval transform, image size); empty = ckpt's, else cifar10
+    mean: list[float] = field(default_factory=list)  # per-channel input normalization, RGB in [0, 1], with std;
+    # [] = the ckpt's training run's (its mean/std keys), else the dataset's preset (data.MEAN_STD)
+    std: list[float] = field(default_factory=list)  # per-channel std, given with mean; [] = as mean
     widths: list[float] = field(default_factory=list)  # in (0, 1]; empty = the ckpt's widths (or its DSPNet dns)
     depth: list[int] | None = None  # per-stage blocks for all widths (ResNets); None = full depth
     k: list[int] = field(default_factory=lambda: [10, 20, 200])  # neighbours; the last is the main k (top1)
@@ -120,6 +123,17 @@ def networks_to_eval(cfg, ckpt, model):
             raise ConfigError(f"config error: depth={cfg.depth}: {e}") from None
         set_active(model, 1.0)
     return [(net_name(w, cfg.depth), float(w), cfg.depth) for w in widths]
+
+
+def eval_data(cfg, ckpt):
+    """(dataset, (mean, std)) an evaluation of checkpoint `ckpt` runs with: the keys where given, else the
+    training run's (backbone.pt's "config"), else cifar10 and its preset. mean and std come as a pair: given
+    either key, both are this config's (data.normalization names the key that is wrong or missing)."""
+    trained = ckpt.get("config") or {}
+    dataset = cfg.dataset or trained.get("dataset") or "cifar10"
+    given = cfg.mean or cfg.std
+    mean, std = (cfg.mean, cfg.std) if given else (trained.get("mean") or [], trained.get("std") or [])
+    return dataset, data.normalization(dataset, mean, std)
 
 
 def default_out_dir(cfg, kind):
@@ -199,7 +213,7 @@ def main(cfg):
     data.BAD_IMAGES = cfg.bad_images
     model, ckpt = load_network(cfg)  # config errors before any process group or data
     nets = networks_to_eval(cfg, ckpt, model)
-    dataset = cfg.dataset or ckpt.get("config", {}).get("dataset") or "cifar10"
+    dataset, mean_std = eval_data(cfg, ckpt)  # the keys, else the checkpoint's training run's
     cfg = replace(cfg, temperature=cfg.temperature or (0.07 if dataset == "imagenet" else 0.1))
     cfg = replace(cfg, out_dir=cfg.out_dir or default_out_dir(cfg, "knn"))  # config.yaml records where
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # sets up torch.distributed if launched
@@ -214,10 +228,12 @@ def main(cfg):
     img_size = getattr(model, "img_size", None)
     bank_loader, test_loader = build_knn_loaders(cfg.data_path, dataset, cfg.batch_size, cfg.bank_subset,
                                                  cfg.test_subset, cfg.num_workers, cfg.seed, cfg.cache,
-                                                 cfg.loader, cfg.ffcv_path, device, image_size=img_size)
+                                                 cfg.loader, cfg.ffcv_path, device, image_size=img_size,
+                                                 mean_std=mean_std)
     calib = fixed_calibration_batches(cfg.data_path, dataset, cfg.bank_subset, cfg.calib_images, cfg.batch_size,
-                                      cfg.seed, cfg.num_workers, image_size=img_size)
-    accelerator.print(f"kNN T={cfg.temperature} k={cfg.k} on {dataset} ({cfg.data_path}): "
+                                      cfg.seed, cfg.num_workers, image_size=img_size, mean_std=mean_std)
+    custom = "" if mean_std == data.MEAN_STD[dataset] else f", mean {list(mean_std[0])} std {list(mean_std[1])}"
+    accelerator.print(f"kNN T={cfg.temperature} k={cfg.k} on {dataset}{custom} ({cfg.data_path}): "
                       f"{ckpt['arch']} {cfg.ckpt + (' (teacher)' if cfg.teacher else '') or '(random init, seed %d)' % cfg.seed}, "
                       f"{accelerator.num_processes} process(es)")
     main_k, size = cfg.k[-1], img_size or (32 if dataset.startswith("cifar") else 224)

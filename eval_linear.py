@@ -105,7 +105,7 @@ from tqdm import tqdm
 import data
 from config import ConfigError, run, save_config
 from data import MEAN_STD, EpochSampler, SeededViews, build_dataset, eval_transform, subset_indices
-from eval_knn import default_out_dir, load_network, log_results, networks_to_eval
+from eval_knn import default_out_dir, eval_data, load_network, log_results, networks_to_eval
 from knn import (DeviceBatches, Progress, Upsampled, all_gather_rows, build_knn_loaders, calibration_shard,
                  eval_parts, extract_features, maybe_autocast, rank_world)
 from models import calibrate_bn, export, profile, set_active, set_sync_bn
@@ -119,6 +119,9 @@ class Config:
     arch: str = ""  # models.ARCHS key: a seeded random-init baseline, required without --ckpt (a checkpoint names its own)
     data_path: str = "data/cifar10"  # see data.py; `python data.py extract-cifar10` makes this one
     dataset: str = ""  # cifar10 | cifar100 | imagenet (normalization, transforms); empty = the ckpt's, else cifar10
+    mean: list[float] = field(default_factory=list)  # per-channel input normalization, RGB in [0, 1], with std;
+    # [] = the ckpt's training run's (its mean/std keys), else the dataset's preset (data.MEAN_STD)
+    std: list[float] = field(default_factory=list)  # per-channel std, given with mean; [] = as mean
     widths: list[float] = field(default_factory=list)  # evaluated widths; empty = the ckpt's widths or DSPNet
     # dns (every desired network), else 1.0, 0.75, 0.5, 0.25
     depth: list[int] | None = None  # per-stage blocks (DSPNet ResNets); None = full depth
@@ -275,13 +278,14 @@ def train_head_cached(x, y, num_classes, epochs=100, batch_size=256, base_lr=0.1
     return head
 
 
-def augment_transform(dataset, probe_aug="default", size=None):
+def augment_transform(dataset, probe_aug="default", size=None, mean_std=None):
     """The linear-eval augmentation. default: CIFAR RandomCrop(32, padding 4) + flip; ImageNet
     RandomResizedCrop(224) + flip (MoCo v3, DINO). size: the input size the network fixes (None: any);
     CIFAR at another size than 32 px: RandomResizedCrop(size, bicubic) + flip, MoCo v3's probe as the
     release's ViT uses it. us3l (CIFAR, 32 px): the US3L release's probe (workers/linear.py),
-    RandomResizedCrop(32, scale (0.8, 1), ratio (3/4, 4/3), bicubic) + flip."""
-    mean, std = MEAN_STD[dataset]
+    RandomResizedCrop(32, scale (0.8, 1), ratio (3/4, 4/3), bicubic) + flip. mean_std: data.normalization's
+    (the mean/std keys), None: the dataset's preset."""
+    mean, std = mean_std or MEAN_STD[dataset]
     cifar = dataset.startswith("cifar")
     if probe_aug == "us3l":
         crop = T.RandomResizedCrop(32, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3),
@@ -293,7 +297,7 @@ def augment_transform(dataset, probe_aug="default", size=None):
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def probe_test_transform(dataset, probe_aug="default", size=None):
+def probe_test_transform(dataset, probe_aug="default", size=None, mean_std=None):
     """Test (and BN calibration) images. default: data.eval_transform at size, the input size the network
     fixes (None: any; CIFAR at another size than 32 px is upsampled to it; main applies it in two parts,
     knn.eval_parts). us3l: the US3L release's CIFAR
@@ -301,10 +305,11 @@ def probe_test_transform(dataset, probe_aug="default", size=None):
     NOTE (our decision): probe_aug=us3l extracts the test features with it, as the release tests, and
     calibrates BN on training images with it too: the statistics of the inputs the head is scored on,
     and a deterministic transform, so the calibration batches stay the same under any process count
-    (the release instead runs 3 passes of its augmented training loader in train mode)."""
+    (the release instead runs 3 passes of its augmented training loader in train mode). mean_std: as
+    augment_transform's."""
     if probe_aug != "us3l":
-        return eval_transform(dataset, size)
-    mean, std = MEAN_STD[dataset]
+        return eval_transform(dataset, size, mean_std)
+    mean, std = mean_std or MEAN_STD[dataset]
     return T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
                       T.Normalize(mean, std)])
 
@@ -508,10 +513,11 @@ def main(cfg, backbone=None):
             raise ConfigError(f"config error: {key}={getattr(cfg, key)!r}, allowed: {', '.join(allowed)}")
     data.BAD_IMAGES = cfg.bad_images
     if backbone is not None:
-        arch, dataset, ckpt = type(backbone).__name__, cfg.dataset or "cifar10", {}
+        arch, ckpt = type(backbone).__name__, {}
     else:  # the checkpoint's own arch (cfg.arch is for a random-init baseline, seeded: equal on every rank)
         backbone, ckpt = load_network(replace(cfg, arch="") if cfg.ckpt else cfg)
-        arch, dataset = ckpt["arch"], cfg.dataset or ckpt.get("config", {}).get("dataset", "cifar10")
+        arch = ckpt["arch"]
+    dataset, mean_std = eval_data(cfg, ckpt)  # the keys, else the checkpoint's training run's
     nets = networks_to_eval(cfg, ckpt, backbone)  # widths, or every DN of a DSPNet checkpoint
     backbone = backbone.to(device).requires_grad_(False).eval()
     before = _params(backbone)
@@ -524,9 +530,9 @@ def main(cfg, backbone=None):
     # A network that fixes its input size (a ViT's img_size) gets the images at it: CIFAR decoded at 32 px and
     # upsampled batch by batch as it is used, on the device (knn.eval_parts: as data.eval_transform at that size)
     img_size = getattr(backbone, "img_size", None)
-    test_transform, upsample = probe_test_transform(dataset, cfg.probe_aug), None
+    test_transform, upsample = probe_test_transform(dataset, cfg.probe_aug, mean_std=mean_std), None
     if cfg.probe_aug == "default":
-        test_transform, upsample = eval_parts(dataset, img_size)
+        test_transform, upsample = eval_parts(dataset, img_size, mean_std)
     train = build_dataset(cfg.data_path, "train", test_transform, return_index=True)
     test = build_dataset(cfg.data_path, "test", test_transform, subset=cfg.test_subset,
                          subset_seed=cfg.seed, return_index=True)
@@ -539,7 +545,7 @@ def main(cfg, backbone=None):
         if cfg.loader == "ffcv":  # the same rows of the .beton (write_beton keeps build_dataset's order)
             return build_knn_loaders("", dataset, cfg.batch_size, loader="ffcv", ffcv_path=cfg.ffcv_path,
                                      device=device, rows={split: ds.indices[np.asarray(idx)]},
-                                     image_size=img_size)[split == "test"]
+                                     image_size=img_size, mean_std=mean_std)[split == "test"]
         loader = DataLoader(Subset(ds, np.asarray(idx)[rank::world].tolist()), batch_size=cfg.batch_size,
                             num_workers=cfg.num_workers)
         if cfg.loader == "device":  # decoded once, kept on the device (the features are extracted once anyway)
@@ -559,16 +565,17 @@ def main(cfg, backbone=None):
     decay = (f"x0.1 at epochs {', '.join(map(str, cfg.lr_milestones))}" if cfg.lr_schedule == "step"
              else "cosine to 0")
     kind = "fine-tuning" if cfg.finetune else f"linear eval ({cfg.mode})"
+    on = dataset if mean_std == MEAN_STD[dataset] else f"{dataset} (mean {list(mean_std[0])} std {list(mean_std[1])})"
     accelerator.print(f"{kind} of {arch} {cfg.ckpt or '(random init)'}"
-                      f"{' teacher' if cfg.teacher else ''} on {dataset}: {len(labeled)} labeled training images "
+                      f"{' teacher' if cfg.teacher else ''} on {on}: {len(labeled)} labeled training images "
                       f"({counts.min()}-{counts.max()} per class), pool {len(pool)}, {len(test)} test images, "
                       f"{world} process(es); {epochs} epochs, lr {lr:g} {decay}"
                       f"{', probe_aug=us3l' if cfg.probe_aug == 'us3l' else ''}")
 
     results, input_size = {}, img_size or (32 if dataset.startswith("cifar") else 224)
     if cfg.mode == "augment" or cfg.finetune:
-        aug = Subset(build_dataset(cfg.data_path, "train", augment_transform(dataset, cfg.probe_aug, img_size),
-                                   return_index=True), labeled.tolist())
+        transform = augment_transform(dataset, cfg.probe_aug, img_size, mean_std)
+        aug = Subset(build_dataset(cfg.data_path, "train", transform, return_index=True), labeled.tolist())
     for name, w, depth in nets:
         t0 = time.perf_counter()
         net, head, extra, seconds = backbone, None, {}, {}

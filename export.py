@@ -4,9 +4,10 @@ weights, its BN recalibrated, each file checked against the slimmed network, its
 A US3L or DSPNet run keeps every width (and ResNet depth) in one set of weights whose BN running
 statistics were never updated (training normalizes with batch statistics), under this repo's layer
 names. For each sub-network asked for, this script recalibrates BN exactly on `calib_images` training
-images with the evaluations' own code path (knn.fixed_calibration_batches, then
-models.calibrate_bn: the same images, batches and autocast as eval_knn.py with its defaults), turns the
-slice into a plain network (models.export), writes it in the formats asked for, loads each file back
+images with the evaluations' own code path and turns the slice into a plain network, as
+models.load_subnet does (knn.fixed_calibration_batches, then models.subnet: calibrate_bn on the same
+images, batches and autocast as eval_knn.py with its defaults, then models.export), writes it in the
+formats asked for, loads each file back
 and checks its output against the slimmed network in eval mode (max |difference| <= 1e-4, 1e-3 for
 ONNX, times the largest output where it exceeds 1), then describes it in OUT.json.
 
@@ -42,10 +43,9 @@ import torch
 import torch.nn as nn
 
 from config import ConfigError, run
-from data import MEAN_STD
-from eval_knn import load_network, net_name, networks_to_eval
+from eval_knn import eval_data, load_network, net_name, networks_to_eval
 from knn import fixed_calibration_batches, maybe_autocast
-from models import ARCHS, calibrate_bn, export, profile, set_active
+from models import ARCHS, export, profile, set_active, subnet
 
 FORMATS = ("pt", "torchscript", "onnx", "torchvision")
 # max |output difference| allowed, times max(1, max |output|): float32 sums in another order (ONNX Runtime's
@@ -66,6 +66,9 @@ class Config:
     out: str = ""  # output path without extension (see above); empty = exports/<arch>_w<name>
     data_path: str = "data/cifar10"  # the checkpoint's training images (BN calibration needs no labels)
     dataset: str = ""  # cifar10 | cifar100 | imagenet (normalization; 32 or 224 px); empty = the ckpt's, or cifar10
+    mean: list[float] = field(default_factory=list)  # per-channel input normalization, RGB in [0, 1], with std;
+    # [] = the ckpt's training run's (its mean/std keys), else the dataset's preset (data.MEAN_STD)
+    std: list[float] = field(default_factory=list)  # per-channel std, given with mean; [] = as mean
     calib_images: int = 2000  # BN calibration images per sub-network, as the evaluations (US-Nets: about 2000)
     calib_batch_size: int = 128  # the evaluations' batch: train-mode BN depends on it, 128 gives their statistics
     autocast: bool = True  # calibrate under bf16 autocast where supported, as the evaluations do; false: fp32
@@ -351,9 +354,7 @@ def main(cfg):
     model, ckpt = load_network(cfg)  # config errors before any data is read
     arch = ckpt["arch"]
     nets = networks(cfg, ckpt, model)
-    dataset = cfg.dataset or ckpt.get("config", {}).get("dataset") or "cifar10"
-    if dataset not in MEAN_STD:
-        raise ConfigError(f"config error: dataset={dataset!r}; allowed: {', '.join(MEAN_STD)}")
+    dataset, (mean, std) = eval_data(cfg, ckpt)  # the keys, else the checkpoint's training run's
     size = 32 if dataset.startswith("cifar") else 224  # the evaluations' image size
     if getattr(model, "img_size", size) != size:
         raise ConfigError(f"config error: {arch} takes {model.img_size} px images, dataset {dataset} gives "
@@ -394,22 +395,20 @@ def main(cfg):
         nets = [n for n in nets if n[0] == best]
 
     calib = fixed_calibration_batches(cfg.data_path, dataset, 0, cfg.calib_images, cfg.calib_batch_size, cfg.seed,
-                                      cfg.num_workers)
+                                      cfg.num_workers, mean_std=(mean, std))
     x = torch.cat(calib)
     x = x[::max(1, len(x) // 8)][:8]  # check input: real images, spread over the (index-sorted) classes; the
     # example input for tracing and ONNX is 2 of them: the files are checked at another batch size too
     source = f"{cfg.ckpt}{' (teacher)' if cfg.teacher else ''}" if cfg.ckpt else f"random init, seed {cfg.seed}"
     print(f"{arch} from {source}: BN calibrated on {cfg.calib_images} {dataset} images of {cfg.data_path}")
-    mean, std = MEAN_STD[dataset]
     written = []
     for name, w, d in nets:
         with maybe_autocast(device, cfg.autocast):  # statistics of the network as the evaluations run it
-            calibrate_bn(model.to(device), calib, w, d)
+            net = subnet(model.to(device), w, d, calib).cpu()  # as models.load_subnet: calibrate_bn + export
         model.cpu().eval()
-        set_active(model, w, d)
+        set_active(model, w, d)  # the slimmed network, calibrated, in eval mode: what every file must reproduce
         with torch.no_grad():
-            ref = model(x).float()  # the slimmed network in eval mode: what every file must reproduce
-        net = export(model, w, d)
+            ref = model(x).float()
         prefix = out_prefix(cfg, arch, name, len(nets) > 1)
         os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
         files = write_formats(net, x[:2], prefix, cfg.formats, arch, tv_names.get(name), cfg.onnx_dynamo)

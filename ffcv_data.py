@@ -17,6 +17,7 @@ order, so the same subset indices select the same images on either path.
 """
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 import data
 from config import UserError
 from data import BadImageError, EpochSampler, build_dataset
+from utils import cpus_per_rank
 
 
 def require_ffcv():
@@ -119,26 +121,68 @@ def beton_labels(path):
     return np.array(r.metadata[f"f{r.field_names.index('label')}"], dtype=np.int64)  # columns f0, f1...
 
 
+def _device_loader():
+    """ffcv's Loader whose epoch thread works on the loader's device (its `device` attribute). NOTE: in
+    ffcv 1.0.2 (loader/epoch_iterator.py) the thread that decodes and copies batches starts on CUDA device
+    0, whatever device the process set, and leaving `torch.cuda.stream(s)` around each batch sets that
+    device's stream current again: every rank but rank 0 opens a CUDA context (some 500 MB) on GPU 0. The
+    thread now sets the loader's device first, and the epoch's CUDA streams are made on it. Built here so
+    that importing this module does not import ffcv."""
+    from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class DeviceEpochIterator(EpochIterator):
+        def __init__(self, loader, order):
+            self.device = loader.device  # before EpochIterator.__init__, which starts the thread (run)
+            on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with on_device:  # the consumer's stream and the epoch's streams: on the loader's device
+                super().__init__(loader, order)
+
+        def run(self):  # the epoch thread
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            super().run()
+
+    class DeviceLoader(Loader):
+        def __init__(self, *args, device, **kwargs):
+            self.device = torch.device(device)
+            super().__init__(*args, **kwargs)
+
+        def __iter__(self):  # ffcv 1.0.2's Loader.__iter__, with DeviceEpochIterator for EpochIterator
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()
+            selected_order = order[:len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return DeviceEpochIterator(self, selected_order)
+
+    return DeviceLoader
+
+
 class FFCVLoader:
     """An ffcv Loader reading .beton rows in the order epoch_order(epoch, start) gives (SEQUENTIAL over
     explicit indices), its outputs renamed: ((v1, v2), y) for kind 'views', (v, y) for 'view', (x, y, idx)
     for 'eval', idx the rows. set_epoch switches order without a new ffcv Loader, which would recompile
-    its pipeline with numba (about 4 s on 2 busy cores). NOTE: ffcv reuses its output buffers: a batch
-    stays valid for about batches_ahead batches; clone what you keep longer."""
+    its pipeline with numba (about 4 s on 2 busy cores). num_workers: FFCV's decoding threads (numba's),
+    default utils.cpus_per_rank() (this process's share of the node's CPUs). Its epoch thread runs on
+    `device` (_device_loader). NOTE: ffcv reuses its output buffers: a batch stays valid for about
+    batches_ahead batches; clone what you keep longer."""
 
     def __init__(self, path, batch_size, pipelines, kind, device, epoch_order, epoch=0, start=0,
                  num_workers=None, drop_last=True, batches_ahead=3):
         from ffcv.fields.basics import IntDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import OrderOption
         from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
         self.kind, self.batch_size, self.device, self.epoch_order = kind, batch_size, device, epoch_order
         self.epoch_iter = None  # ffcv's EpochIterator (a thread) of the epoch being read: close()
         labels = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(torch.device(device), non_blocking=True)]
-        self.loader = Loader(
-            str(path), batch_size=batch_size, num_workers=num_workers or min(8, os.cpu_count() or 1),
+        self.loader = _device_loader()(
+            str(path), batch_size=batch_size, num_workers=num_workers or cpus_per_rank(),
             order=OrderOption.SEQUENTIAL, indices=np.zeros(0, np.uint64), drop_last=drop_last,
-            pipelines={**pipelines, "label": labels}, batches_ahead=batches_ahead)
+            pipelines={**pipelines, "label": labels}, batches_ahead=batches_ahead, device=device)
         self.set_epoch(epoch, start)
 
     def set_epoch(self, epoch, start=0):

@@ -379,6 +379,43 @@ def knn_eval(backbone, bank_loader, test_loader, calib_batches, widths, device, 
     return results
 
 
+@torch.no_grad()
+def collapse_eval(backbone, projector, calib_batches, slices, device, autocast=True):
+    """{name: collapse std} per slice (slices: {name: (width, depth)}): std over images of the
+    L2-normalized projector output, averaged over dims (losses.collapse_std; about 1/sqrt(D) for a
+    uniform spread, 0 for a collapse), on the calibration images (calibration_batches) run as in
+    pretraining: train-mode BN with batch statistics. The same statistic as log.jsonl's, which is
+    logged only for the widths a step happened to sample; this one covers every monitored slice at
+    the end of a run. The BN buffers and training modes are restored. Under N processes every rank
+    runs its own images (sync BN pools batch statistics as in training) and the std is over all."""
+    modules = (backbone, projector)
+    modes, dtype = [m.training for m in modules], next(backbone.parameters()).dtype  # fp64 runs: fp64 inputs
+    buffers = [{k: b.clone() for k, b in m.state_dict().items() if k in dict(m.named_buffers())} for m in modules]
+    out = {}
+    try:
+        for m in modules:
+            m.train()
+        for name, (w, depth) in slices.items():
+            set_active(backbone, w, depth)
+            s = None  # per dim: sum, sum of squares, count (float64): the std over every rank's images
+            for b in calib_batches:
+                x = (b[0] if isinstance(b, (list, tuple)) else b).to(device, dtype, non_blocking=True)
+                with maybe_autocast(device, autocast):
+                    z = F.normalize(projector(backbone(x)).float(), dim=1).double()
+                part = torch.stack([z.sum(0), (z * z).sum(0), torch.full_like(z[0], z.shape[0])])
+                s = part if s is None else s + part
+            if rank_world()[1] > 1:
+                dist.all_reduce(s)
+            total, sq, n = s
+            out[name] = round(((sq - total * total / n) / (n - 1)).clamp_min(0).sqrt().mean().item(), 5)
+    finally:
+        set_active(backbone, 1.0)
+        for m, mode, buf in zip(modules, modes, buffers):
+            m.load_state_dict(buf, strict=False)
+            m.train(mode)
+    return out
+
+
 class Progress:
     """A re-iterable loader wrapper with a tqdm bar per pass (main process only)."""
 
@@ -390,7 +427,8 @@ class Progress:
 
 
 def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_subset=0, num_workers=0,
-                      seed=0, cache=False, loader="torch", ffcv_path="", device="cpu", rows=None, image_size=None):
+                      seed=0, cache=False, loader="torch", ffcv_path="", device="cpu", rows=None, image_size=None,
+                      mean_std=None):
     """(bank_loader, test_loader): the train split (bank) and the test split with the eval
     transform, optionally class-balanced seeded subsets (0 = all), yielding (x, y, idx) in a fixed
     order. Under N processes (call it after the process group is up, e.g. after Accelerator())
@@ -402,11 +440,12 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
     batches sliced there) | ffcv (ffcv_path/train.beton and test.beton, center crops decoded by
     FFCV onto the device, normalized there; no subsets, but rows={"train"|"test": rows} picks rows).
     image_size: the input size the network fixes (a ViT's img_size; None for a CNN, which takes any):
-    CIFAR is upsampled to it as data.eval_transform does, batch by batch (eval_parts, Upsampled)."""
-    transform, upsample = eval_parts(dataset_name, image_size)
+    CIFAR is upsampled to it as data.eval_transform does, batch by batch (eval_parts, Upsampled).
+    mean_std: the normalization on every path (data.normalization of the mean/std keys; None: the preset)."""
+    transform, upsample = eval_parts(dataset_name, image_size, mean_std)
     if loader == "ffcv":
         loaders = _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows or {},
-                                     image_size)
+                                     image_size, mean_std)
         return tuple(Upsampled(ld, upsample, device) for ld in loaders) if upsample else loaders
     rank, world = rank_world()
     loaders = []
@@ -426,13 +465,13 @@ def build_knn_loaders(data_path, dataset_name, batch_size, bank_subset=0, test_s
     return tuple(loaders)
 
 
-def eval_parts(dataset_name, image_size=None):
-    """(transform, upsample) of data.eval_transform(dataset_name, image_size): CIFAR at a network's size
+def eval_parts(dataset_name, image_size=None, mean_std=None):
+    """(transform, upsample) of data.eval_transform(dataset_name, image_size, mean_std): CIFAR at a network's size
     other than 32 px is the 32 px transform per image, then `upsample` (the resize and centre crop that
     eval_transform applies last, to the tensor) per batch, on the device; otherwise the whole transform
     and None. The images stay 32 px until a batch is used: a 10k-image bank at 224 px would be 6 GB in
     fp32, 2000 calibration images 1.2 GB, and the resize runs on the GPU, not in the loader's workers."""
-    small, full = eval_transform(dataset_name), eval_transform(dataset_name, image_size)
+    small, full = eval_transform(dataset_name, None, mean_std), eval_transform(dataset_name, image_size, mean_std)
     extra = full.transforms[len(small.transforms):]
     return (small, T.Compose(extra)) if extra else (full, None)
 
@@ -472,7 +511,8 @@ class DeviceBatches:
             yield tuple(t[i:i + self.batch_size] for t in self.tensors)
 
 
-def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows, image_size=None):
+def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows, image_size=None,
+                       mean_std=None):
     from data import MEAN_STD
     from ffcv_data import build_ffcv_eval_loader
 
@@ -486,7 +526,7 @@ def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_su
         raise ConfigError(f"config error: loader=ffcv: {', '.join(missing)} not found; write them with "
                           f"`python ffcv_data.py --data_path DIR --out {ffcv_path or 'FFCV_PATH'} {cap}`")
     rank, world = rank_world()
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in MEAN_STD[dataset_name])
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std or MEAN_STD[dataset_name])
     size = 32 if dataset_name.startswith("cifar") else image_size or 224  # CIFAR: as stored (Upsampled resizes it)
 
     class Normalized:  # uint8 -> normalized float on the device, as eval_transform
@@ -504,10 +544,10 @@ def _ffcv_eval_loaders(ffcv_path, dataset_name, batch_size, bank_subset, test_su
 
 
 def fixed_calibration_batches(data_path, dataset_name, bank_subset, n_images, batch_size, seed=0, num_workers=0,
-                              image_size=None):
+                              image_size=None, mean_std=None):
     """The CLI's calibration set: calibration_shard of the bank split (with the eval transform at image_size,
-    the network's input size: CIFAR upsampled batch by batch when used, eval_parts)."""
-    transform, upsample = eval_parts(dataset_name, image_size)
+    the network's input size: CIFAR upsampled batch by batch when used, eval_parts; normalized with mean_std)."""
+    transform, upsample = eval_parts(dataset_name, image_size, mean_std)
     ds = build_dataset(data_path, "train", transform, subset=bank_subset, subset_seed=seed)
     batches = calibration_shard(ds, n_images, batch_size, seed, num_workers)
     return Upsampled(batches, upsample) if upsample else batches

@@ -15,6 +15,7 @@ file builds the architectures from them and holds what you do with a sub-network
     net = export(model, width=0.5)                     # plain nn.Module, same eval output
     params, macs = profile(model, width=0.5, input_size=224)
     net = load_subnet("out/run/backbone.pt", width=0.5, batches=calib)  # a pretrained slice, BN calibrated
+    net = subnet(model, width=0.5, batches=calib)      # the same for a backbone in memory (export.py)
 
 This file imports only slim.py from the rest of the repo: copy the two into another project if you like.
 CLI: python models.py --arch resnet50 --widths 0.25,0.5,0.75,1.0 --input_size 224
@@ -459,8 +460,9 @@ def load_subnet(path, width=None, depth=None, dn=None, batches=None, teacher=Fal
 
     width/depth: the slice (default: an individual checkpoint's network, else 1.0); dn: an index into a
     DSPNet checkpoint's DN list (largest first) instead. batches: images as in training (tensors or
-    (x, y) pairs, normalized by data.eval_transform) on which BN is calibrated for this slice, which
-    eval-mode use needs; None leaves BN uncalibrated (fine-tuning with BN in train mode only)."""
+    (x, y) pairs, normalized by data.eval_transform with the run's normalization: its config's mean/std
+    keys, else the dataset's preset) on which BN is calibrated for this slice, which eval-mode use needs;
+    None leaves BN uncalibrated (fine-tuning with BN in train mode only). The second half is subnet()."""
     model, ckpt = load_backbone(path, teacher)
     if dn is not None:
         if not ckpt.get("dns") or not 0 <= dn < len(ckpt["dns"]) or width is not None or depth is not None:
@@ -475,6 +477,14 @@ def load_subnet(path, width=None, depth=None, dn=None, batches=None, teacher=Fal
                          f"{ind['depth']}): no other slice was trained")
     if width < ckpt.get("width_min", 0.0) - 1e-6:
         raise ValueError(f"width={width} lies below {ckpt['width_min']}, the smallest width {path} was trained at")
+    return subnet(model, width, depth, batches)
+
+
+def subnet(model, width=1.0, depth=None, batches=None):
+    """The slice (width, depth) of a slimmable backbone in memory as a plain nn.Module (eval mode): BN
+    calibrated for it on `batches` (calibrate_bn, on the model's device, under the caller's autocast if
+    any), then export. load_subnet does this after loading backbone.pt; export.py for each network it
+    writes. batches None: BN left uncalibrated. The model keeps the calibrated statistics, at width 1.0."""
     if batches is not None:
         calibrate_bn(model, batches, width, depth)
     return export(model, width, depth, check_stats=batches is not None)

@@ -13,13 +13,19 @@ input width is whatever arrives (x.shape[1]), so the only state is the width eac
 
 BN across processes: with `sync` set (models.set_sync_bn), SlimBatchNorm2d and the heads' BatchNorm1d
 normalize with the statistics of the global batch (every process's batch of the active channel
-slice), so N processes of batch B/N train what one process of batch B trains. Generic collectives
-(all_reduce of sums), so it runs on gloo (CPU) and NCCL alike. sincos_pos_embed: a fixed ViT position
-code whose leading-channel slices are themselves 2-D sin-cos codes (MoCo v3's ViT recipe).
+slice), so N processes of batch B/N train what one process of batch B trains. On CUDA it runs the
+fused kernels behind torch's nn.SyncBatchNorm (one pass over the batch for the statistics, one for
+the output, two in the backward); elsewhere (CPU, gloo: torch has no CPU kernels for them) a Function
+of generic tensor ops with float64 all-reduces, the reference. SLIM_SYNC_BN=python in the environment
+runs that reference on CUDA too (A/B timing: bench/gpu_check.py --parts sync_bn). sincos_pos_embed: a
+fixed ViT position code whose leading-channel slices are themselves 2-D sin-cos codes (MoCo v3's ViT
+recipe).
 
 This file imports nothing from the rest of the repo; models.py imports only this file.
 """
 
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -128,8 +134,20 @@ class SlimLinear(nn.Linear, SlimWidth):
         return m
 
 
+# sync BN's implementation on CUDA: fused (torch's sync-BN kernels) or python (_SyncBatchNorm, as on a CPU)
+SYNC_BN_KERNELS = os.environ.get("SLIM_SYNC_BN", "fused")
+if SYNC_BN_KERNELS not in ("fused", "python"):
+    raise ValueError(f"SLIM_SYNC_BN={SYNC_BN_KERNELS!r} in the environment: fused (default) or python")
+
+
 def _sync_active():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fused(x):
+    """Whether sync BN on x runs torch's fused kernels: CUDA tensors (the kernels exist for CUDA only)
+    unless SLIM_SYNC_BN=python."""
+    return x.device.type == "cuda" and SYNC_BN_KERNELS == "fused"
 
 
 def _f32(x):  # bf16/fp16 -> fp32 for statistics; fp32 and fp64 stay as they are
@@ -157,8 +175,8 @@ class _SyncBatchNorm(torch.autograd.Function):
     the matching backward: the gradient through the shared mean and variance collects every rank's
     dy (one more all-reduce). Generic tensor ops, so it runs on CPU (tests, gloo) and GPU alike; torch's
     nn.SyncBatchNorm is GPU-only and knows no width slicing. Returns y and the pooled (mean, var).
-    NOTE: on CUDA the fused kernels nn.SyncBatchNorm runs (torch.batch_norm_stats, ..._elemt,
-    ..._backward_reduce) would save a few elementwise passes per BN; not measured, as no GPU was at hand."""
+    The reference: CUDA runs _FusedSyncBatchNorm (SLIM_SYNC_BN=python: this one), whose fp32 statistics
+    agree with these to fp32 rounding (tests/test_sync_bn.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -189,6 +207,68 @@ class _SyncBatchNorm(torch.autograd.Function):
         return dx.to(x.dtype), dw, None if weight is None else sum_dy.to(weight.dtype), None
 
 
+def _bn_layout(t):
+    """t as the fused kernels take it (nn.SyncBatchNorm's rule): contiguous or channels_last, else a copy."""
+    return t if t.is_contiguous() or (t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)) \
+        else t.contiguous()
+
+
+def _fused_stats(x, eps):
+    """Per-channel (mean, invstd = 1/sqrt(var + eps)) of x (B, C[, H, W]) over every process's batch, by
+    torch's sync-BN kernels (CUDA): each rank's mean, invstd and count in one all_gather, combined as
+    parallel variances (batch_norm_gather_stats_with_counts). -> mean, invstd (C,) fp32 (fp64 for fp64 x),
+    the same on every rank, and the counts (world, 1). Every rank must call it (a collective).
+    NOTE: no empty batch on any rank (nn.SyncBatchNorm drops those with a host sync; every rank here holds
+    the same batch size, drop_last)."""
+    mean, invstd = torch.batch_norm_stats(x, eps)  # one pass; fp32 accumulation for bf16/fp16 x
+    c, world = mean.numel(), dist.get_world_size()
+    local = torch.cat([mean, invstd, mean.new_full((1,), x.numel() // c)])
+    gathered = local.new_empty(world * local.numel())
+    dist.all_gather_into_tensor(gathered, local)
+    mean_all, invstd_all, counts = gathered.view(world, -1).split([c, c, 1], dim=1)  # (W, C), (W, C), (W, 1)
+    # NOTE: the kernel's first argument only sets the dtype it reads counts in (without running stats): mean_all's
+    # fp32 (fp64), not a bf16 x's, in which counts above 256 are inexact
+    mean, invstd = torch.batch_norm_gather_stats_with_counts(mean_all, mean_all, invstd_all, None, None, 0.0, eps,
+                                                             counts.reshape(-1))
+    return mean, invstd, counts
+
+
+def _var(invstd, eps):  # the biased variance behind the fused kernels' invstd
+    return (invstd.pow(-2) - eps).clamp_min(0)
+
+
+class _FusedSyncBatchNorm(torch.autograd.Function):
+    """_SyncBatchNorm on torch's fused CUDA kernels (those of torch.nn.SyncBatchNorm, here on the sliced
+    weight and bias): statistics in one pass over x and one all_gather, the output in one more; the
+    backward reduces dy once (one all-reduce of sum dy and sum dy (x - mean)) and writes dx in one pass.
+    bf16/fp16 x: statistics and reductions in fp32, y and dx in x's dtype; channels_last stays so.
+    Returns y and the global (mean, invstd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x = _bn_layout(x)
+        mean, invstd, counts = _fused_stats(x, eps)
+        ctx.save_for_backward(x, weight, mean, invstd, counts.to(torch.int32))
+        ctx.mark_non_differentiable(mean, invstd)
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps), mean, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dinvstd):
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy = _bn_layout(dy)
+        sum_dy, sum_dy_xmu, dw, db = torch.batch_norm_backward_reduce(dy, x, mean, invstd, weight, need_x, need_w,
+                                                                      need_b)  # this rank's d weight, d bias
+        dx = None
+        if need_x:
+            g = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(g)
+            sum_dy, sum_dy_xmu = g.chunk(2)
+            w = weight if weight is None or weight.dtype == mean.dtype else weight.to(mean.dtype)  # as the kernel reads it
+            dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, counts)
+        return dx, dw if need_w else None, db if need_b else None, None
+
+
 @torch.no_grad()
 def _momentum_stats_(bn, x, c, sync):
     """Momentum BN ("Momentum^2 Teacher", Li et al. 2021): the running statistics of the first c
@@ -196,7 +276,10 @@ def _momentum_stats_(bn, x, c, sync):
     normalize in place of the batch's (weight 1: plain batch norm). The first batch (num_batches_tracked
     0) sets them outright. sync: the global batch's statistics, so the same on every process.
     -> (mean, var) to normalize with."""
-    if sync:
+    if sync and _fused(x):
+        mean, invstd, _ = _fused_stats(_bn_layout(x), bn.eps)
+        var = _var(invstd, bn.eps)
+    elif sync:
         mean, var, _ = _pooled_moments(x)
     else:
         var, mean = torch.var_mean(_f32(x), dim=[0, *range(2, x.ndim)], correction=0)
@@ -228,7 +311,7 @@ class SlimBatchNorm2d(nn.BatchNorm2d):
             mean, var = _momentum_stats_(self, x, c, sync)  # statistics (the target: no gradient through them)
             return F.batch_norm(x, mean, var, w, b, False, 0.0, self.eps)
         if sync:
-            return _SyncBatchNorm.apply(x, w, b, self.eps)[0]
+            return (_FusedSyncBatchNorm if _fused(x) else _SyncBatchNorm).apply(x, w, b, self.eps)[0]
         if self.training:
             return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
         if self.stats_channels != c:
@@ -262,7 +345,11 @@ class BatchNorm1d(nn.BatchNorm1d):
             return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
         if not (self.training and self.sync and _sync_active()):
             return super().forward(x)
-        y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        if _fused(x):
+            y, mean, invstd = _FusedSyncBatchNorm.apply(x, self.weight, self.bias, self.eps)
+            var = _var(invstd, self.eps)
+        else:
+            y, mean, var = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps)
         with torch.no_grad():  # as nn.BatchNorm1d: running var unbiased over the global batch
             n = x.shape[0] * dist.get_world_size()  # every rank holds the same batch size (drop_last)
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)

@@ -46,7 +46,7 @@ from augment import build_train_loader, to_device
 from config import ConfigError, run, save_config
 from data import prepare_cifar10
 from eval_knn import net_name
-from knn import build_knn_loaders, calibration_batches, knn_eval
+from knn import build_knn_loaders, calibration_batches, collapse_eval, knn_eval
 from models import ARCHS, make_individual_, min_width, profile, projection_mlp, set_active, set_sync_bn
 from slim import BatchNorm1d, SlimBatchNorm2d
 from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_precision,
@@ -61,12 +61,16 @@ class Config:
     data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
     # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
+    mean: list[float] = field(default_factory=list)  # your own images: per-channel input normalization, RGB in
+    # [0, 1], with std (`python data.py stats DIR` prints both lines); [] = the dataset's preset (data.MEAN_STD)
+    std: list[float] = field(default_factory=list)  # per-channel std, given with mean; [] = the dataset's preset
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     min_scale: float = 0.08  # each view's RandomResizedCrop keeps [min_scale, 1] of the image area (BYOL: 0.08)
     aug: str = "byol"  # the views: byol (BYOL's asymmetric pair: blur, solarize) | mocov2 (MoCo v2's symmetric
     # views, no solarize, blur at 224 px only: the US3L release's; with min_scale 0.2)
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs, benchmarks)
-    num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
+    num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device); loader=ffcv:
+    # FFCV's decoding threads per process, 0 = utils.cpus_per_rank() (the process's share of the node's CPUs)
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
@@ -205,6 +209,7 @@ def main(cfg):
                       + ", ".join(f"{dn_name(d)} ({m / 1e6:.0f})" for d, m in zip(dns, dn_macs)))
 
     # data: as train_us3l.py (augmentation a function of (seed, epoch, index), order of (seed, epoch))
+    mean_std = data.normalization(cfg.dataset, cfg.mean, cfg.std)  # the mean/std keys, else the dataset's preset
     if cfg.data_path == Config.data_path:
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
@@ -214,7 +219,7 @@ def main(cfg):
                           f"the kNN monitor needs labels and a test split; set knn_monitor=false")
     train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
                                       cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers,
-                                      cfg.min_scale, cfg.aug)
+                                      cfg.min_scale, cfg.aug, mean_std)
     steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
     # with max_steps the epoch-based phases shrink with the run, as the schedules do
@@ -226,7 +231,7 @@ def main(cfg):
         bank_loader, test_loader = build_knn_loaders(
             cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
             cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
-            loader="device" if cfg.loader == "device" else "torch", device=device)
+            loader="device" if cfg.loader == "device" else "torch", device=device, mean_std=mean_std)
 
     # target = EMA of encoder + projector, always full width and depth, never prepared
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -287,6 +292,12 @@ def main(cfg):
             acc[dn_name(dns[dn])] = round(a[dns[dn]["width"]], 4)
         accelerator.print(f"kNN top-1 ({tag}, step {step}): {acc}  [{time.time() - t0:.0f} s]")
         tracker_log(accelerator, {f"knn_top1/{name}": a for name, a in acc.items()}, step)
+        if tag == "end":  # the collapse statistic at every monitored DN (log.jsonl: the sampled ones only)
+            slices = {dn_name(d): (d["width"], d["depth"]) for d in dns if dn_name(d) in acc}
+            results["collapse_std"] = collapse_eval(online["backbone"], online["projector"], calib, slices, device,
+                                                    autocast=cfg.precision == "bf16")
+            accelerator.print(f"collapse std (end; uniform spread {cfg.proj_dim ** -0.5:.4f}): {results['collapse_std']}")
+            tracker_log(accelerator, {f"collapse_std_end/{k}": v for k, v in results["collapse_std"].items()}, step)
         return acc
 
     def write_results():

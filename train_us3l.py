@@ -73,7 +73,7 @@ import losses
 from augment import build_train_loader, to_device
 from config import ConfigError, run, save_config
 from data import prepare_cifar10
-from knn import build_knn_loaders, calibration_batches, knn_eval
+from knn import build_knn_loaders, calibration_batches, collapse_eval, knn_eval
 from models import ARCHS, make_individual_, min_width, projection_mlp, set_active, set_sync_bn
 from utils import (LARS, BackgroundSaver, OverlappedAllReduce, atomic_save, check_finite, check_precision,
                    check_same_across_processes, check_tracker, cosine, cpu_state, ema_update_, init_tracker,
@@ -87,12 +87,16 @@ class Config:
     data_path: str = "data/cifar10"  # train/ + test/ class folders, a CIFAR python folder, or hf:NAME
     # (this default, relative to the current directory, is extracted or downloaded on first use: data.py)
     dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet: augmentation recipe and normalization
+    mean: list[float] = field(default_factory=list)  # your own images: per-channel input normalization, RGB in
+    # [0, 1], with std (`python data.py stats DIR` prints both lines); [] = the dataset's preset (data.MEAN_STD)
+    std: list[float] = field(default_factory=list)  # per-channel std, given with mean; [] = the dataset's preset
     image_size: int = 0  # 0: 32 for CIFAR, 224 otherwise
     min_scale: float = 0.08  # each view's RandomResizedCrop keeps [min_scale, 1] of the image area (BYOL: 0.08)
     aug: str = "byol"  # the views: byol (BYOL's asymmetric pair: blur, solarize) | mocov2 (MoCo v2's symmetric
     # views, no solarize, blur at 224 px only: the US3L release's; with min_scale 0.2)
     train_subset: int = 0  # > 0: class-balanced subset of the training set (quick CPU runs)
-    num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device)
+    num_workers: int = 2  # DataLoader workers per process (loader=torch; decoding for loader=device); loader=ffcv:
+    # FFCV's decoding threads per process, 0 = utils.cpus_per_rank() (the process's share of the node's CPUs)
     bad_images: str = "fail"  # an image that does not decode: fail (error naming it) | skip (warn, use the next)
     loader: str = "torch"  # torch (per-sample CPU augmentation) | device (whole split on the device, batched
     # augmentation there: CIFAR scale) | ffcv (ffcv_path/train.beton, crops in FFCV, the rest batched)
@@ -275,6 +279,7 @@ def main(cfg):
     accelerator.print(f"{world} process(es) on {device}, precision {cfg.precision}" + (f"\n{note}" if note else ""))
 
     # data: augmentation is a function of (seed, epoch, index) and the order of (seed, epoch)
+    mean_std = data.normalization(cfg.dataset, cfg.mean, cfg.std)  # the mean/std keys, else the dataset's preset
     if cfg.data_path == Config.data_path:  # missing: extracted from the CIFAR-10 tarball, else downloaded
         with accelerator.main_process_first():
             prepare_cifar10(cfg.data_path, download=True)
@@ -284,7 +289,7 @@ def main(cfg):
                           f"the kNN monitor needs labels and a test split; set knn_monitor=false")
     train_loader = build_train_loader(cfg.loader, cfg.data_path, cfg.ffcv_path, cfg.dataset, size, cfg.batch_size,
                                       cfg.train_subset, cfg.seed, rank, world, device, cfg.num_workers,
-                                      cfg.min_scale, cfg.aug)
+                                      cfg.min_scale, cfg.aug, mean_std)
     steps_per_epoch = train_loader.steps()
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else cfg.max_steps
     # the kNN images at the input size the network fixes (a ViT's img_size: the release's Table 3 ViT takes CIFAR
@@ -296,7 +301,8 @@ def main(cfg):
         bank_loader, test_loader = build_knn_loaders(  # CIFAR-size banks are decoded once and kept in memory
             cfg.data_path, cfg.dataset, cfg.knn_batch_size, cfg.knn_bank_subset, cfg.knn_test_subset,
             cfg.num_workers, cfg.seed, cache=cfg.dataset.startswith("cifar"),
-            loader="device" if cfg.loader == "device" else "torch", device=device, image_size=knn_size)
+            loader="device" if cfg.loader == "device" else "torch", device=device, image_size=knn_size,
+            mean_std=mean_std)
 
     # model: student = backbone + projector (+ predictor for an MSE base loss) (+ auxiliary head g);
     # teacher = EMA of backbone + projector, always full width, never wrapped by prepare
@@ -388,6 +394,12 @@ def main(cfg):
         acc = {str(w): round(a, 4) for w, a in acc.items()}
         accelerator.print(f"kNN top-1 ({tag}, step {step}): {acc}  [{time.time() - t0:.0f} s]")
         tracker_log(accelerator, {f"knn_top1/{w}": a for w, a in acc.items()}, step)
+        if tag == "end":  # the collapse statistic at every monitored width (log.jsonl: the sampled ones only)
+            results["collapse_std"] = collapse_eval(student["backbone"], student["projector"], calib,
+                                                    {str(w): (w, None) for w in widths}, device,
+                                                    autocast=cfg.precision == "bf16")
+            accelerator.print(f"collapse std (end; uniform spread {cfg.proj_dim ** -0.5:.4f}): {results['collapse_std']}")
+            tracker_log(accelerator, {f"collapse_std_end/{w}": v for w, v in results["collapse_std"].items()}, step)
         return acc
 
     def write_results():

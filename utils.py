@@ -4,7 +4,8 @@ eval_knn.py, eval_linear.py); their config parsing is config.py.
 Schedules of the global step (cosine, warmup_cosine), LARS and param_groups, ema_update_, the end of a
 step of several backward passes (all_reduce_grads_ or OverlappedAllReduce, optimizer_step_ with fp16
 loss scaling), atomic checkpoints (atomic_save, BackgroundSaver), resume (load_resume, read_results),
-log_jsonl, check_finite, trackers (check_tracker, init_tracker, tracker_log: TensorBoard or W&B under out_dir).
+log_jsonl, check_finite, trackers (check_tracker, init_tracker, tracker_log: TensorBoard or W&B under out_dir),
+cpus_per_rank (the default thread count of per-process CPU work).
 """
 
 from __future__ import annotations
@@ -561,6 +562,20 @@ def check_precision(precision: str, device) -> None:
             raise ConfigError(f"config error: precision=bf16 on {torch.cuda.get_device_name(device)} (compute "
                               f"capability {major}.{minor}) is emulated and slow: use precision=fp16 (with loss "
                               f"scaling) or precision=no")
+
+
+def cpus_per_rank() -> int:
+    """This process's share of the CPUs for its own threads and workers: the CPUs it may run on
+    (sched_getaffinity: a taskset, cgroup or SLURM allocation, not the machine's count) over the processes
+    of this node (LOCAL_WORLD_SIZE, which accelerate launch and torchrun set; 1 without it), at least 1.
+    The default where a thread count is not given (ffcv_data's loader threads): a per-node count taken by
+    each of 8 ranks oversubscribes the node 8 times. NOTE: a launcher that binds each process to CPUs of its
+    own (srun --cpu-bind per task) sees them divided again: give num_workers explicitly there."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
 
 
 def cpu_state(module: torch.nn.Module) -> dict:

@@ -41,6 +41,12 @@ Parts run only when named in --parts (not by default):
     knn_memory                     knn.knn_accuracy on a random ImageNet-size bank (1.28M x 2048 fp32, as
                                    knn.extract_features returns it; 10k queries, k=200, chunk 1024): peak
                                    memory and seconds of the search, the bank's own size apart
+    sync_bn                        bench/bench_devices.py's: sync BN's forward + backward at ResNet-50's BN shapes,
+                                   one process per GPU, torch's fused kernels (fused_ms, slim's default on CUDA)
+                                   against the reference Function (python_ms, SLIM_SYNC_BN=python) and per-process
+                                   BN (local_ms); one GPU: a process group of one (the kernels' passes only)
+    ffcv_contexts                  bench/bench_devices.py's (2+ GPUs, else checked false): does a process on cuda:1
+                                   reading FFCV hold a CUDA context on GPU 0, with ffcv_data's loader and ffcv's own
 
 Only the parts that need them import `ffcv` (part beton, loader_ffcv); `datasets` (hf: data only) and ONNX
 are never imported here, so a machine without them loses those rows only.
@@ -64,6 +70,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bench_data  # noqa: E402
+import bench_devices  # noqa: E402
 import bench_dspnet  # noqa: E402
 import bench_us3l_step  # noqa: E402
 import losses  # noqa: E402
@@ -101,8 +108,10 @@ PARTS = {  # name: (the JSON rows it fills, the parts whose output it needs), in
     "cifar10_knn": (["cifar10_knn"], ["data"]),
     "sync_debug": (["sync_free_step", "sync_at"], []),
     "knn_memory": (["knn_memory"], []),
+    "sync_bn": (["sync_bn"], []),
+    "ffcv_contexts": (["ffcv_contexts"], []),
 }
-DEFAULT_PARTS = [p for p in PARTS if p not in ("sync_debug", "knn_memory")]
+DEFAULT_PARTS = [p for p in PARTS if p not in ("sync_debug", "knn_memory", "sync_bn", "ffcv_contexts")]
 
 
 def sync(device):
@@ -446,7 +455,9 @@ def main():
            "images_224": images, "p4": lambda: p4(device, s, folder), "loader_torch": lambda: loader("torch"),
            "beton": make_beton, "loader_ffcv": lambda: loader("ffcv"), "dspnet_p5": lambda: dspnet_p5(device, s, folder),
            "cifar10_knn": knn_run, "sync_debug": lambda: sync_debug(device, dtype, s, args.smoke),
-           "knn_memory": lambda: {"knn_memory": knn_memory(device, s)}}
+           "knn_memory": lambda: {"knn_memory": knn_memory(device, s)},
+           "sync_bn": lambda: {"sync_bn": bench_devices.sync_bn(args.smoke)},
+           "ffcv_contexts": lambda: {"ffcv_contexts": bench_devices.ffcv_contexts()}}
     try:
         for name in parts:
             keys, needs = PARTS[name]

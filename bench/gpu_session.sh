@@ -7,13 +7,17 @@
 #   CIFAR10_TAR=carry/cifar10-jpg.tar.gz bash bench/gpu_session.sh      # the GPU slot; OUT=out/gpu_session
 #   SMOKE=1 CIFAR10_TAR=T DATA_PATH=D OUT=O bash bench/gpu_session.sh    # every step at toy size, CPU (< 1 min)
 #
-# Steps (limit in seconds on the GPU; worst case 545 s in all, plus the summaries):
+# Steps (limit in seconds on the GPU; worst case 595 s in all, plus the summaries):
 #   cuda_tests   60   the tests that skip with "needs CUDA" on a CPU (found by that reason in tests/), pytest;
 #                     without pytest it is installed first from wheels in $WHEELS (carry/wheels) when there
+#                     (tests/test_sync_bn.py's: torch's fused sync-BN kernels against the reference Function)
 #   sync_debug   45   gpu_check.py --parts sync_debug: one warmed-up step of the quick recipe's hot loop under
 #                     torch.cuda.set_sync_debug_mode("error"): does it make no host sync
 #   knn_memory   60   gpu_check.py --parts knn_memory: peak GPU memory and seconds of knn.knn_accuracy on a
 #                     random 1,281,167 x 2048 fp32 bank (ImageNet's size), 10k queries
+#   devices      50   gpu_check.py --parts sync_bn,ffcv_contexts (bench/bench_devices.py): sync BN's fused kernels
+#                     against the Function in ms, one process per GPU; with 2+ GPUs, whether a process on cuda:1
+#                     reading FFCV opens a context on GPU 0 (1 GPU: checked false, it cannot show)
 #   gpu_check    270  gpu_check.py --data_tar $CIFAR10_TAR --data_path $DATA_PATH --knn_minutes 0.5: its default
 #                     parts (the tarball is extracted into DATA_PATH by its part `data`)
 #   quick_fp16   110  the quick recipe with --precision=fp16 for 30 steps (train_subset 10240, kNN monitor on
@@ -70,7 +74,7 @@ if "cuda_tests" in steps:
     except (OSError, ET.ParseError, AttributeError):
         steps["cuda_tests"]["result"] = None
 for name, keys in (("sync_debug", ["sync_free_step", "sync_at"]), ("knn_memory", ["knn_memory"]),
-                   ("gpu_check", None)):
+                   ("devices", ["sync_bn", "ffcv_contexts"]), ("gpu_check", None)):
     res = read(f"{name}/gpu_check.json")
     if name in steps and res:
         rows = {k: res.get(k) for k in keys} if keys else {k: v for k, v in res.items() if k not in (
@@ -116,6 +120,8 @@ step cuda_tests 60 bash -c '[ $# -ge 3 ] || { echo "no test marked reason=\"need
 # (d) no host sync in a warmed-up training step; (e) the kNN search's memory at ImageNet size
 step sync_debug 45 "$PY" bench/gpu_check.py --parts sync_debug --out "$OUT/sync_debug" "${SMOKE_FLAG[@]}"
 step knn_memory 60 "$PY" bench/gpu_check.py --parts knn_memory --out "$OUT/knn_memory" "${SMOKE_FLAG[@]}"
+# (f) per-process device work: sync BN's fused kernels against the Function (A/B), FFCV's stray context on GPU 0
+step devices 50 "$PY" bench/gpu_check.py --parts sync_bn,ffcv_contexts --out "$OUT/devices" "${SMOKE_FLAG[@]}"
 
 # (b) the GPU check (smoke: its data part and the FFCV loader with its inputs; tests/test_gpu_check.py runs
 # every part without FFCV)

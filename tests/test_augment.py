@@ -543,3 +543,36 @@ def test_bad_aug_is_a_one_line_config_error(image_folder, tmp_path):
         assert str(e.value) == "config error: aug='simclr', allowed: byol, mocov2"
     with pytest.raises(ValueError, match="aug byol|mocov2"):
         A.BatchAugment(aug="mocov3")
+
+
+def test_mean_std_keys_reach_every_train_path(image_folder):
+    """The mean/std keys (data.normalization) normalize the torch path and the batched device path alike: with
+    every random op off, the device path's views of the generated images are the torch path's ToTensor +
+    Normalize of them; and on each path a run's views with the keys are its views with the preset, mapped by
+    the change of normalization (nothing else changes; loader=ffcv batches with the same BatchAugment)."""
+    mean_std = data.normalization("cifar10", [0.3, 0.5, 0.7], [0.1, 0.2, 0.4])
+    (m0, s0), (m1, s1) = ((torch.tensor(v).view(1, 3, 1, 1) for v in ms) for ms in (data.MEAN_STD["cifar10"], mean_std))
+
+    def loaders(**kw):
+        return [A.build_train_loader(kind, image_folder, "", "cifar10", 32, 20, subset=40, seed=3, **kw)
+                for kind in ("torch", "device")]
+
+    torch_path, device_path = loaders(mean_std=mean_std)
+    ds = data.build_dataset(image_folder, "train", subset=40)
+    imgs = [ds[i][0] for i in range(0, 40, 5)]  # 8 images, several classes
+    x = torch.stack([torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in imgs])  # (8, 3, 32, 32) uint8
+    views = torch_path.dataset.transform
+    for ref, ours in ((views.t1, device_path.augment.view1), (views.t2, device_path.augment.view2)):
+        assert (tuple(ref.transforms[-1].mean), tuple(ref.transforms[-1].std)) == mean_std
+        p = draw(ours, 8)
+        p.update(i=torch.zeros(8, dtype=torch.long), j=torch.zeros(8, dtype=torch.long), h=torch.full((8,), 32),
+                 w=torch.full((8,), 32), flip=p["flip"] & False, jitter=p["jitter"] & False, gray=p["gray"] & False,
+                 solarize=p["solarize"] & False)  # the whole image, no flip, jitter, grayscale or solarize
+        want = torch.stack([T.Compose(ref.transforms[-2:])(img) for img in imgs])  # ToTensor, Normalize
+        torch.testing.assert_close(ours.apply(x, p), want, atol=1e-5, rtol=0)
+    for custom, preset in zip((torch_path, device_path), loaders(), strict=True):
+        for k in (custom, preset):
+            k.set_epoch(1)
+        for ((c1, c2), _), ((p1, p2), _) in zip(custom, preset, strict=True):
+            for c, p in ((c1, p1), (c2, p2)):
+                torch.testing.assert_close(c, (p * s0 + m0 - m1) / s1, atol=1e-4, rtol=0)

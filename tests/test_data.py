@@ -3,6 +3,7 @@ over data.EpochSampler and data.SeededViews). CPU, a few seconds, on the generat
 folder (the image_folder fixture in conftest.py): no real data."""
 
 import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -22,7 +23,8 @@ from PIL import Image
 
 import augment as A
 import data
-from config import parse_config
+import ffcv_data
+from config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -198,9 +200,15 @@ def test_prepare_cifar10(tmp_path, capsys):
     assert data.prepare_cifar10(dest, tar) == dest  # idempotent: does not need the tarball again
     with pytest.raises(FileNotFoundError, match="--download"):
         data.prepare_cifar10(tmp_path / "other", tar)
-    (tmp_path / "half").mkdir()
-    with pytest.raises(FileExistsError):
-        data.prepare_cifar10(tmp_path / "half", tar)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not CIFAR-10")
+    with pytest.raises(FileExistsError, match="holds no train/ folder"):  # config.USER_ERRORS: one line
+        data.prepare_cifar10(tmp_path / "foreign", tar)
+    (tmp_path / "empty").mkdir()  # made by hand beforehand: filled, not refused
+    tar = mini_cifar_tar(tmp_path / "mini.tar.gz")
+    assert len(data.build_dataset(data.prepare_cifar10(tmp_path / "empty", tar), "test")) == 2
+    shutil.copytree(tmp_path / "empty" / "train", tmp_path / "own" / "train")  # a copy made by hand: used as it is
+    assert data.prepare_cifar10(tmp_path / "own", tmp_path / "none.tar.gz") == tmp_path / "own"
 
 
 def mini_cifar_tar(path):
@@ -242,6 +250,113 @@ def test_default_data_is_made_where_said_and_says_so(tmp_path, capsys, monkeypat
         data.prepare_cifar10(tmp_path / "dl" / "cifar10", tmp_path / "none.tar.gz", download=True)
     assert capsys.readouterr().out == (f"CIFAR-10: no tarball at {tmp_path / 'none.tar.gz'}: downloading it with "
                                        f"torchvision into {(tmp_path / 'dl' / 'cifar10').resolve()} (once)\n")
+
+
+# --- normalization: the mean/std keys and `python data.py stats` -----------------------------------
+
+
+def test_normalization_keys():
+    """Both empty: the dataset's preset; both given: them; anything else a ConfigError naming the key."""
+    assert data.normalization("cifar100") == data.MEAN_STD["cifar100"]
+    assert data.normalization("imagenet", [0.5, 0.4, 0.3], [0.2, 0.2, 0.25]) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.25))
+    for mean, std, message in (
+            ([0.5, 0.4, 0.3], [], "config error: mean=[0.5, 0.4, 0.3] without std: give both"),
+            ([], [0.2, 0.2, 0.2], "config error: std=[0.2, 0.2, 0.2] without mean: give both"),
+            ([0.5, 0.4], [0.2, 0.2, 0.2], "config error: mean=[0.5, 0.4]: 3 values needed (R, G, B), got 2"),
+            ([0.5, 0.4, 0.3], [0.2, 0.2, 0.2, 0.2], "config error: std=[0.2, 0.2, 0.2, 0.2]: 3 values needed"),
+            ([0.5, 0.4, 0.3], [0.2, 0.0, 0.2], "config error: std=[0.2, 0.0, 0.2]: each must lie in (0, 1]"),
+            ([0.5, 0.4, 0.3], [0.2, -0.1, 0.2], "config error: std=[0.2, -0.1, 0.2]: each must lie in (0, 1]"),
+            ([123.7, 116.3, 103.5], [58.4, 57.1, 57.4], "config error: mean=[123.7, 116.3, 103.5]: each must lie "
+                                                        "in [0, 1] (pixels are scaled to [0, 1] first")):
+        with pytest.raises(ConfigError) as e:
+            data.normalization("cifar10", mean, std)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="dataset='svhn', allowed: cifar10, cifar100, imagenet"):
+        data.normalization("svhn")
+
+
+@pytest.mark.parametrize("script", ["train_us3l.py", "train_dspnet.py", "eval_knn.py", "eval_linear.py", "export.py"])
+def test_bad_mean_std_is_one_line_before_any_data(script, tmp_path, monkeypatch, fresh_accelerate):
+    """Each script with the keys refuses a bad pair in one line naming the key, before reading any data
+    (data_path does not exist here)."""
+    import eval_knn
+    import eval_linear
+    import export
+    import train_dspnet
+    import train_us3l
+    from tests.test_train_us3l import cli
+
+    module = {"train_us3l.py": train_us3l, "train_dspnet.py": train_dspnet, "eval_knn.py": eval_knn,
+              "eval_linear.py": eval_linear, "export.py": export}[script]
+    argv = [f"--data_path={tmp_path / 'nowhere'}", f"--{'out' if script == 'export.py' else 'out_dir'}={tmp_path / 'o'}",
+            "--arch=resnet18_cifar_tiny", "--mean=0.5,0.5", "--std=0.2,0.2,0.2"]
+    said = cli(module.main, module.Config, argv, monkeypatch)
+    assert said == "config error: mean=[0.5, 0.5]: 3 values needed (R, G, B), got 2", said
+
+
+def test_stats_command(tmp_path):
+    """`python data.py stats DIR`: the per-channel mean and std over every pixel of DIR's training images
+    (any sizes, RGB in [0, 1]), printed as the YAML lines of the mean/std keys, which a recipe then loads;
+    a folder with no images is one line."""
+    import train_us3l
+
+    rng = np.random.default_rng(0)
+    pixels = []
+    for c, (w, h) in enumerate([(16, 12), (9, 20), (31, 7)]):  # 3 classes, images of different sizes
+        (tmp_path / "d" / "train" / f"c{c}").mkdir(parents=True)
+        for k in range(2):
+            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            a[..., 0] //= 2 + c  # channels with different statistics
+            Image.fromarray(a).save(tmp_path / "d" / "train" / f"c{c}" / f"{k}.png")  # lossless
+            pixels.append(a.reshape(-1, 3) / 255)
+    pixels = np.concatenate(pixels)
+    p = subprocess.run([sys.executable, "data.py", "stats", str(tmp_path / "d"), "--num_workers=0"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == f"# 6 training images of {tmp_path / 'd'}, per channel over every pixel, RGB in [0, 1]"
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(p.stdout)
+    cfg = parse_config(train_us3l.Config, ["--config", str(recipe)])  # the lines, pasted into a recipe
+    np.testing.assert_allclose(cfg.mean, pixels.mean(0), atol=5e-5)  # printed to 4 decimals
+    np.testing.assert_allclose(cfg.std, pixels.std(0), atol=5e-5)
+    assert data.normalization(cfg.dataset, cfg.mean, cfg.std) == (tuple(cfg.mean), tuple(cfg.std))
+    mean, std, n = data.image_stats(tmp_path / "d")  # the function behind it, unrounded
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-9)
+    assert n == 6
+    (tmp_path / "empty").mkdir()
+    p = subprocess.run([sys.executable, "data.py", "stats", str(tmp_path / "empty")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.startswith(f"error: data_path {tmp_path / 'empty'} is an empty folder")
+    assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_mean_std_keys_reach_every_eval_path(image_folder, tmp_path):
+    """knn.build_knn_loaders with the keys' normalization: the torch, cached, device and ffcv paths serve
+    each image as data.eval_transform with that normalization makes it, and the calibration set too."""
+    from torch.utils.data import DataLoader
+
+    import knn
+
+    mean_std = data.normalization("cifar10", [0.3, 0.5, 0.7], [0.1, 0.2, 0.4])
+    want = [[tuple(t) for t in DataLoader(data.build_dataset(image_folder, split, data.eval_transform(
+        "cifar10", mean_std=mean_std), return_index=True), batch_size=50)] for split in ("train", "test")]
+    default = data.build_dataset(image_folder, "test", data.eval_transform("cifar10"))[0][0]
+    assert not torch.allclose(want[1][0][0][0], default, atol=0.1)  # not the preset
+    kinds = [{}, {"cache": True}, {"loader": "device"}]
+    if importlib.util.find_spec("ffcv"):  # FFCV's batches are normalized by knn.py itself: a raw .beton's pixels
+        ffcv_data.write_beton(image_folder, tmp_path / "beton", raw=True, num_workers=1)
+        kinds.append({"loader": "ffcv", "ffcv_path": str(tmp_path / "beton")})
+    for kw in kinds:
+        got = knn.build_knn_loaders(image_folder, "cifar10", 50, mean_std=mean_std, **kw)
+        for loader, ref in zip(got, want, strict=True):
+            for b, r in zip(loader, ref, strict=True):
+                torch.testing.assert_close(b[0].cpu(), r[0], atol=1e-5, rtol=0, msg=str(kw))
+                assert torch.equal(b[1].cpu(), r[1]) and torch.equal(b[2].cpu(), r[2])
+    calib = knn.fixed_calibration_batches(image_folder, "cifar10", 0, 20, 10, mean_std=mean_std)
+    train = data.build_dataset(image_folder, "train", data.eval_transform("cifar10", mean_std=mean_std))
+    assert all(torch.equal(a, b) for a, b in zip(calib, knn.calibration_shard(train, 20, 10), strict=True))
 
 
 # --- augmentation --------------------------------------------------------------------------------

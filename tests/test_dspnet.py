@@ -190,6 +190,7 @@ def test_smoke_run_backbone_and_eval_lists_every_dn(dspnet_run, tmp_path, capsys
         assert set(res[key]) == set(DN_NAMES)
         assert all(0 <= a <= 1 for a in res[key].values())
     assert res["num_processes"] == 1
+    assert set(res["collapse_std"]) == set(DN_NAMES) and all(0 < s < 1 for s in res["collapse_std"].values())
     log = read_log(out)
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert log[0]["dns"] == ["1.0"] and log[-1]["dns"][0] == "1.0" and log[-1]["dns"][-1] == "0.25_d1-1-1-1"

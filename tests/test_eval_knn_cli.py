@@ -190,3 +190,38 @@ def test_vit_images_at_its_input_size(image_folder, tmp_path, monkeypatch, capsy
         for (f, y, idx), (ref_f, ref_y, ref_idx) in zip(features[kind], features["torch"], strict=True):
             assert torch.equal(y.cpu(), ref_y) and torch.equal(idx.cpu(), ref_idx)
             torch.testing.assert_close(f.cpu(), ref_f, rtol=0, atol=1e-6, msg=kind)
+
+
+def test_normalization_defaults_to_the_checkpoints(image_folder, tmp_path, monkeypatch, capsys):
+    """mean/std empty: the checkpoint's training run's (backbone.pt's config), as for dataset; given: these
+    (both, or a one-line error naming the key). eval_knn.py and eval_linear.py see the same images whether
+    the run's mean/std come from the checkpoint or the command line, other images than the preset's."""
+    import eval_linear
+
+    custom = ["--mean=[0.45,0.5,0.55]", "--std=[0.2,0.25,0.3]"]
+    make_ckpt(tmp_path / "plain.pt")  # a run of the preset normalization (or from before the keys existed)
+    make_ckpt(tmp_path / "own.pt", config={"dataset": "cifar10", "mean": [0.45, 0.5, 0.55], "std": [0.2, 0.25, 0.3]})
+    ckpt = torch.load(tmp_path / "own.pt", weights_only=True)
+    cfg = parse_config(eval_knn.Config, [])
+    assert eval_knn.eval_data(cfg, ckpt) == ("cifar10", ((0.45, 0.5, 0.55), (0.2, 0.25, 0.3)))
+    assert eval_knn.eval_data(cfg, {}) == ("cifar10", eval_knn.data.MEAN_STD["cifar10"])
+    assert eval_knn.eval_data(parse_config(eval_knn.Config, ["--dataset=imagenet"]), {}) == (
+        "imagenet", eval_knn.data.MEAN_STD["imagenet"])
+    keys = parse_config(eval_knn.Config, ["--mean=0.5,0.5,0.5", "--std=0.1,0.1,0.1"])
+    assert eval_knn.eval_data(keys, ckpt)[1] == ((0.5,) * 3, (0.1,) * 3)  # the command line wins
+    with pytest.raises(ConfigError, match=r"^config error: mean=\[0.5, 0.5, 0.5\] without std"):
+        eval_knn.eval_data(parse_config(eval_knn.Config, ["--mean=0.5,0.5,0.5"]), ckpt)
+
+    knn_features, linear_features = FeatureLog(monkeypatch, knn), FeatureLog(monkeypatch, eval_linear)
+    linear = ["--widths=0.5", "--train_subset=40", "--test_subset=20", "--calib_images=20", "--batch_size=20",
+              "--epochs=1"]
+    for kind, args in (("ckpt", ["--ckpt={tmp}/own.pt"]), ("keys", ["--ckpt={tmp}/plain.pt", *custom]),
+                       ("preset", ["--ckpt={tmp}/plain.pt"])):
+        knn_features.kind = linear_features.kind = kind
+        args = [a.format(tmp=tmp_path) for a in args] + [f"--data_path={image_folder}", "--autocast=false"]
+        main([*args, *FAST, "--widths=0.5", f"--out_dir={tmp_path / kind / 'knn'}"])
+        eval_linear.main(parse_config(eval_linear.Config, [*args, *linear, f"--out_dir={tmp_path / kind / 'lin'}"]))
+    assert "on cifar10, mean [0.45, 0.5, 0.55] std [0.2, 0.25, 0.3] (" in capsys.readouterr().out
+    for log in (knn_features, linear_features):
+        for (f, _, _), (g, _, _), (h, _, _) in zip(log["ckpt"], log["keys"], log["preset"], strict=True):
+            assert torch.equal(f, g) and not torch.allclose(f, h, atol=1e-3)

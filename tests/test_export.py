@@ -22,7 +22,7 @@ from config import ConfigError
 from data import build_dataset, eval_transform
 from knn import fixed_calibration_batches, maybe_autocast
 from export import CLASSIFIER, Config, main, torchvision_model
-from models import ARCHS, calibrate_bn, export, set_active
+from models import ARCHS, calibrate_bn, export, load_subnet, set_active
 from tests.test_models import counted_macs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,3 +291,28 @@ def test_torchvision_at_a_narrow_width_is_refused(tmp_path):
     cfg = replace(Config(), arch="resnet50", width=0.5, formats=["pt", "torchvision"], out=str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="resnet50 at 0.5 has no torchvision counterpart"):
         main(cfg)
+
+
+def test_pt_file_is_load_subnets_network(image_folder, tmp_path):
+    """export.py builds its networks as models.load_subnet does (load, calibrate BN, export): the .pt of each
+    width holds load_subnet's module state, given the same calibration batches (export's own draw, normalized
+    as the checkpoint's run: its mean/std keys) and the same autocast (export's default bf16 where supported,
+    or autocast=false)."""
+    torch.manual_seed(2)
+    mean, std = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]  # the training run's mean/std keys
+    ckpt = tmp_path / "backbone.pt"
+    torch.save({"arch": "resnet18_cifar_tiny", "backbone": ARCHS["resnet18_cifar_tiny"]().state_dict(),
+                "widths": [1.0, 0.5, 0.25], "width_min": 0.25,
+                "config": {"dataset": "cifar10", "mean": mean, "std": std}}, ckpt)
+    calib = fixed_calibration_batches(str(image_folder), "cifar10", 0, CALIB["calib_images"], CALIB["calib_batch_size"],
+                                      mean_std=(tuple(mean), tuple(std)))
+    for autocast, widths in ((False, [0.5, 0.37]), (True, [0.37])):
+        run_export(image_folder, tmp_path / f"a{autocast}", ckpt=str(ckpt), widths=widths, autocast=autocast)
+        for w in widths:
+            prefix = tmp_path / (f"a{autocast}_w{w}" if len(widths) > 1 else f"a{autocast}")
+            with maybe_autocast(torch.device("cpu"), autocast):
+                want = load_subnet(ckpt, width=w, batches=calib).state_dict()
+            got = torch.load(f"{prefix}.pt", weights_only=True)
+            assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want), (autocast, w)
+            info = json.loads(Path(f"{prefix}.json").read_text())
+            assert (info["input"]["mean"], info["input"]["std"]) == (mean, std)

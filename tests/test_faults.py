@@ -33,7 +33,7 @@ from accelerate.state import AcceleratorState
 from models import ARCHS
 from tests.test_dspnet import tiny_args as dspnet_args
 from tests.test_multiprocess import free_port, thread_env
-from tests.test_train_us3l import REPO, run
+from tests.test_train_us3l import REPO, cli, run
 from tests.test_train_us3l import tiny_args as us3l_args
 
 TRAINERS = {"train_us3l.py": us3l_args, "train_dspnet.py": dspnet_args}
@@ -398,6 +398,73 @@ def test_user_errors_are_one_line(case, args, message, image_folder, tmp_path, m
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
         assert "Traceback" in capsys.readouterr().err
+
+
+def empty_data(case, root):
+    """A data_path that holds no training image, and the start of its one-line error."""
+    if case == "empty folder":
+        root.mkdir()
+        return f"error: data_path {root} is an empty folder. For CIFAR-10 run"
+    (root / "train").mkdir(parents=True)
+    if case == "train/ with a stray file":
+        (root / "train" / "notes.txt").write_text("not an image")
+    if case in ("empty train/", "train/ with a stray file"):
+        return f"error: {root}/train holds no images and no class folders. For CIFAR-10 run"
+    for name in ("cat", "dog"):  # class folders without images
+        (root / "train" / name).mkdir()
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    return f"error: {root}/train holds no images: its 2 class folder(s) (cat, dog) are empty. For CIFAR-10 run"
+
+
+@pytest.mark.parametrize("args", [[], ["--knn_monitor=false"], ["--bad_images=skip"]])
+@pytest.mark.parametrize("case", ["empty folder", "empty train/", "train/ with a stray file", "empty class folders"])
+def test_data_without_images_is_one_line(case, args, tmp_path, monkeypatch, capsys, fresh_accelerate):
+    """data_path an existing folder with no training image: one line naming it (no traceback, not the kNN
+    monitor's key nor bad_images=skip, which would not help), the same with the monitor off or bad_images=skip."""
+    message = empty_data(case, tmp_path / "d")
+    monkeypatch.setattr(data, "BAD_IMAGES", data.BAD_IMAGES)  # main sets it from the config
+    said = cli(train_us3l.main, train_us3l.Config, us3l_args(tmp_path / "d", tmp_path / "o", **TINY) + args,
+               monkeypatch)
+    assert isinstance(said, str) and "\n" not in said and "Traceback" not in capsys.readouterr().err
+    assert said.startswith(message), said
+
+
+def test_default_data_path_empty_or_foreign(tmp_path, monkeypatch, capsys, fresh_accelerate):
+    """The trainers' default data_path, data/cifar10 (relative to the current directory), made by hand: empty,
+    CIFAR-10 is extracted into it; holding something else, one line naming it (config.USER_ERRORS)."""
+    from tests.test_data import mini_cifar_tar
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR10_TAR", str(mini_cifar_tar(tmp_path / "mini.tar.gz")))
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    argv = [f"--out_dir={tmp_path / 'o'}", "--arch=resnet18_cifar_tiny", "--num_workers=0", "--max_steps=1"]
+    said = cli(train_us3l.main, train_us3l.Config, argv, monkeypatch)
+    assert (tmp_path / "data" / "cifar10" / ".extracted").is_file()
+    assert said.startswith("config error: batch_size=512 x 1 process(es) exceeds the 2 training images"), said
+    fresh_accelerate()
+    shutil.rmtree(tmp_path / "data" / "cifar10")
+    (tmp_path / "data" / "cifar10").mkdir()
+    (tmp_path / "data" / "cifar10" / "notes.txt").write_text("mine")
+    said = cli(train_us3l.main, train_us3l.Config, argv, monkeypatch)
+    assert said.startswith("error: data/cifar10 exists, holds no train/ folder and prepare_cifar10 did not make it")
+    assert "\n" not in said and "Traceback" not in capsys.readouterr().err
+
+
+def test_hf_dataset_not_cached_offline_is_one_line(tmp_path):
+    """data_path=hf:NAME of a hub dataset that is not in the local cache, offline (HF_DATASETS_OFFLINE=1, an
+    empty HF_HOME: no network touched): one line naming the dataset, the cache and how to fetch it or where
+    to point data_path instead, exit code 1, no traceback."""
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), **thread_env()}
+    args = us3l_args("hf:nobody/no-such-dataset", tmp_path / "o", **TINY, max_steps=1)
+    p = run([sys.executable, "train_us3l.py", *args], env=env)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[-1] == (
+        f"error: HuggingFace dataset 'nobody/no-such-dataset' is not in the local cache ({tmp_path / 'hf'}/datasets) "
+        "and cannot be fetched (offline: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set). Fetch it once where the hub "
+        "is reachable, into the same cache (HF_HOME): python -c \"import datasets; datasets.load_dataset("
+        "'nobody/no-such-dataset')\"; or point data_path to a local copy: hf:FOLDER (a save_to_disk folder, or a "
+        "clone of the hub repository) or an image folder DIR"), lines[-1]
 
 
 # --- one rank fails alone --------------------------------------------------------------------------

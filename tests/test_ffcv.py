@@ -3,6 +3,7 @@ generated CIFAR-like image folder (the image_folder fixture): no real data. Most
 import and numba compiling each loader's pipeline (a few seconds per loader), so the tests share three
 loaders."""
 
+import contextlib
 import io
 import runpy
 import sys
@@ -262,6 +263,33 @@ def test_cuda(image_folder, betons):
     ALIVE.append(loader := ffcv_data.build_ffcv_loader(betons / "raw/train.beton", B, 24, device="cuda"))
     (v1, v2), y = next(iter(loader))
     assert v1.is_cuda and v1.dtype == torch.uint8 and v2.shape == (B, 3, 24, 24) and y.device == v1.device
+
+
+def test_epoch_thread_sets_the_loader_device(betons, monkeypatch):
+    """ffcv's epoch thread starts on CUDA device 0 (ffcv 1.0.2): FFCVLoader's sets the loader's device in
+    that thread before anything else there, and makes the epoch's streams inside torch.cuda.device(it)
+    (torch.cuda mocked: the device is cuda:1 in name only, the pipeline stays on the CPU)."""
+    import threading
+
+    ALIVE.append(loader := ffcv_data.build_ffcv_eval_loader(betons / "raw/test.beton", 16, 32, num_workers=1))
+    plain = [y.clone() for _, y, _ in loader]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d, threading.get_ident())))
+
+    @contextlib.contextmanager
+    def device(d):
+        calls.append(("device", d, threading.get_ident()))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    loader.loader.device = torch.device("cuda", 1)
+    for epoch in range(2):
+        calls.clear()
+        ys = [y.clone() for _, y, _ in loader]
+        assert all(torch.equal(a, b) for a, b in zip(ys, plain)) and len(ys) == len(plain) == 7
+        (made, d0, main), (kind, d1, thread) = calls  # the streams made on cuda:1, then the thread's device
+        assert made == "device" and kind == "set_device" and d0 == d1 == torch.device("cuda", 1)
+        assert main == threading.get_ident() != thread == loader.epoch_iter.ident
 
 
 def test_close_stops_the_epoch_thread(train_loader):

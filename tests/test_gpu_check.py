@@ -64,7 +64,7 @@ def test_session_smoke(image_folder, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["cuda_tests", "sync_debug", "knn_memory", "gpu_check", "quick_fp16"]
+    assert list(steps) == ["cuda_tests", "sync_debug", "knn_memory", "devices", "gpu_check", "quick_fp16"]
     assert summary["ok"] and summary["smoke"], {k: (s["rc"], (out / s["log"]).read_text()[-1500:]) for k, s in steps.items()}
     assert all(not s["timed_out"] and 0 < s["seconds"] < s["limit_s"] for s in steps.values())
     tests = steps["cuda_tests"]["result"]
@@ -72,6 +72,11 @@ def test_session_smoke(image_folder, tmp_path):
     assert tests["skipped"] == (0 if __import__("torch").cuda.is_available() else tests["tests"])  # "needs CUDA"
     assert steps["sync_debug"]["result"]["errors"] == {} and "not checked" in steps["sync_debug"]["result"]["sync_at"]
     assert steps["knn_memory"]["result"]["knn_memory"]["bank"] == [4096, 64]
+    devices = steps["devices"]["result"]
+    assert devices["errors"] == {} and devices["sync_bn"]["python_ms"] > 0 and devices["sync_bn"]["local_ms"] > 0
+    assert (devices["sync_bn"]["fused_ms"] is None) == (not __import__("torch").cuda.is_available())
+    if __import__("torch").cuda.device_count() < 2:
+        assert devices["ffcv_contexts"]["checked"] is False  # it cannot show on one GPU
     check = steps["gpu_check"]["result"]
     assert check["data"]["train_images"] == 200 and check["not_run"] == []
     if importlib.util.find_spec("ffcv"):
@@ -93,3 +98,15 @@ def test_missing_data_nulls_its_rows_only(tmp_path):
     assert res["errors"]["data"].startswith("FileNotFoundError") and "missing.tar.gz" in res["errors"]["data"]
     assert res["errors"]["cifar10_knn"] == "skipped: part data failed" and set(res["errors"]) == {"data", "cifar10_knn"}
     assert res["data"] is None and res["cifar10_knn"] is None and res["copy_224_ratio"] > 0
+
+
+def test_nvidia_smi_parsing():
+    """bench_devices.parse_smi (the ffcv_contexts check): the GPUs holding a context of a process, from
+    nvidia-smi's bus ids, and each GPU's used memory."""
+    spec = importlib.util.spec_from_file_location("bench_devices", REPO / "bench" / "bench_devices.py")
+    spec.loader.exec_module(bench_devices := importlib.util.module_from_spec(spec))
+    gpus = "0, 00000000:18:00.0, 1033\n1, 00000000:3B:00.0, 20500\n"
+    apps = "4242, 00000000:18:00.0\n4242, 00000000:3b:00.0\n777, 00000000:3B:00.0\n"
+    assert bench_devices.parse_smi(gpus, apps, 4242) == {"pid_on": [0, 1], "used_mib": [1033.0, 20500.0]}
+    assert bench_devices.parse_smi(gpus, apps, 777)["pid_on"] == [1]
+    assert bench_devices.parse_smi(gpus, "No running processes found\n", 4242)["pid_on"] == []

@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import knn
 from data import build_dataset, eval_transform
-from knn import (build_knn_loaders, calibration_batches, calibration_shard, extract_features, knn_accuracy, knn_eval,
-                 knn_predict)
-from models import ARCHS, BasicBlock, ResNet, calibrate_bn
+from knn import (build_knn_loaders, calibration_batches, calibration_shard, collapse_eval, extract_features, knn_accuracy,
+                 knn_eval, knn_predict)
+from losses import collapse_std
+from models import ARCHS, BasicBlock, ResNet, calibrate_bn, projection_mlp, set_active
 from slim import SlimConv2d
 
 
@@ -122,9 +123,11 @@ def test_ffcv_batches_upsampled_to_the_networks_size(image_folder, monkeypatch):
     tests/test_eval_knn_cli.py shows equal to FFCV's) are upsampled on the device as the torch path's images."""
     asked = []
 
-    def fake_ffcv(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows, image_size=None):
+    def fake_ffcv(ffcv_path, dataset_name, batch_size, bank_subset, test_subset, device, rows, image_size=None,
+                  mean_std=None):
         asked.append(image_size)
-        return build_knn_loaders(image_folder, dataset_name, batch_size, loader="device", device=device)
+        return build_knn_loaders(image_folder, dataset_name, batch_size, loader="device", device=device,
+                                 mean_std=mean_std)
 
     monkeypatch.setattr(knn, "_ffcv_eval_loaders", fake_ffcv)
     got = build_knn_loaders("", "cifar10", 50, loader="ffcv", image_size=48)
@@ -335,3 +338,32 @@ def test_half_bank_and_bounded_chunks_search_what_fp32_searches(monkeypatch):
     torch.testing.assert_close(knn_predict(half, labels, test, 4, k=10), expect, rtol=0, atol=0)
     torch.testing.assert_close(knn_predict(full, labels, test, 4, k=10, chunk=1024),
                                knn_predict(full, labels, test, 4, k=10, chunk=3), rtol=0, atol=0)
+
+
+def test_collapse_eval_per_slice_and_restores_state():
+    """The end-of-run collapse statistic: losses.collapse_std of the projector output over all calibration
+    images, each batch in train-mode BN (as in pretraining), per slice; near 0 for a collapsed projector;
+    BN buffers, modes and the active width left as found."""
+    model, cpu = tiny_resnet(), torch.device("cpu")
+    torch.manual_seed(1)
+    proj = projection_mlp(16, 32, 8)
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randn(12, 3, 8, 8, generator=g), torch.zeros(12)) for _ in range(3)]
+    model.eval(), proj.eval()
+    before = {n: b.clone() for n, b in [*model.named_buffers(), *proj.named_buffers()]}
+    got = collapse_eval(model, proj, calib, {"1.0": (1.0, None), "0.5": (0.5, None)}, cpu, autocast=False)
+    assert not model.training and not proj.training
+    for n, b in [*model.named_buffers(), *proj.named_buffers()]:
+        assert torch.equal(b, before[n]), n
+    for name, w in (("1.0", 1.0), ("0.5", 0.5)):
+        model.train(), proj.train()
+        set_active(model, w)
+        with torch.no_grad():
+            z = torch.cat([proj(model(x)) for x, _ in calib])
+        assert got[name] == pytest.approx(collapse_std(z).item(), abs=1e-5) and got[name] > 0.05
+    set_active(model, 1.0)
+    with torch.no_grad():  # a collapsed projector: every output the same vector
+        proj[-1].weight.zero_()
+        proj[-1].bias.fill_(1.0)
+    collapsed = collapse_eval(model, proj, calib, {"1.0": (1.0, None)}, cpu, autocast=False)
+    assert collapsed["1.0"] < 1e-3

@@ -94,6 +94,7 @@ def test_tensorboard_us3l_run(us3l_run, tmp_path, capsys, fresh_accelerate):
         assert tb[f"knn_top1/{w}"] == [(0, pytest.approx(res["knn_top1_init"][w])),
                                        (4, pytest.approx(res["knn_top1_history"]["4"][w])),
                                        (8, pytest.approx(res["knn_top1"][w]))]
+        assert tb[f"collapse_std_end/{w}"] == [(8, pytest.approx(res["collapse_std"][w]))]
     log = read_log(out)
     for key in ("loss/1.0", "lr", "tau", "img_per_s", "data_wait", "epoch", "collapse_std/1.000"):
         assert [s for s, _ in tb[key]] == [r["step"] for r in log] == [2, 4, 6, 8], key

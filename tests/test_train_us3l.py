@@ -238,6 +238,7 @@ def test_smoke_run_and_backbone_export(us3l_run, capsys, fresh_accelerate):
     for key in ("knn_top1", "knn_top1_init"):
         assert set(res[key]) == {"1.0", "0.25"} and all(0 <= a <= 1 for a in res[key].values())
     assert res["num_processes"] == 1
+    assert set(res["collapse_std"]) == {"1.0", "0.25"} and all(0 < s < 1 for s in res["collapse_std"].values())
     log = read_log(out)
     assert [r["step"] for r in log] == [2, 4, 6, 8]
     assert log[0]["widths"] == [1.0] and len(log[-1]["widths"]) == 3  # dynamic sampling

@@ -21,8 +21,8 @@ from torch import nn
 
 from config import ConfigError
 from tests.test_multiprocess import free_port, thread_env
-from utils import (LARS, atomic_save, check_finite, cosine, ema_update_, load_resume, log_jsonl, param_groups,
-                   warmup_cosine)
+from utils import (LARS, atomic_save, check_finite, cosine, cpus_per_rank, ema_update_, load_resume, log_jsonl,
+                   param_groups, warmup_cosine)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,3 +329,19 @@ def test_bf16_refused_below_compute_capability_8(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     check_precision("bf16", torch.device("cuda", 0))
 
+
+def test_cpus_per_rank(monkeypatch):
+    """The CPUs this process may run on, shared by the processes of its node; at least 1; the machine's
+    count where there is no affinity API."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpus_per_rank() == 64  # one process: every CPU it may use
+    for local, want in (("8", 8), ("3", 21), ("", 64), ("128", 1)):  # torchrun / accelerate launch set it
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert cpus_per_rank() == want, local
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 5, 7}, raising=False)  # taskset, a cgroup
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpus_per_rank() == 2
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 10)
+    assert cpus_per_rank() == 5
