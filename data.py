@@ -298,7 +298,7 @@ def build_dataset(data_path, split="train", transform=None, subset=0, subset_see
 
 
 # -----------------------------------------------------------------------------
-# CIFAR-10 from the shared tarball (cifar10/{train,test}/<class>/NNNN.jpg, 32x32 JPEG)
+# CIFAR-10 from the JPEG tarball (cifar10/{train,test}/<class>/NNNN.jpg, 32x32 JPEG)
 
 
 def prepare_cifar10(dest=None, tar=None, download=False):

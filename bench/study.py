@@ -51,6 +51,7 @@ RUNS = {
     "simsiam": ("train_us3l.py", [A + "t7_case01.yaml"], MONITOR),
     "simsiam_distill": ("train_us3l.py", [A + "t7_case02.yaml"], MONITOR),
     "us3l": ("train_us3l.py", [A + "t8_dynamic_groupreg.yaml"], MONITOR),
+    "random_init": (None, [], ["--arch=resnet18_cifar_s2"]),  # no training: the probe of the initial weights
     **{f"us3l_alone_{w}": ("train_us3l.py", [A + "t8_dynamic_groupreg.yaml"], [f"--individual={w}"])
        for w in US3L_WIDTHS},
     "dspnet_depth": ("train_dspnet.py", ["yaml/dspnet_cifar10_quick.yaml"],
@@ -62,9 +63,10 @@ RUNS = {
 CLAIMS = {
     "C1": ("Collapse: SimSiam on a slimmable network, with inplace distillation, and the full US3L method",
            {"SimSiam (T7 case 1)": ["simsiam"], "+ inplace distillation (T7 case 2)": ["simsiam_distill"],
-            "US3L, both strategies (T8)": ["us3l"]}),
+            "US3L, both strategies (T8)": ["us3l"], "random init (probe only)": ["random_init"]}),
     "C2": ("One slimmable US3L run against each width pretrained alone",
-           {"US3L, one run": ["us3l"], "each width alone": [f"us3l_alone_{w}" for w in US3L_WIDTHS]}),
+           {"US3L, one run": ["us3l"], "each width alone": [f"us3l_alone_{w}" for w in US3L_WIDTHS],
+            "random init (probe only)": ["random_init"]}),
     "C3": ("DSPNet with depth: one run of four DNs against each DN pretrained alone",
            {"DSPNet, one run": ["dspnet_depth"], "each DN alone": [f"dspnet_alone_{dn_key(d)}" for d in C3_DNS]}),
 }
@@ -132,6 +134,20 @@ def run_one(name, seed, args):
     if os.path.exists(record_path) and os.path.exists(probe_path):
         return  # finished and recorded
     data = [f"--data_path={args.data_path}"] if args.data_path else []
+    if trainer is None:  # the random-init baseline: a seeded init of the arch, probed only
+        if not os.path.exists(probe_path):
+            print(f"[{time.strftime('%H:%M:%S')}] probe {name} seed {seed}", flush=True)
+            times["probe_s"] = run([sys.executable, "eval_linear.py", *extra, f"--out_dir={out}/linear",
+                                    f"--seed={seed}", *PROBE, *data, *args.probe_extra], os.path.join(out, "study.log"))
+        probe = json.load(open(probe_path))
+        record = {"run": name, "seed": seed, "command": f"python eval_linear.py {' '.join(extra)} --seed={seed}",
+                  "knn_top1_init": {}, "knn_top1": {}, "linear_top1": {k: round(v["top1"], 4) for k, v in probe.items()},
+                  "macs": {k: v["macs"] for k, v in probe.items()}, "collapse_std": {}, "proj_dim": None, "steps": 0,
+                  "train_macs": 0, "train_wall_s": 0, "probe_wall_s": round(times.get("probe_s", 0)),
+                  "machine": args.machine, "date": str(date.today())}
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+        return
     if "knn_top1" not in (json.load(open(res_path)) if os.path.exists(res_path) else {}):
         print(f"[{time.strftime('%H:%M:%S')}] train {name} seed {seed} -> {out}", flush=True)
         cmd = [sys.executable, trainer, *sum((["--config", c] for c in configs), []), f"--out_dir={out}",
@@ -161,11 +177,11 @@ def run_one(name, seed, args):
 # -----------------------------------------------------------------------------
 # The report
 
-def mean_std(xs, scale=100.0):
+def mean_std(xs, scale=100.0, digits=1):
     xs = [scale * x for x in xs]
     if not xs:
         return "-"
-    return f"{statistics.mean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+    return f"{statistics.mean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
 def arm_table(records, arms):
@@ -181,11 +197,12 @@ def arm_table(records, arms):
         nets[arm] = {}
         for s, rs in sorted(done.items()):
             for r in rs:
-                for n in r["knn_top1"]:
+                for n in r["linear_top1"]:
                     e = nets[arm].setdefault(n, {"knn": [], "init": [], "linear": [], "collapse": [], "macs": 0})
-                    e["knn"].append(r["knn_top1"][n])
-                    e["init"].append(r["knn_top1_init"][n])
-                    e["linear"].append(r["linear_top1"].get(n, float("nan")))
+                    if n in r["knn_top1"]:  # the random-init baseline has none
+                        e["knn"].append(r["knn_top1"][n])
+                        e["init"].append(r["knn_top1_init"][n])
+                    e["linear"].append(r["linear_top1"][n])
                     if n in r["collapse_std"]:
                         e["collapse"].append(r["collapse_std"][n] * math.sqrt(r["proj_dim"]))
                     e["macs"] = r["macs"].get(n, 0)
@@ -199,20 +216,20 @@ def plot(claim, title, nets, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, per_net in nets.items():
+    for i, (arm, per_net) in enumerate(nets.items()):
         order = sorted(per_net, key=lambda n: per_net[n]["macs"])
         x = [per_net[n]["macs"] / 1e6 for n in order]
         for ax, key in zip(axes, ("knn", "linear")):
             ys = [[100 * v for v in per_net[n][key]] for n in order]
-            if x and all(ys):
+            if x and all(ys):  # (the random-init arm: the probe panel only)
                 ax.errorbar(x, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
-                            marker="o", capsize=3, label=arm)
+                            marker="o", capsize=3, label=arm, color=f"C{i}")
     for ax, what in zip(axes, ("kNN top-1 (%)", "linear probe top-1 (%)")):
         ax.set_xscale("log")
         ax.set_xlabel("MMACs per image (32 px)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the probe panel has every arm
     fig.suptitle(f"{claim}: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -242,17 +259,25 @@ def report(args):
              "machine named below and its compute (backbone forward MACs x images, summed over every trained",
              "network; a backward adds about twice that).", ""]
     machines = sorted({r["machine"] for r in records})
-    lines += [f"Machine: {m}" for m in machines] + [""]
+    train_s, probe_s = sum(r["train_wall_s"] for r in records), sum(r.get("probe_wall_s", 0) for r in records)
+    lines += [f"Machine: {m}" for m in machines]
+    lines += [f"The {len(records)} recorded runs took {(train_s + probe_s) / 60:.0f} min alone on it: {train_s / 60:.0f} "
+              f"training (kNN monitors and data decoding included), {probe_s / 60:.0f} probing.", ""]
     for claim, (title, arms) in CLAIMS.items():
         nets, costs = arm_table(records, arms)
         lines += [f"## {claim}: {title}", ""]
+        if not any(nets.values()):
+            lines += [f"No run recorded yet: `python bench/study.py --claims {claim}`.", "",
+                      f"<!-- reading {claim} -->", readings.get(claim, "Reading: not written yet."),
+                      "<!-- end reading -->", ""]
+            continue
         lines += ["| arm | network | MMACs | kNN init | kNN end | linear | collapse | seeds |", "|---|---|---|---|---|---|---|---|"]
         for arm, per_net in nets.items():
             for n in sorted(per_net, key=lambda n: -per_net[n]["macs"]):
                 e = per_net[n]
-                col = mean_std(e["collapse"], 1.0) if e["collapse"] else "-"
+                col = mean_std(e["collapse"], 1.0, 2)
                 lines.append(f"| {arm} | {n} | {e['macs'] / 1e6:.0f} | {mean_std(e['init'])} | {mean_std(e['knn'])} | "
-                             f"{mean_std(e['linear'])} | {col} | {len(e['knn'])} |")
+                             f"{mean_std(e['linear'])} | {col} | {len(e['linear'])} |")
         lines += ["", "| arm | training wall time (min) | training compute (forward TMACs) | seeds |", "|---|---|---|---|"]
         for arm, c in costs.items():
             lines.append(f"| {arm} | {mean_std([w / 60 for w in c['wall']], 1.0)} | "

@@ -59,6 +59,10 @@ def fake_record(study, name, seed):
     else:
         nets = study.US3L_WIDTHS
     acc = {n: 0.3 + 0.01 * seed + 0.001 * i for i, n in enumerate(nets)}
+    if trainer is None:  # the random-init baseline: a probe only
+        return {"run": name, "seed": seed, "knn_top1_init": {}, "knn_top1": {}, "linear_top1": {n: 0.2 for n in nets},
+                "macs": {n: 1e6 * (i + 1) for i, n in enumerate(nets)}, "collapse_std": {}, "proj_dim": None,
+                "train_wall_s": 0, "train_macs": 0, "machine": "test machine"}
     return {"run": name, "seed": seed, "knn_top1_init": {n: 0.2 for n in nets}, "knn_top1": acc,
             "linear_top1": {n: a + 0.1 for n, a in acc.items()}, "macs": {n: 1e6 * (i + 1) for i, n in enumerate(nets)},
             "collapse_std": {n: 0.5 / 32 for n in nets}, "proj_dim": 1024, "train_wall_s": 60 * (seed + 1),
@@ -82,8 +86,9 @@ def test_report_tables_plots_and_readings(tmp_path, monkeypatch):
         for arm in arms:
             assert f"| {arm} |" in text
     # US3L at 1.0 over seeds 0 and 1: kNN 30 and 31 -> 30.5 ± 0.7; linear 40.5 ± 0.7; collapse 0.5 x sqrt(1024) / 32
-    assert "| US3L, one run | 1.0 | 1 | 20.0 ± 0.0 | 30.5 ± 0.7 | 40.5 ± 0.7 | 0.5 ± 0.0 | 2 |" in text
-    assert "| each width alone | 1.0 | 1 | 20.0 | 30.0 | 40.0 | 0.5 | 1 |" in text  # seed 0 only: complete
+    assert "| US3L, one run | 1.0 | 1 | 20.0 ± 0.0 | 30.5 ± 0.7 | 40.5 ± 0.7 | 0.50 ± 0.00 | 2 |" in text
+    assert "| each width alone | 1.0 | 1 | 20.0 | 30.0 | 40.0 | 0.50 | 1 |" in text  # seed 0 only: complete
+    assert "| random init (probe only) | 1.0 | 1 | - | - | 20.0 ± 0.0 | - | 2 |" in text
     assert "| each width alone | 4.0 | 8.0 | 0 |" in text  # 4 runs x 1 min, 4 x 2 TMACs; seed 1 incomplete
     # a hand-written reading survives a regeneration
     (tmp_path / "results.md").write_text(text.replace("<!-- reading C2 -->\nReading: not written yet.",
@@ -105,3 +110,16 @@ def test_cli_rejects_an_unknown_claim(tmp_path):
 def test_dn_key_is_the_trainers_name(dn):
     from eval_knn import net_name
     assert load_study().dn_key(dn) == net_name(dn[0], dn[1:] or None)
+
+
+def test_random_init_is_probed_only(image_folder, tmp_path):
+    study = load_study()
+    args = argparse.Namespace(out=str(tmp_path / "out"), results=str(tmp_path / "results"), data_path=str(image_folder),
+                              machine="test", extra=[], probe_extra=["--arch=resnet18_cifar_tiny", "--train_subset=100",
+                                                                     "--epochs=2", "--test_subset=50"])
+    os.makedirs(args.results)
+    study.run_one("random_init", 1, args)
+    rec = json.loads((tmp_path / "results" / "random_init_seed1.json").read_text())
+    assert set(rec["linear_top1"]) == set(study.US3L_WIDTHS) and rec["knn_top1"] == {} and rec["train_macs"] == 0
+    assert not (tmp_path / "out" / "random_init" / "seed1" / "results.json").exists()  # nothing trained
+    assert rec["command"] == "python eval_linear.py --arch=resnet18_cifar_s2 --seed=1"
