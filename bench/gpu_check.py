@@ -47,6 +47,18 @@ Parts run only when named in --parts (not by default):
                                    BN (local_ms); one GPU: a process group of one (the kernels' passes only)
     ffcv_contexts                  bench/bench_devices.py's (2+ GPUs, else checked false): does a process on cuda:1
                                    reading FFCV hold a CUDA context on GPU 0, with ffcv_data's loader and ffcv's own
+    cudnn_widths_*                 30 US3L training steps (ResNet-50 as in plain_and_us3l, the quick recipe's Config)
+                                   whose widths are new draws every step, as training draws them (sample_widths over
+                                   stages 2-4 of a 40-step run), each setting in a fresh process (its own cudnn cache
+                                   and allocator): bench_on (cudnn.benchmark, width_grid 0: the trainers' default),
+                                   bench_off, bench_on_grid64 (width_grid 1/64). _ms: mean step; _new_ms: the steps
+                                   that met a backbone shape not seen before (benchmark: autotuning), _known_ms: the
+                                   others (the steady state; null if none); _reserved_mb, _allocated_mb: peak memory
+                                   reserved and allocated (the gap: the allocator's cache and fragmentation; null on
+                                   a CPU); _setup: steps, distinct widths and backbone shapes, PYTORCH_CUDA_ALLOC_CONF.
+                                   expandable_segments is read when CUDA starts: compare it by a second run,
+                                   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ... --parts cudnn_widths. On a
+                                   CPU (--smoke: 6 steps of a tiny ResNet-18) the cudnn flag is a no-op
 
 Only the parts that need them import `ffcv` (part beton, loader_ffcv); `datasets` (hf: data only) and ONNX
 are never imported here, so a machine without them loses those rows only.
@@ -55,6 +67,7 @@ are never imported here, so a machine without them loses those rows only.
 import argparse
 import copy
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -62,6 +75,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -80,7 +94,8 @@ from augment import DeviceLoader, TwoViewAugment, build_train_loader, to_device 
 from config import parse_config  # noqa: E402
 from data import build_dataset, prepare_cifar10  # noqa: E402
 from knn import knn_accuracy  # noqa: E402
-from models import ARCHS, calibrate_bn, export, profile, projection_mlp  # noqa: E402
+from models import ARCHS, calibrate_bn, export, profile, projection_mlp, set_active  # noqa: E402
+from slim import SlimWidth  # noqa: E402
 from utils import ema_update_, optimizer_step_, param_groups  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -89,10 +104,11 @@ FULL = {  # sizes of each part: the GPU check, and --smoke (the CPU test of the 
     "gpu": dict(size=224, batch=64, repeats=10, draws=3, p3_batch=128, p3_repeats=8, images_224=2048,
                 p4_batch=64, workers=min(8, os.cpu_count() or 1), loader_batches=24, p5_images=2048, p5_size=128,
                 p5_batch=64, p5_dns="1.0,0.875,0.75,0.625,0.5", warmup=2, sync_batch=256,
-                knn_bank=1_281_167, knn_dim=2048, knn_queries=10_000),
+                knn_bank=1_281_167, knn_dim=2048, knn_queries=10_000, width_arch="resnet50", width_steps=30),
     "smoke": dict(size=32, batch=2, repeats=1, draws=1, p3_batch=2, p3_repeats=1, images_224=24, p4_batch=8,
                   workers=0, loader_batches=2, p5_images=8, p5_size=32, p5_batch=8, p5_dns="1.0,0.5", warmup=1,
-                  sync_batch=4, knn_bank=4096, knn_dim=64, knn_queries=256),
+                  sync_batch=4, knn_bank=4096, knn_dim=64, knn_queries=256, width_arch="resnet18_cifar_tiny",
+                  width_steps=6),
 }
 PARTS = {  # name: (the JSON rows it fills, the parts whose output it needs), in the order they run
     "data": (["data"], []),
@@ -108,10 +124,13 @@ PARTS = {  # name: (the JSON rows it fills, the parts whose output it needs), in
     "cifar10_knn": (["cifar10_knn"], ["data"]),
     "sync_debug": (["sync_free_step", "sync_at"], []),
     "knn_memory": (["knn_memory"], []),
+    "cudnn_widths": ([f"cudnn_widths_{k}" for k in ("ms", "new_ms", "known_ms", "reserved_mb", "allocated_mb",
+                                                    "setup")], []),
     "sync_bn": (["sync_bn"], []),
     "ffcv_contexts": (["ffcv_contexts"], []),
 }
-DEFAULT_PARTS = [p for p in PARTS if p not in ("sync_debug", "knn_memory", "sync_bn", "ffcv_contexts")]
+DEFAULT_PARTS = [p for p in PARTS if p not in ("sync_debug", "knn_memory", "cudnn_widths", "sync_bn",
+                                                "ffcv_contexts")]
 
 
 def sync(device):
@@ -339,6 +358,82 @@ def knn_memory(device, s):
     return out
 
 
+def cudnn_widths_run(device, dtype, s, benchmark, grid, smoke):
+    """In a fresh process: s["width_steps"] US3L steps of the quick recipe's Config at arch s["width_arch"],
+    each with the widths sample_widths draws at one step of stages 2-4 of a run that long. -> mean ms, ms of
+    the steps meeting a new backbone shape and of the others, peak memory (CUDA), distinct widths and shapes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = benchmark  # NOTE: no-op on a CPU
+    over = ["--proj_hidden=64", "--proj_dim=32"] if smoke else []
+    cfg = parse_config(train_us3l.Config, ["--config", QUICK, f"--arch={s['width_arch']}", f"--width_grid={grid}",
+                                           *over])
+    fmt = torch.channels_last
+    autocast = lambda: torch.autocast(device.type, dtype)  # noqa: E731
+    x = torch.randn(2 * s["batch"], 3, s["size"], s["size"], device=device).contiguous(memory_format=fmt)
+    torch.manual_seed(0)
+    student, online, teacher = us3l_model(ARCHS[cfg.arch](), cfg, device, fmt)
+    params = list(student.parameters())
+    optimizer = torch.optim.SGD(param_groups(params, 0.0), lr=0.1, momentum=cfg.sgd_momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    slims = [m for m in student["backbone"].modules() if isinstance(m, SlimWidth)]
+
+    def shape(w):  # the backbone's channel counts at width w: what cudnn's autotuning cache tells apart
+        set_active(student["backbone"], w)
+        return tuple(m.out_active for m in slims)
+
+    per_stage = s["width_steps"] // 3  # the draws of stages 2-4 of a run of 4 * per_stage steps
+    draws = [train_us3l.sample_widths(t, 4 * per_stage, cfg) for t in range(per_stage, 4 * per_stage)]
+    seen, new = {shape(1.0)}, []
+    for ws in draws:
+        shapes = {shape(w) for w in ws}
+        new.append(bool(shapes - seen))
+        seen |= shapes
+
+    def step(ws):
+        train_us3l.forward_backward(student, teacher, x, ws, cfg, autocast, scale=scaler.scale)
+        optimizer_step_(optimizer, scaler, params, 1)
+        ema_update_(teacher, online, cfg.momentum)
+
+    step([1.0])  # warm-up: kernels, the optimizer's state, the full width (in every step, tuned once)
+    ms = []
+    for ws in draws:
+        sync(device)
+        t0 = time.perf_counter()
+        step(ws)
+        sync(device)
+        ms.append(1e3 * (time.perf_counter() - t0))
+    new_ms, known_ms = [t for t, n in zip(ms, new) if n], [t for t, n in zip(ms, new) if not n]
+    out = {"ms": statistics.mean(ms), "new_ms": statistics.mean(new_ms) if new_ms else None,
+           "known_ms": statistics.mean(known_ms) if known_ms else None, "steps": len(draws),
+           "new_steps": len(new_ms), "widths": len({w for ws in draws for w in ws} | {1.0}), "shapes": len(seen)}
+    if device.type == "cuda":
+        out.update(reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+                   allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20)
+    return out
+
+
+def cudnn_widths(device, dtype, s, smoke):
+    """The cudnn_widths_* rows: bench_on, bench_off, bench_on_grid64, each in a spawned process, since cudnn's
+    autotuning cache has no public reset and would carry one setting's tuned shapes into the next."""
+    res = {}
+    for name, benchmark, grid in (("bench_on", True, 0.0), ("bench_off", False, 0.0),
+                                  ("bench_on_grid64", True, 1 / 64)):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            res[name] = pool.submit(cudnn_widths_run, str(device), dtype, s, benchmark, grid, smoke).result()
+    rows = {f"cudnn_widths_{k}": {name: r[k] for name, r in res.items()} for k in ("ms", "new_ms", "known_ms")}
+    for k in ("reserved_mb", "allocated_mb"):  # CUDA's allocator only
+        rows[f"cudnn_widths_{k}"] = {name: r[k] for name, r in res.items()} if device.type == "cuda" else None
+    on, on64 = res["bench_on"], res["bench_on_grid64"]
+    rows["cudnn_widths_setup"] = {
+        "arch": s["width_arch"], "batch": s["batch"], "size": s["size"], "steps": on["steps"],
+        "widths": on["widths"], "shapes": on["shapes"], "new_steps": on["new_steps"], "widths_grid64": on64["widths"],
+        "shapes_grid64": on64["shapes"], "new_steps_grid64": on64["new_steps"],
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    return rows
+
+
 def table(res):
     rows = []
     for key, value in res.items():
@@ -456,6 +551,7 @@ def main():
            "beton": make_beton, "loader_ffcv": lambda: loader("ffcv"), "dspnet_p5": lambda: dspnet_p5(device, s, folder),
            "cifar10_knn": knn_run, "sync_debug": lambda: sync_debug(device, dtype, s, args.smoke),
            "knn_memory": lambda: {"knn_memory": knn_memory(device, s)},
+           "cudnn_widths": lambda: cudnn_widths(device, dtype, s, args.smoke),
            "sync_bn": lambda: {"sync_bn": bench_devices.sync_bn(args.smoke)},
            "ffcv_contexts": lambda: {"ffcv_contexts": bench_devices.ffcv_contexts()}}
     try:

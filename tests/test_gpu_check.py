@@ -100,6 +100,31 @@ def test_missing_data_nulls_its_rows_only(tmp_path):
     assert res["data"] is None and res["cifar10_knn"] is None and res["copy_224_ratio"] > 0
 
 
+def test_cudnn_widths_part(tmp_path):
+    """--parts cudnn_widths (opt-in): cudnn.benchmark on, off, and on with width_grid 1/64, each in a process of
+    its own, over steps that draw new widths; at toy size here (the cudnn flag is a no-op on a CPU)."""
+    p = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", f"--out={tmp_path}", "--parts=cudnn_widths"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["parts"] == ["cudnn_widths"] and res["errors"] == {} and res["not_run"] == []
+    settings = {"bench_on", "bench_off", "bench_on_grid64"}
+    for key in ("cudnn_widths_ms", "cudnn_widths_new_ms"):
+        assert set(res[key]) == settings and all(v > 0 for v in res[key].values()), res[key]
+    assert set(res["cudnn_widths_known_ms"]) == settings  # null where every step met a new shape
+    assert all(v is None or v > 0 for v in res["cudnn_widths_known_ms"].values())
+    cuda = __import__("torch").cuda.is_available()
+    for key in ("cudnn_widths_reserved_mb", "cudnn_widths_allocated_mb"):
+        assert (res[key] is None) == (not cuda), res[key]
+    if cuda:
+        assert all(res["cudnn_widths_reserved_mb"][k] >= res["cudnn_widths_allocated_mb"][k] > 0 for k in settings)
+    setup = res["cudnn_widths_setup"]
+    assert setup["steps"] == 6 and setup["arch"] == "resnet18_cifar_tiny"
+    for grid in ("", "_grid64"):  # a shape is a function of the width; the first step's R_min 0.75 is new
+        assert 2 <= setup[f"shapes{grid}"] <= setup[f"widths{grid}"] and 1 <= setup[f"new_steps{grid}"] <= 6
+    assert "cudnn_widths_ms" in p.stdout and "bench_on_grid64" in p.stdout
+
+
 def test_nvidia_smi_parsing():
     """bench_devices.parse_smi (the ffcv_contexts check): the GPUs holding a context of a process, from
     nvidia-smi's bus ids, and each GPU's used memory."""
