@@ -131,8 +131,8 @@ def run_one(name, seed, args):
     times_path = os.path.join(out, "study_times.json")
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     res_path, probe_path = os.path.join(out, "results.json"), os.path.join(out, "linear", "results.json")
-    if os.path.exists(record_path) and os.path.exists(probe_path):
-        return  # finished and recorded
+    if os.path.exists(record_path):
+        return  # recorded (docs/results/ is committed): finished here or in another clone
     data = [f"--data_path={args.data_path}"] if args.data_path else []
     if trainer is None:  # the random-init baseline: a seeded init of the arch, probed only
         if not os.path.exists(probe_path):
