@@ -390,7 +390,7 @@ def collapse_eval(backbone, projector, calib_batches, slices, device, autocast=T
     runs its own images (sync BN pools batch statistics as in training) and the std is over all."""
     modules = (backbone, projector)
     modes, dtype = [m.training for m in modules], next(backbone.parameters()).dtype  # fp64 runs: fp64 inputs
-    buffers = [{k: b.clone() for k, b in m.state_dict().items() if k in dict(m.named_buffers())} for m in modules]
+    buffers = [(b, b.clone()) for m in modules for b in m.buffers()]  # BN running statistics and counts
     out = {}
     try:
         for m in modules:
@@ -410,8 +410,9 @@ def collapse_eval(backbone, projector, calib_batches, slices, device, autocast=T
             out[name] = round(((sq - total * total / n) / (n - 1)).clamp_min(0).sqrt().mean().item(), 5)
     finally:
         set_active(backbone, 1.0)
-        for m, mode, buf in zip(modules, modes, buffers):
-            m.load_state_dict(buf, strict=False)
+        for b, saved in buffers:
+            b.copy_(saved)
+        for m, mode in zip(modules, modes):
             m.train(mode)
     return out
 

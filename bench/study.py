@@ -123,53 +123,41 @@ def run(cmd, log_path):
 
 
 def run_one(name, seed, args):
-    """Train and probe one run (skipped when finished); write its record under args.results."""
+    """Train and probe one run (skipped when recorded); write its record under args.results. A run
+    without a trainer (the random-init baseline) is a probe of the seeded init of its --arch only."""
     trainer, configs, extra = RUNS[name]
     out = os.path.join(args.out, name, f"seed{seed}")
-    os.makedirs(out, exist_ok=True)
     record_path = os.path.join(args.results, f"{name}_seed{seed}.json")
-    times_path = os.path.join(out, "study_times.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    res_path, probe_path = os.path.join(out, "results.json"), os.path.join(out, "linear", "results.json")
     if os.path.exists(record_path):
         return  # recorded (docs/results/ is committed): finished here or in another clone
+    os.makedirs(out, exist_ok=True)
+    times_path, log = os.path.join(out, "study_times.json"), os.path.join(out, "study.log")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    res_path, probe_path = os.path.join(out, "results.json"), os.path.join(out, "linear", "results.json")
     data = [f"--data_path={args.data_path}"] if args.data_path else []
-    if trainer is None:  # the random-init baseline: a seeded init of the arch, probed only
-        if not os.path.exists(probe_path):
-            print(f"[{time.strftime('%H:%M:%S')}] probe {name} seed {seed}", flush=True)
-            times["probe_s"] = run([sys.executable, "eval_linear.py", *extra, f"--out_dir={out}/linear",
-                                    f"--seed={seed}", *PROBE, *data, *args.probe_extra], os.path.join(out, "study.log"))
-        probe = json.load(open(probe_path))
-        record = {"run": name, "seed": seed, "command": f"python eval_linear.py {' '.join(extra)} --seed={seed}",
-                  "knn_top1_init": {}, "knn_top1": {}, "linear_top1": {k: round(v["top1"], 4) for k, v in probe.items()},
-                  "macs": {k: v["macs"] for k, v in probe.items()}, "collapse_std": {}, "proj_dim": None, "steps": 0,
-                  "train_macs": 0, "train_wall_s": 0, "probe_wall_s": round(times.get("probe_s", 0)),
-                  "machine": args.machine, "date": str(date.today())}
-        with open(record_path, "w") as f:
-            json.dump(record, f, indent=1)
-        return
-    if "knn_top1" not in (json.load(open(res_path)) if os.path.exists(res_path) else {}):
+    train_args = [*sum((["--config", c] for c in configs), []), f"--seed={seed}", *extra]
+    if trainer and "knn_top1" not in (json.load(open(res_path)) if os.path.exists(res_path) else {}):
         print(f"[{time.strftime('%H:%M:%S')}] train {name} seed {seed} -> {out}", flush=True)
-        cmd = [sys.executable, trainer, *sum((["--config", c] for c in configs), []), f"--out_dir={out}",
-               f"--seed={seed}", "--log_every=1", *extra, *data, *args.extra]
-        times["train_s"] = times.get("train_s", 0) + run(cmd, os.path.join(out, "study.log"))
+        cmd = [sys.executable, trainer, *train_args, f"--out_dir={out}", "--log_every=1", *data, *args.extra]
+        times["train_s"] = times.get("train_s", 0) + run(cmd, log)
         json.dump(times, open(times_path, "w"))
     if not os.path.exists(probe_path):
         print(f"[{time.strftime('%H:%M:%S')}] probe {name} seed {seed}", flush=True)
-        cmd = [sys.executable, "eval_linear.py", f"--ckpt={out}/backbone.pt", f"--out_dir={out}/linear",
-               f"--seed={seed}", *PROBE, *data, *args.probe_extra]
-        times["probe_s"] = run(cmd, os.path.join(out, "study.log"))
+        net = [f"--ckpt={out}/backbone.pt"] if trainer else extra
+        times["probe_s"] = run([sys.executable, "eval_linear.py", *net, f"--out_dir={out}/linear", f"--seed={seed}",
+                                *PROBE, *data, *args.probe_extra], log)
         json.dump(times, open(times_path, "w"))
-    res, probe, cfg = json.load(open(res_path)), json.load(open(probe_path)), run_config(out)
-    record = {"run": name, "seed": seed, "command": f"python {trainer} " + " ".join(
-                  [*sum((["--config", c] for c in configs), []), f"--seed={seed}", *extra]),
-              "knn_top1_init": res["knn_top1_init"], "knn_top1": res["knn_top1"],
+    probe = json.load(open(probe_path))
+    res, cfg = (json.load(open(res_path)), run_config(out)) if trainer else ({}, {})
+    record = {"run": name, "seed": seed,
+              "command": f"python {trainer} {' '.join(train_args)}" if trainer else
+              f"python eval_linear.py {' '.join(extra)} --seed={seed}",
+              "knn_top1_init": res.get("knn_top1_init", {}), "knn_top1": res.get("knn_top1", {}),
               "linear_top1": {k: round(v["top1"], 4) for k, v in probe.items()},
               "macs": {k: v["macs"] for k, v in probe.items()}, "collapse_std": res.get("collapse_std", {}),
-              "proj_dim": cfg["proj_dim"], "steps": cfg["max_steps"],
-              "train_macs": train_macs(out), "train_wall_s": round(times.get("train_s", 0)),
-              "probe_wall_s": round(times.get("probe_s", 0)), "machine": args.machine,
-              "date": str(date.today())}
+              "proj_dim": cfg.get("proj_dim"), "steps": cfg.get("max_steps", 0),
+              "train_macs": train_macs(out) if trainer else 0, "train_wall_s": round(times.get("train_s", 0)),
+              "probe_wall_s": round(times.get("probe_s", 0)), "machine": args.machine, "date": str(date.today())}
     with open(record_path, "w") as f:
         json.dump(record, f, indent=1)
 
