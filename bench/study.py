@@ -59,16 +59,19 @@ RUNS = {
     **{f"dspnet_alone_{dn_key(dn)}": ("train_dspnet.py", ["yaml/dspnet_cifar10_quick.yaml"],
                                       [f"--individual={json.dumps(dn, separators=(',', ':'))}"]) for dn in C3_DNS},
 }
-# claim -> (title, {arm label: runs}); an arm's networks are every network its runs evaluate
+# claim -> (title, {arm label: runs}, the comparisons (arm a, arm b) whose paired difference a - b is
+# reported per network and seed); an arm's networks are every network its runs evaluate
+SIMSIAM, DISTILL, US3L = "SimSiam (T7 case 1)", "+ inplace distillation (T7 case 2)", "US3L, both strategies (T8)"
 CLAIMS = {
     "C1": ("Collapse: SimSiam on a slimmable network, with inplace distillation, and the full US3L method",
-           {"SimSiam (T7 case 1)": ["simsiam"], "+ inplace distillation (T7 case 2)": ["simsiam_distill"],
-            "US3L, both strategies (T8)": ["us3l"], "random init (probe only)": ["random_init"]}),
+           {SIMSIAM: ["simsiam"], DISTILL: ["simsiam_distill"], US3L: ["us3l"], "random init (probe only)": ["random_init"]},
+           [(DISTILL, SIMSIAM), (US3L, SIMSIAM), (US3L, DISTILL)]),
     "C2": ("One slimmable US3L run against each width pretrained alone",
            {"US3L, one run": ["us3l"], "each width alone": [f"us3l_alone_{w}" for w in US3L_WIDTHS],
-            "random init (probe only)": ["random_init"]}),
+            "random init (probe only)": ["random_init"]}, [("US3L, one run", "each width alone")]),
     "C3": ("DSPNet with depth: one run of four DNs against each DN pretrained alone",
-           {"DSPNet, one run": ["dspnet_depth"], "each DN alone": [f"dspnet_alone_{dn_key(d)}" for d in C3_DNS]}),
+           {"DSPNet, one run": ["dspnet_depth"], "each DN alone": [f"dspnet_alone_{dn_key(d)}" for d in C3_DNS]},
+           [("DSPNet, one run", "each DN alone")]),
 }
 PROBE = ["--train_subset=10000"]  # the cached probe on 10k class-balanced training images (1k per class)
 
@@ -166,15 +169,15 @@ def run_one(name, seed, args):
 # The report
 
 def mean_std(xs, scale=100.0, digits=1):
-    xs = [scale * x for x in xs]
+    xs = [scale * x for x in (xs.values() if isinstance(xs, dict) else xs)]
     if not xs:
         return "-"
     return f"{statistics.mean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
 def arm_table(records, arms):
-    """{arm: {net: {"knn": [per seed], "init": [...], "linear": [...], "collapse": [...], "macs": m}},
-    {arm: {"wall": [per seed, summed over the arm's runs], "train_macs": [...], "seeds": n}}}."""
+    """{arm: {net: {"knn": {seed: top-1}, "init": {...}, "linear": {...}, "collapse": {...}, "macs": m}},
+    {arm: {"wall": [per seed, summed over the arm's runs], "train_macs": [...], "seeds": [...]}}}."""
     nets, costs = {}, {}
     for arm, runs in arms.items():
         per_seed = {}
@@ -186,17 +189,22 @@ def arm_table(records, arms):
         for s, rs in sorted(done.items()):
             for r in rs:
                 for n in r["linear_top1"]:
-                    e = nets[arm].setdefault(n, {"knn": [], "init": [], "linear": [], "collapse": [], "macs": 0})
+                    e = nets[arm].setdefault(n, {"knn": {}, "init": {}, "linear": {}, "collapse": {}, "macs": 0})
                     if n in r["knn_top1"]:  # the random-init baseline has none
-                        e["knn"].append(r["knn_top1"][n])
-                        e["init"].append(r["knn_top1_init"][n])
-                    e["linear"].append(r["linear_top1"][n])
+                        e["knn"][s], e["init"][s] = r["knn_top1"][n], r["knn_top1_init"][n]
+                    e["linear"][s] = r["linear_top1"][n]
                     if n in r["collapse_std"]:
-                        e["collapse"].append(r["collapse_std"][n] * math.sqrt(r["proj_dim"]))
+                        e["collapse"][s] = r["collapse_std"][n] * math.sqrt(r["proj_dim"])
                     e["macs"] = r["macs"].get(n, 0)
         costs[arm] = {"wall": [sum(r["train_wall_s"] for r in rs) for rs in done.values()],
                       "train_macs": [sum(r["train_macs"] for r in rs) for rs in done.values()], "seeds": sorted(done)}
     return nets, costs
+
+
+def paired(nets, a, b, key):
+    """Per network of both arms: arm a - arm b at each seed both have ({} where either has no `key`)."""
+    return {n: {s: v - nets[b][n][key][s] for s, v in nets[a][n][key].items() if s in nets[b][n][key]}
+            for n in nets[a] if n in nets[b]}
 
 
 def plot(claim, title, nets, path):
@@ -208,7 +216,7 @@ def plot(claim, title, nets, path):
         order = sorted(per_net, key=lambda n: per_net[n]["macs"])
         x = [per_net[n]["macs"] / 1e6 for n in order]
         for ax, key in zip(axes, ("knn", "linear")):
-            ys = [[100 * v for v in per_net[n][key]] for n in order]
+            ys = [[100 * v for v in per_net[n][key].values()] for n in order]
             if x and all(ys):  # (the random-init arm: the probe panel only)
                 ax.errorbar(x, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
                             marker="o", capsize=3, label=arm, color=f"C{i}")
@@ -242,8 +250,9 @@ def report(args):
              "Written by `python bench/study.py` (the tables, plots and docs/results/*.json; the readings are",
              "written by hand and kept when the tables are regenerated). Each run is a committed recipe at its quick",
              "CPU budget; the probe is eval_linear.py's cached linear probe on 10k class-balanced training images.",
-             "Numbers are mean ± std over the seeds listed; accuracy in %. `collapse` is the end-of-run collapse std",
-             "x sqrt(d) (1 = a uniform spread on the sphere, 0 = collapsed). Costs: the training's wall time on the",
+             "Numbers are mean ± std over n seeds (listed in each cost table); accuracy in %. `collapse` is the",
+             "end-of-run collapse std x sqrt(d) (1 = a uniform spread on the sphere, 0 = collapsed). A paired",
+             "difference compares two arms seed by seed, so its std is the seed spread of the effect itself. Costs: the training's wall time on the",
              "machine named below and its compute (backbone forward MACs x images, summed over every trained",
              "network; a backward adds about twice that).", ""]
     machines = sorted({r["machine"] for r in records})
@@ -251,7 +260,7 @@ def report(args):
     lines += [f"Machine: {m}" for m in machines]
     lines += [f"The {len(records)} recorded runs took {(train_s + probe_s) / 60:.0f} min alone on it: {train_s / 60:.0f} "
               f"training (kNN monitors and data decoding included), {probe_s / 60:.0f} probing.", ""]
-    for claim, (title, arms) in CLAIMS.items():
+    for claim, (title, arms, comparisons) in CLAIMS.items():
         nets, costs = arm_table(records, arms)
         lines += [f"## {claim}: {title}", ""]
         if not any(nets.values()):
@@ -259,13 +268,21 @@ def report(args):
                       f"<!-- reading {claim} -->", readings.get(claim, "Reading: not written yet."),
                       "<!-- end reading -->", ""]
             continue
-        lines += ["| arm | network | MMACs | kNN init | kNN end | linear | collapse | seeds |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| arm | network | MMACs | kNN init | kNN end | linear | collapse | n |", "|---|---|---|---|---|---|---|---|"]
         for arm, per_net in nets.items():
             for n in sorted(per_net, key=lambda n: -per_net[n]["macs"]):
                 e = per_net[n]
                 col = mean_std(e["collapse"], 1.0, 2)
                 lines.append(f"| {arm} | {n} | {e['macs'] / 1e6:.0f} | {mean_std(e['init'])} | {mean_std(e['knn'])} | "
                              f"{mean_std(e['linear'])} | {col} | {len(e['linear'])} |")
+        rows = []
+        for a, b in comparisons:
+            knn, lin = paired(nets, a, b, "knn"), paired(nets, a, b, "linear")
+            rows += [f"| {a} - {b} | {n} | {mean_std(knn[n])} | {mean_std(lin[n])} | {len(lin[n])} |"
+                     for n in sorted(lin, key=lambda n: -nets[a][n]["macs"]) if lin[n]]
+        if rows:
+            lines += ["", "Paired differences a - b (points), over the seeds both arms have:", "",
+                      "| a - b | network | kNN end | linear | n |", "|---|---|---|---|---|", *rows]
         lines += ["", "| arm | training wall time (min) | training compute (forward TMACs) | seeds |", "|---|---|---|---|"]
         for arm, c in costs.items():
             lines.append(f"| {arm} | {mean_std([w / 60 for w in c['wall']], 1.0)} | "

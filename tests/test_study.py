@@ -75,13 +75,13 @@ def test_report_tables_plots_and_readings(tmp_path, monkeypatch):
     results.mkdir()
     for seed in (0, 1):
         for name in study.RUNS:
-            if (name, seed) != ("us3l_alone_0.25", 1):  # C2's individual arm misses a run at seed 1
+            if (name, seed) not in [("us3l_alone_0.25", 1), ("simsiam", 0)]:  # C2's individual arm misses seed 1
                 (results / f"{name}_seed{seed}.json").write_text(json.dumps(fake_record(study, name, seed)))
     args = argparse.Namespace(results=str(results), report_path=str(tmp_path / "results.md"))
     study.report(args)
     text = (tmp_path / "results.md").read_text()
     assert "Machine: test machine" in text
-    for claim, (title, arms) in study.CLAIMS.items():
+    for claim, (title, arms, _) in study.CLAIMS.items():
         assert f"## {claim}: {title}" in text and (results / f"{claim}.png").stat().st_size > 1000
         for arm in arms:
             assert f"| {arm} |" in text
@@ -90,6 +90,11 @@ def test_report_tables_plots_and_readings(tmp_path, monkeypatch):
     assert "| each width alone | 1.0 | 1 | 20.0 | 30.0 | 40.0 | 0.50 | 1 |" in text  # seed 0 only: complete
     assert "| random init (probe only) | 1.0 | 1 | - | - | 20.0 ± 0.0 | - | 2 |" in text
     assert "| each width alone | 4.0 | 8.0 | 0 |" in text  # 4 runs x 1 min, 4 x 2 TMACs; seed 1 incomplete
+    # paired differences over the seeds both arms have: C2 at seed 0 only, +0.1 at 0.75 (the fakes' per-net offset);
+    # C1's SimSiam has seed 1 only: paired with US3L's seed 1, not its seed 0 (which would give -1.0)
+    assert "| US3L, one run - each width alone | 0.75 | 0.1 | 0.1 | 1 |" in text
+    assert f"| {study.US3L} - {study.SIMSIAM} | 1.0 | 0.0 | 0.0 | 1 |" in text
+    assert f"| {study.US3L} - {study.DISTILL} | 0.25 | 0.0 ± 0.0 | 0.0 ± 0.0 | 2 |" in text
     # a hand-written reading survives a regeneration
     (tmp_path / "results.md").write_text(text.replace("<!-- reading C2 -->\nReading: not written yet.",
                                                       "<!-- reading C2 -->\nHeld: the narrow widths win."))
