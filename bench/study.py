@@ -252,14 +252,15 @@ def report(args):
              "CPU budget; the probe is eval_linear.py's cached linear probe on 10k class-balanced training images.",
              "Numbers are mean ± std over n seeds (listed in each cost table); accuracy in %. `collapse` is the",
              "end-of-run collapse std x sqrt(d) (1 = a uniform spread on the sphere, 0 = collapsed). A paired",
-             "difference compares two arms seed by seed, so its std is the seed spread of the effect itself. Costs: the training's wall time on the",
-             "machine named below and its compute (backbone forward MACs x images, summed over every trained",
-             "network; a backward adds about twice that).", ""]
+             "difference compares two arms seed by seed, so its std is the seed spread of the effect itself.",
+             "Costs: the training's wall time on the machine named below and its compute (backbone forward MACs",
+             "x images, summed over every trained network; a backward adds about twice that).", ""]
     machines = sorted({r["machine"] for r in records})
     train_s, probe_s = sum(r["train_wall_s"] for r in records), sum(r.get("probe_wall_s", 0) for r in records)
     lines += [f"Machine: {m}" for m in machines]
-    lines += [f"The {len(records)} recorded runs took {(train_s + probe_s) / 60:.0f} min alone on it: {train_s / 60:.0f} "
-              f"training (kNN monitors and data decoding included), {probe_s / 60:.0f} probing.", ""]
+    train_min, probe_min = round(train_s / 60), round(probe_s / 60)
+    lines += [f"The {len(records)} recorded runs took {train_min + probe_min} min alone on it: {train_min} training "
+              f"(kNN monitors and data decoding included), {probe_min} probing.", ""]
     for claim, (title, arms, comparisons) in CLAIMS.items():
         nets, costs = arm_table(records, arms)
         lines += [f"## {claim}: {title}", ""]
