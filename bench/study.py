@@ -220,9 +220,12 @@ def plot(claim, title, nets, path):
             if x and all(ys):  # (the random-init arm: the probe panel only)
                 ax.errorbar(x, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
                             marker="o", capsize=3, label=arm, color=f"C{i}")
+    ticks = {per_net[n]["macs"] / 1e6: n for per_net in nets.values() for n in per_net}  # each network at its MACs
     for ax, what in zip(axes, ("kNN top-1 (%)", "linear probe top-1 (%)")):
         ax.set_xscale("log")
-        ax.set_xlabel("MMACs per image (32 px)")
+        ax.set_xticks(sorted(ticks), [f"{ticks[m]}\n{m:.0f}" for m in sorted(ticks)], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("network and its MMACs per image (32 px)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)  # the probe panel has every arm
