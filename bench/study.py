@@ -281,12 +281,12 @@ def report(args):
                              f"{mean_std(e['linear'])} | {col} | {len(e['linear'])} |")
         rows = []
         for a, b in comparisons:
-            knn, lin = paired(nets, a, b, "knn"), paired(nets, a, b, "linear")
-            rows += [f"| {a} - {b} | {n} | {mean_std(knn[n])} | {mean_std(lin[n])} | {len(lin[n])} |"
-                     for n in sorted(lin, key=lambda n: -nets[a][n]["macs"]) if lin[n]]
+            knn, lin, col = (paired(nets, a, b, key) for key in ("knn", "linear", "collapse"))
+            rows += [f"| {a} - {b} | {n} | {mean_std(knn[n])} | {mean_std(lin[n])} | {mean_std(col[n], 1.0, 2)} | "
+                     f"{len(lin[n])} |" for n in sorted(lin, key=lambda n: -nets[a][n]["macs"]) if lin[n]]
         if rows:
-            lines += ["", "Paired differences a - b (points), over the seeds both arms have:", "",
-                      "| a - b | network | kNN end | linear | n |", "|---|---|---|---|---|", *rows]
+            lines += ["", "Paired differences a - b (accuracy in points), over the seeds both arms have:", "",
+                      "| a - b | network | kNN end | linear | collapse | n |", "|---|---|---|---|---|---|", *rows]
         lines += ["", "| arm | training wall time (min) | training compute (forward TMACs) | seeds |", "|---|---|---|---|"]
         for arm, c in costs.items():
             lines.append(f"| {arm} | {mean_std([w / 60 for w in c['wall']], 1.0)} | "
